@@ -1,0 +1,180 @@
+"""Representative (calibration) and evaluation datasets for eetool, read from real files.
+
+``DATA`` strings accepted by :func:`read_dataset`:
+- a folder of images (recursive; non-image files skipped). Labels come from class subfolders, from a
+  ``labels`` file (``file<TAB>index`` lines), or, as in ImageNet sample folders, from a ``synsets.txt``
+  (``index<TAB>wnid<TAB>name``) beside files named ``<wnid>_<name>.JPEG``;
+- ``file.npy`` (float32 inputs already preprocessed, ``(N, C, H, W)``) or ``file.npz`` with arrays ``x``
+  (and optionally ``y``);
+- ``fashion-mnist`` or ``fashion-mnist:train`` / ``fashion-mnist:test`` (the Debian package's IDX files);
+- ``samples``: the colour photographs shipped inside scikit-image's wheel (no labels), so a fresh clone
+  has real images without any download.
+
+Every reader returns float32 NCHW arrays preprocessed with the manifest's ``preprocess`` spec and refuses
+garbage: empty folders, unreadable files, wrong channel counts and NaN/Inf inputs raise
+:class:`DataError`; fewer samples than asked is a warning that states the count used.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.preprocess import PreprocessError, list_images, load_image, normalize
+
+SKIMAGE_PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used for calibration or evaluation; the message says why and what to do."""
+
+
+@dataclass
+class Dataset:
+    """``x``: float32 ``(N, C, H, W)``; ``y``: int64 ``(N,)`` class indices or ``None``; ``names``: one
+    identifier per sample (file name or ``split[i]``)."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    names: list[str]
+    source: str
+    files: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, idx) -> "Dataset":
+        idx = np.asarray(idx)
+        return Dataset(self.x[idx], None if self.y is None else self.y[idx], [self.names[i] for i in idx],
+                       self.source, None if self.files is None else [self.files[i] for i in idx])
+
+
+def skimage_photo_paths() -> list[Path]:
+    """Paths of the real colour photographs inside the installed scikit-image wheel."""
+    try:
+        import skimage
+    except ImportError as e:
+        raise DataError("the built-in 'samples' need scikit-image (make install)") from e
+    root = Path(skimage.__file__).parent / "data"
+    return [root / n for n in SKIMAGE_PHOTOS if (root / n).is_file()]
+
+
+def _folder_labels(root: Path, files: list[Path]) -> np.ndarray | None:
+    syn = root / "synsets.txt"
+    if syn.is_file():
+        wnid_to_index = {}
+        for line in syn.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 2:
+                wnid_to_index[parts[1]] = int(parts[0])
+        try:
+            return np.array([wnid_to_index[f.name.split("_", 1)[0]] for f in files], np.int64)
+        except KeyError as e:
+            raise DataError(f"{root}: file prefix {e} not found in synsets.txt")
+    labels = root / "labels.txt"
+    if labels.is_file():
+        table = dict(line.split("\t")[:2] for line in labels.read_text().splitlines() if "\t" in line)
+        return np.array([int(table[f.name]) for f in files], np.int64)
+    parents = sorted({f.parent.name for f in files})
+    if len(parents) > 1 and all(f.parent.parent == root for f in files):
+        index = {p: i for i, p in enumerate(parents)}
+        return np.array([index[f.parent.name] for f in files], np.int64)
+    return None
+
+
+def read_images(files: list[Path], preprocess: dict, source: str, labels: np.ndarray | None = None,
+                progress: bool = False) -> Dataset:
+    """Decode and preprocess image files; raises DataError naming the first unreadable file."""
+    if preprocess.get("kind") != "image":
+        raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.get('kind')!r}")
+    it = files
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(files, desc="reading images", unit="img", leave=False)
+    try:
+        x = np.stack([load_image(f, preprocess) for f in it])
+    except PreprocessError as e:
+        raise DataError(str(e)) from e
+    return Dataset(x, labels, [f.name for f in files], source, list(files))
+
+
+def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: int = 0,
+                 progress: bool = False) -> Dataset:
+    """Read ``data`` (see module doc) into a :class:`Dataset`, samples ``offset .. offset+limit``.
+
+    Raises DataError for an unknown form, an empty or unreadable source, NaN/Inf values; warns when fewer
+    than ``limit`` samples exist and says how many are used."""
+    if data == "samples":
+        files = skimage_photo_paths()
+        ds = read_images(_window(files, offset, limit, data), preprocess, data)
+    elif data.startswith("fashion-mnist"):
+        from .fashion_mnist import load_fashion_mnist, to_input
+
+        split = data.split(":", 1)[1] if ":" in data else "test"
+        images, labels = load_fashion_mnist(split)
+        sel = _window(list(range(len(images))), offset, limit, data)
+        ds = Dataset(to_input(images[sel]), labels[sel].astype(np.int64), [f"{split}[{i}]" for i in sel], data)
+    else:
+        path = Path(data)
+        if path.is_dir():
+            files = list_images(path)
+            if not files:
+                raise DataError(f"{path}: no image files found (looked for .jpg/.jpeg/.png/...)")
+            labels = _folder_labels(path, files)
+            keep = _window(list(range(len(files))), offset, limit, data)
+            ds = read_images([files[i] for i in keep], preprocess, data,
+                             None if labels is None else labels[keep], progress)
+        elif path.suffix in (".npy", ".npz") and path.is_file():
+            ds = _read_arrays(path, offset, limit)
+        elif not path.exists():
+            raise DataError(f"{data}: no such file or folder (use a folder of images, .npy/.npz, "
+                            f"'fashion-mnist[:train|test]' or 'samples')")
+        else:
+            raise DataError(f"{data}: unsupported data file; use a folder of images or .npy/.npz")
+    check_finite(ds.x, ds.source)
+    return ds
+
+
+def _window(items: list, offset: int, limit: int | None, source: str) -> list:
+    chosen = items[offset: None if limit is None else offset + limit]
+    if not chosen:
+        raise DataError(f"{source}: no samples at offset {offset} (it has {len(items)})")
+    if limit is not None and len(chosen) < limit:
+        warnings.warn(f"{source}: asked for {limit} samples, only {len(chosen)} available from offset "
+                      f"{offset}; using {len(chosen)}", stacklevel=3)
+    return chosen
+
+
+def _read_arrays(path: Path, offset: int, limit: int | None) -> Dataset:
+    if path.suffix == ".npy":
+        x, y = np.load(path, allow_pickle=False), None
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z:
+                raise DataError(f"{path}: .npz needs an array named 'x' (and optionally 'y'); has {list(z)}")
+            x, y = z["x"], z["y"] if "y" in z else None
+    if x.ndim != 4:
+        raise DataError(f"{path}: expected preprocessed inputs (N, C, H, W), got shape {x.shape}")
+    sel = _window(list(range(len(x))), offset, limit, str(path))
+    return Dataset(x[sel].astype(np.float32), None if y is None else y[sel].astype(np.int64),
+                   [f"{path.name}[{i}]" for i in sel], str(path))
+
+
+def check_finite(x: np.ndarray, source: str) -> None:
+    """Raise DataError when any sample of ``x`` (N, ...) holds NaN or Inf, naming how many samples do."""
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(f"{source}: {int(bad.sum())} of {len(x)} samples contain NaN/Inf; fix or drop them")
+
+
+def check_channels(ds: Dataset, input_shape: tuple[int, ...]) -> None:
+    """Raise DataError when samples do not match the model's input ``(1, C, H, W)``."""
+    if tuple(ds.x.shape[1:]) != tuple(input_shape[1:]):
+        raise DataError(f"{ds.source}: samples have shape {tuple(ds.x.shape[1:])}, the model expects "
+                        f"{tuple(input_shape[1:])} (C, H, W); check --preprocess / --input-shape")
+
+
+__all__ = ["Dataset", "DataError", "read_dataset", "read_images", "check_finite", "check_channels", "normalize"]

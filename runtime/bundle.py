@@ -1,0 +1,121 @@
+"""Load and check an eetool bundle (see docs/bundle.md): the manifest plus every file's sha256."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+SCHEMA = "eetool.bundle/1"
+
+
+class BundleError(ValueError):
+    """The bundle is missing, corrupt (checksum), or does not match this runtime's schema."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Bundle:
+    """A loaded bundle: ``root`` directory and parsed ``manifest``.
+
+    Use :meth:`load`; it raises :class:`BundleError` on a missing manifest, unknown schema, or any file
+    whose sha256 differs from the manifest (the message names the files and says to re-copy the bundle).
+    """
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, path, verify: bool = True) -> "Bundle":
+        root = Path(path)
+        mf = root / "manifest.json"
+        if not mf.is_file():
+            raise BundleError(f"{root}: no manifest.json; is this a directory written by 'eetool export'?")
+        try:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise BundleError(f"{mf}: not valid JSON ({e}); re-copy the bundle")
+        if manifest.get("schema") != SCHEMA:
+            raise BundleError(f"{mf}: schema {manifest.get('schema')!r}, this runtime reads {SCHEMA!r}")
+        bundle = cls(root, manifest)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    def verify(self, files: Optional[List[str]] = None) -> None:
+        """Recompute sha256 of the listed files (default: all in the manifest); raise BundleError on any
+        missing or mismatching file."""
+        expected: Dict[str, str] = self.manifest.get("files", {})
+        bad = []
+        for rel in files if files is not None else sorted(expected):
+            p = self.root / rel
+            if rel not in expected:
+                bad.append(f"{rel} (not in manifest)")
+            elif not p.is_file():
+                bad.append(f"{rel} (missing)")
+            elif sha256_file(p) != expected[rel]:
+                bad.append(f"{rel} (sha256 mismatch)")
+        if bad:
+            raise BundleError(f"{self.root}: corrupt or mismatched bundle: {', '.join(bad)}; "
+                              f"re-copy it or re-run 'eetool export'")
+
+    # --- views on the manifest -------------------------------------------------------------
+    @property
+    def segments(self) -> List[dict]:
+        return self.manifest["segments"]
+
+    @property
+    def device_segments(self) -> List[dict]:
+        return [s for s in self.segments if s["side"] == "device"]
+
+    @property
+    def server_segments(self) -> List[dict]:
+        return [s for s in self.segments if s["side"] == "server"]
+
+    @property
+    def exits(self) -> List[dict]:
+        return self.manifest.get("exits", [])
+
+    @property
+    def wire_tensors(self) -> List[str]:
+        """Names of the tensors sent from device to server (outputs of the last device segment)."""
+        dev = self.device_segments
+        return list(dev[-1]["outputs"]) if dev else [self.manifest["input"]["name"]]
+
+    def tensor(self, name: str) -> dict:
+        """The manifest entry of a tensor crossing a cut: shape, dtype, layout, quant (scale, zero point)."""
+        try:
+            return self.manifest["tensors"][name]
+        except KeyError:
+            raise BundleError(f"tensor {name!r} is not in the manifest's tensors: {sorted(self.manifest['tensors'])}")
+
+    def graph_key(self, owner: dict, fmt: str, precision: str) -> str:
+        """Key of ``owner``'s (segment or exit) graph in ``fmt`` (onnx|tflite) and ``precision`` (fp32|int8)."""
+        key = owner.get("graphs", {}).get(f"{fmt}/{precision}")
+        if key is None:
+            have = sorted(owner.get("graphs", {}))
+            raise BundleError(f"{owner['name']} has no {fmt}/{precision} graph (bundle has: {', '.join(have)}); "
+                              f"re-export with the matching --format / --int8")
+        return key
+
+    def graph(self, key: str) -> dict:
+        return self.manifest["graphs"][key]
+
+    def graph_path(self, key: str) -> Path:
+        return self.root / self.manifest["graphs"][key]["file"]
+
+    def formats(self) -> List[str]:
+        """Available ``fmt/precision`` pairs for every graph of the bundle (e.g. ``onnx/fp32``)."""
+        pairs = None
+        for owner in self.segments + self.exits:
+            have = set(owner.get("graphs", {}))
+            pairs = have if pairs is None else pairs & have
+        return sorted(pairs or [])

@@ -1,0 +1,87 @@
+"""Turn an input (image file or array) into the model's float32 input tensor, exactly as the manifest's
+``preprocess`` spec says, so that the device reproduces the export-time preprocessing.
+
+Image spec (``kind: image``): decode with Pillow, convert to ``channels`` (RGB or L), resize the shorter
+side to ``resize_shorter`` px (``interpolation``), center-crop ``crop`` (H, W), multiply by ``scale``,
+subtract ``mean`` and divide by ``std`` per channel, lay out as ``layout`` (NCHW). Array spec
+(``kind: array``): uint8 arrays (N, H, W) or (N, C, H, W) get the same scale/mean/std.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class PreprocessError(ValueError):
+    """An input cannot be turned into the model's input (unreadable, wrong channel count, bad spec)."""
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise PreprocessError("image inputs need Pillow: pip install pillow") from e
+    return Image
+
+
+def load_image(path, spec: dict) -> np.ndarray:
+    """One image file -> float32 ``(C, H, W)`` (NCHW layout without the batch). Raises PreprocessError."""
+    Image = _pil()
+    try:
+        with Image.open(path) as im:
+            im = im.convert(spec.get("channels", "RGB"))
+            w, h = im.size
+            short = int(spec.get("resize_shorter") or min(w, h))
+            s = short / min(w, h)
+            resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[
+                spec.get("interpolation", "bilinear")]
+            if (round(w * s), round(h * s)) != (w, h):
+                im = im.resize((round(w * s), round(h * s)), resample)
+            ch, cw = spec.get("crop") or (im.size[1], im.size[0])
+            w, h = im.size
+            left, top = (w - cw) // 2, (h - ch) // 2
+            im = im.crop((left, top, left + cw, top + ch))
+            arr = np.asarray(im, dtype=np.float32)
+    except (OSError, ValueError) as e:
+        raise PreprocessError(f"{path}: cannot read as an image ({e})")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return normalize(arr.transpose(2, 0, 1), spec)
+
+
+def normalize(chw: np.ndarray, spec: dict) -> np.ndarray:
+    """Apply ``scale``, ``mean``, ``std`` to a ``(C, H, W)`` or ``(N, C, H, W)`` array; float32 out."""
+    x = chw.astype(np.float32) * np.float32(spec.get("scale", 1.0))
+    c_axis = -3
+    mean = np.asarray(spec.get("mean", [0.0]), np.float32)
+    std = np.asarray(spec.get("std", [1.0]), np.float32)
+    shape = [1] * x.ndim
+    shape[c_axis] = -1
+    if mean.size not in (1, x.shape[c_axis]):
+        raise PreprocessError(f"input has {x.shape[c_axis]} channels, preprocessing expects {mean.size}")
+    return ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
+
+
+def list_images(folder) -> List[Path]:
+    """Image files under ``folder`` (recursive, sorted); other files (e.g. synsets.txt) are skipped."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_inputs(paths: Iterable, spec: dict) -> np.ndarray:
+    """Image files (or ``.npy`` arrays already in model layout) -> float32 batch ``(N, C, H, W)``."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".npy":
+            arr = np.load(p, allow_pickle=False).astype(np.float32)
+            out.extend(arr if arr.ndim == 4 else arr[None])
+        else:
+            out.append(load_image(p, spec))
+    if not out:
+        raise PreprocessError("no inputs given")
+    return np.stack(out)

@@ -1,0 +1,125 @@
+"""Real intermediate tensors for calibration, wire-tensor int8 ranges, and the quantisation of every graph.
+
+Graphs after the first are calibrated on the tensors that the *float* graphs before them produce on the
+representative inputs — never on images or random data — so each graph sees the distribution it will
+see at run time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import OrtSession
+
+BATCH = 16
+
+
+def graph_inputs(out: Path, manifest: dict, x: np.ndarray, progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Run the float ONNX segments in order on ``x`` (float32 NCHW) and return, per graph key prefix
+    (segment or exit name), its inputs by tensor name: ``{"seg1": {"blocks.5": (N, 80, 14, 14)}, ...}``."""
+    from tqdm import tqdm
+
+    sessions = [(s, OrtSession(out / manifest["graphs"][s["graphs"]["onnx/fp32"]]["file"])) for s in manifest["segments"]]
+    collected: dict[str, list[np.ndarray]] = {}
+    batches = range(0, len(x), BATCH)
+    for start in tqdm(batches, desc="calibration tensors", unit="batch", leave=False, disable=not progress):
+        values = {manifest["input"]["name"]: x[start: start + BATCH]}
+        for spec, sess in sessions:
+            for name in spec["inputs"]:
+                collected.setdefault(name, []).append(values[name])
+            values.update(sess.run({n: values[n] for n in spec["inputs"]}))
+    tensors = {k: np.concatenate(v) for k, v in collected.items()}
+    per_graph = {s["name"]: {n: tensors[n] for n in s["inputs"]} for s in manifest["segments"]}
+    for e in manifest["exits"]:
+        per_graph[e["name"]] = {e["input"]: tensors[e["input"]]}
+    return per_graph
+
+
+def affine_qparams(lo: float, hi: float, dtype: str = "int8") -> dict:
+    """Asymmetric affine parameters covering ``[lo, hi]`` (widened to include 0, so zero is exact):
+    ``q = clip(round(x / scale) + zero_point)``. Returns ``{"dtype", "scale", "zero_point"}``."""
+    qmin, qmax = (-128, 127) if dtype == "int8" else (0, 255)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+    zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    return {"dtype": dtype, "scale": float(scale), "zero_point": zero_point}
+
+
+def set_wire_qparams(manifest: dict, per_graph: dict, samples: int) -> None:
+    """Give every tensor crossing a cut an int8 range from its real values (min/max over the
+    representative set): the device quantises the split feature with it before sending."""
+    seen = {}
+    for graph_inputs_ in per_graph.values():
+        seen.update(graph_inputs_)
+    for name, spec in manifest["tensors"].items():
+        if name in seen:
+            q = affine_qparams(seen[name].min(), seen[name].max())
+            spec["quant"] = {**q, "scheme": "per-tensor affine", "range": "minmax", "samples": samples}
+
+
+def quantize_onnx_graphs(out: Path, manifest: dict, per_graph: dict, quant: dict, progress: bool) -> dict:
+    """Quantise every ONNX float graph (segments and exits) to int8 QDQ with onnxruntime, each on its own
+    real inputs; the wire tensors take the int8 head's output scale / zero point so the device sends
+    exactly what the int8 head computed. Returns per-graph quantisation summaries."""
+    from .quantize_onnx import QuantConfig, quantize_graph
+
+    config = QuantConfig(**quant)
+    summary = {}
+    for owner in manifest["segments"] + manifest["exits"]:
+        name = owner["name"]
+        fp32 = manifest["graphs"][owner["graphs"]["onnx/fp32"]]
+        rel = f"graphs/{name}.int8.onnx"
+        q = quantize_graph(out / fp32["file"], out / rel, per_graph[name], config, progress=progress)
+        key = f"{name}.onnx.int8"
+        manifest["graphs"][key] = {**fp32, "file": rel, "precision": "int8", "quantization": q}
+        owner["graphs"]["onnx/int8"] = key
+        summary[name] = {k: v for k, v in q.items() if k != "io"}
+    for seg in manifest["segments"]:
+        io = manifest["graphs"].get(seg["graphs"].get("onnx/int8"), {}).get("quantization", {}) or {}
+        for name in seg["outputs"]:
+            if name in manifest["tensors"] and name in io.get("io", {}):
+                manifest["tensors"][name]["quant"] = _as_int8({**manifest["tensors"][name]["quant"], **io["io"][name],
+                                                               "range": "int8 head output"})
+    return summary
+
+
+def _as_int8(q: dict) -> dict:
+    """Express uint8 parameters as int8 (same scale, zero point shifted by 128): the wire always carries int8."""
+    if q.get("dtype") == "uint8":
+        q = {**q, "dtype": "int8", "zero_point": int(q["zero_point"]) - 128}
+    return q
+
+
+def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, progress):
+    """Float (and with ``per_graph``, full-integer int8) TFLite graphs for every segment and exit."""
+    from .export_tflite import export_float, quantize_int8
+
+    summary = {}
+    for seg in segments:
+        owner = next(s for s in manifest["segments"] if s["name"] == seg.name)
+        args = tuple(values[n] for n in seg.inputs)
+        _tflite_pair(out, manifest, owner, seg.module, args, seg.inputs, seg.outputs, per_graph, summary)
+    for e in exits:
+        owner = next(x for x in manifest["exits"] if x["name"] == e.name)
+        _tflite_pair(out, manifest, owner, e.module, (values[owner["input"]],), [owner["input"]],
+                     [owner["output"]], per_graph, summary)
+    return summary
+
+
+def _tflite_pair(out, manifest, owner, module, args, inputs, outputs, per_graph, summary):
+    from .export_tflite import export_float, quantize_int8
+
+    name = owner["name"]
+    rel = f"graphs/{name}.fp32.tflite"
+    entry = export_float(module, args, out / rel, inputs, outputs)
+    manifest["graphs"][f"{name}.tflite.fp32"] = {"file": rel, "format": "tflite", "precision": "fp32", **entry,
+                                                 "quantization": None}
+    owner["graphs"]["tflite/fp32"] = f"{name}.tflite.fp32"
+    if per_graph is not None:
+        rel8 = f"graphs/{name}.int8.tflite"
+        q = quantize_int8(out / rel, out / rel8, per_graph[name])
+        manifest["graphs"][f"{name}.tflite.int8"] = {"file": rel8, "format": "tflite", "precision": "int8",
+                                                     **entry, "quantization": q}
+        owner["graphs"]["tflite/int8"] = f"{name}.tflite.int8"
+        summary[name] = {k: v for k, v in q.items() if k != "io"}

@@ -1,0 +1,186 @@
+"""``eetool export``: model -> segment and exit graphs -> bundle -> verification report.
+
+Steps (each in its own module): trace and cut (:mod:`toolkit.graph`, :mod:`toolkit.slicing`), export
+float ONNX (:mod:`toolkit.onnx_export`), run the float graphs on real calibration inputs to get every
+graph's real inputs (:mod:`toolkit.calibrate`), quantise (:mod:`toolkit.quantize_onnx`,
+:mod:`toolkit.export_tflite`), write the bundle (:mod:`toolkit.bundle_writer`) and check every chain
+against PyTorch through the runtime (:mod:`toolkit.verify`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.readers import Dataset
+from .bundle_writer import copy_support_files, write_manifest
+from .flops import module_flops, param_count
+from .graph import SplitError, TracedModel
+from .onnx_export import ExportError, export_onnx
+from .slicing import INPUT_NAME, OUTPUT_NAME, order_cuts, slice_model
+from .sources import ModelSource
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class ExitSpec:
+    """An exit branch to export: ``module`` maps the tensor at cut ``at`` (NCHW float32) to logits
+    ``(N, C)``; ``rule`` is ``max_softmax`` (exit when >= threshold) or ``normalized_entropy`` (exit when
+    <= threshold)."""
+
+    name: str
+    at: str
+    module: torch.nn.Module
+    rule: str = "max_softmax"
+    threshold: float = 1.0
+
+
+@dataclass
+class ExportOptions:
+    split: list[str]
+    out: Path
+    exits: list[ExitSpec] = field(default_factory=list)
+    formats: tuple[str, ...] = ("onnx",)
+    int8: bool = False
+    quant: dict = field(default_factory=dict)  # QuantConfig fields for the ONNX quantiser
+    progress: bool = True
+
+
+def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec]) -> tuple[list, object]:
+    if not split:
+        raise SplitError("give at least one split point (--split NAME); 'eetool inspect MODEL' lists them")
+    cuts = order_cuts(traced, split + [e.at for e in exits])
+    boundary = max((traced.cut(s) for s in split), key=lambda c: c.position)
+    for e in exits:
+        if traced.cut(e.at).position > boundary.position:
+            raise SplitError(f"exit {e.name!r} at {e.at!r} comes after the split point {boundary.name!r}; "
+                             f"exits run on the device, so attach them at or before the split")
+        if not traced.cut(e.at).single_tensor:
+            raise SplitError(f"exit {e.name!r} at {e.at!r}: the cut carries {len(traced.cut(e.at).crossing)} "
+                             f"tensors; attach exits where a single tensor crosses")
+    return cuts, boundary
+
+
+def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, verify_data: Dataset) -> dict:
+    """Export ``source`` into the bundle directory ``opts.out`` and return the report dict.
+
+    ``calib`` holds the representative inputs (float32 NCHW) used for the wire tensors' int8 ranges and,
+    with ``opts.int8``, for quantisation; ``verify_data`` holds other real inputs for verification.
+    Raises SplitError for bad split/exit names and ExportError when a graph misses its tolerance (the
+    bundle and report are still written, for diagnosis)."""
+    from . import calibrate, verify
+
+    model = source.model
+    sample = torch.from_numpy(calib.x[:1])
+    traced = TracedModel(model, sample)
+    cuts, boundary = _device_boundary(traced, list(opts.split), opts.exits)
+    segments = slice_model(traced, cuts)
+
+    out = Path(opts.out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "graphs").mkdir(parents=True)
+
+    manifest: dict = {
+        "created_by": f"eetool {VERSION}",
+        "model": source.describe(),
+        "input": {"name": INPUT_NAME, "shape": [None, *source.input_shape[1:]], "dtype": "float32", "layout": "NCHW"},
+        "preprocess": source.preprocess,
+        "cuts": [c.name for c in cuts],
+        "split": boundary.name,
+        "segments": [], "exits": [], "tensors": {}, "graphs": {},
+    }
+    # Float graphs, with sample tensors flowing through PyTorch for shapes and FLOPs.
+    values = {INPUT_NAME: sample}
+    device = True
+    for seg in segments:
+        args = tuple(values[n] for n in seg.inputs)
+        with torch.no_grad():
+            res = seg.module(*args)
+        values.update(zip(seg.outputs, res if isinstance(res, tuple) else (res,)))
+        key = f"{seg.name}.onnx.fp32"
+        entry = export_onnx(seg.module, args, out / "graphs" / f"{seg.name}.fp32.onnx", seg.inputs, seg.outputs)
+        manifest["graphs"][key] = {"file": f"graphs/{seg.name}.fp32.onnx", "format": "onnx", "precision": "fp32",
+                                   **entry, "quantization": None}
+        manifest["segments"].append({
+            "name": seg.name, "side": "device" if device else "server", "after": seg.after, "until": seg.until,
+            "inputs": seg.inputs, "outputs": seg.outputs,
+            "mflops": module_flops(seg.module, *args) / 1e6, "params": param_count(seg.module),
+            "graphs": {"onnx/fp32": key},
+        })
+        if seg.until == boundary.name:
+            device = False
+        for name in seg.outputs:
+            if seg.until is not None:
+                manifest["tensors"][name] = {"shape": [None, *values[name].shape[1:]], "dtype": "float32",
+                                             "layout": "NCHW" if values[name].dim() == 4 else None}
+    for e in opts.exits:
+        tensor = traced.cut(e.at)
+        name = e.at if tensor.single_tensor else tensor.crossing[0]
+        key = f"{e.name}.onnx.fp32"
+        e.module.eval()
+        entry = export_onnx(e.module, (values[name],), out / "graphs" / f"{e.name}.fp32.onnx", [name],
+                            [f"{e.name}.logits"])
+        manifest["graphs"][key] = {"file": f"graphs/{e.name}.fp32.onnx", "format": "onnx", "precision": "fp32",
+                                   **entry, "quantization": None}
+        _check_threshold(e)
+        manifest["exits"].append({"name": e.name, "at": e.at, "input": name, "output": f"{e.name}.logits",
+                                  "mflops": module_flops(e.module, values[name]) / 1e6, "rule": e.rule,
+                                  "threshold": float(e.threshold), "graphs": {"onnx/fp32": key}})
+    manifest["output"] = {"name": OUTPUT_NAME, "shape": [None, *values[OUTPUT_NAME].shape[1:]], "dtype": "float32"}
+
+    # Real intermediate tensors from the float graphs: calibration of later graphs and wire int8 ranges.
+    inputs_per_graph = calibrate.graph_inputs(out, manifest, calib.x, progress=opts.progress)
+    calibrate.set_wire_qparams(manifest, inputs_per_graph, len(calib))
+    report: dict = {"calibration": {"source": calib.source, "samples": len(calib)}}
+    if opts.int8:
+        report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, inputs_per_graph, opts.quant, opts.progress)
+    if "tflite" in opts.formats:
+        report["tflite"] = calibrate.export_tflite_graphs(out, manifest, segments, opts.exits, values,
+                                                          inputs_per_graph if opts.int8 else None, opts.progress)
+    if "onnx" not in opts.formats:
+        _drop_format(out, manifest, "onnx")
+
+    copy_support_files(out, _sample_files(verify_data))
+    (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
+    write_manifest(out, manifest)
+    report.update(verify.verify_bundle(out, model, verify_data))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_manifest(out, manifest)  # report.json changed: refresh its checksum
+    failures = verify.failures(report)
+    if failures:
+        raise ExportError("verification failed: " + "; ".join(failures) + f" (details in {out / 'report.json'})")
+    return report
+
+
+def _check_threshold(e: ExitSpec) -> None:
+    if not 0.0 <= float(e.threshold) <= 1.0:
+        raise SplitError(f"exit {e.name!r}: threshold {e.threshold} outside [0, 1]")
+    if e.rule not in ("max_softmax", "normalized_entropy"):
+        raise SplitError(f"exit {e.name!r}: rule {e.rule!r}; use max_softmax or normalized_entropy")
+
+
+def _drop_format(out: Path, manifest: dict, fmt: str) -> None:
+    """Remove ``fmt`` graphs (the float ONNX graphs are the calibration reference; drop them last)."""
+    for key in [k for k, g in manifest["graphs"].items() if g["format"] == fmt]:
+        (out / manifest["graphs"].pop(key)["file"]).unlink()
+    for owner in manifest["segments"] + manifest["exits"]:
+        owner["graphs"] = {k: v for k, v in owner["graphs"].items() if not k.startswith(fmt + "/")}
+
+
+def _sample_files(data: Dataset, n: int = 8) -> list[Path]:
+    """Up to ``n`` real input files from ``data`` for the bundle's ``samples/`` (image datasets only)."""
+    files = data.files[:n] if getattr(data, "files", None) else []
+    return [Path(f) for f in files]
+
+
+def wire_bytes(manifest: dict) -> dict:
+    """Bytes per sample crossing the device/server cut: ``{"fp32": ..., "int8": ...}``."""
+    names = [s for s in manifest["segments"] if s["until"] == manifest["split"]][0]["outputs"]
+    elems = sum(int(np.prod(manifest["tensors"][n]["shape"][1:])) for n in names)
+    return {"fp32": 4 * elems, "int8": elems}

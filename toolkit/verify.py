@@ -1,0 +1,85 @@
+"""Verify a written bundle against the PyTorch model, through the runtime (so what is checked is what runs
+on the board): every chain (format x precision) on real inputs at batch 1 and batch N, outputs bound by
+name and compared by value.
+
+Tolerances (fp32 graphs): max |diff| <= 1e-4 x (output range) and 100 % top-1 agreement. int8 chains are
+measured (agreement, cosine similarity, accuracy) and flagged below 95 % agreement, not failed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calibration.readers import Dataset
+from runtime.bundle import Bundle
+from runtime.chain import Chain
+
+FP32_REL_TOL = 1e-4
+INT8_MIN_AGREEMENT = 0.95
+BATCH = 16
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Agreement of ``got`` with ``ref`` (both float32 (N, C) logits or (N, ...) features).
+
+    ``max_abs_diff``, ``rel_diff`` (max |diff| / range of ``ref``), mean ``cosine`` similarity per sample,
+    and ``top1_agreement`` (fraction, for 2-D outputs)."""
+    ref = ref.reshape(len(ref), -1).astype(np.float64)
+    got = got.reshape(len(got), -1).astype(np.float64)
+    diff = float(np.abs(ref - got).max())
+    span = float(ref.max() - ref.min()) or 1.0
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
+    out = {"max_abs_diff": diff, "rel_diff": diff / span, "cosine": float(cos.mean())}
+    out["top1_agreement"] = float((ref.argmax(1) == got.argmax(1)).mean())
+    return out
+
+
+def _torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + BATCH])).numpy() for i in range(0, len(x), BATCH)])
+
+
+def _chain_logits(chain: Chain, x: np.ndarray, batch: int) -> tuple[np.ndarray, dict]:
+    finals, exits = [], {}
+    for i in range(0, len(x), batch):
+        values = chain.run_segments({"input": x[i:i + batch]})
+        finals.append(values["logits"])
+        for name, logits in chain.run_exits(values).items():
+            exits.setdefault(name, []).append(logits)
+    return np.concatenate(finals), {k: np.concatenate(v) for k, v in exits.items()}
+
+
+def verify_bundle(path, model: torch.nn.Module, data: Dataset) -> dict:
+    """Run every chain of the bundle at ``path`` on ``data`` and compare with ``model``; returns the
+    ``verification`` section of report.json."""
+    bundle = Bundle.load(path)
+    ref = _torch_logits(model.eval(), data.x)
+    result: dict = {"samples": len(data), "source": data.source, "chains": {}}
+    if data.y is not None:
+        result["float_pytorch_top1"] = float((ref.argmax(1) == data.y).mean())
+    for pair in bundle.formats():
+        fmt, precision = pair.split("/")
+        chain = Chain(bundle, "all", fmt, precision)
+        got_n, exits = _chain_logits(chain, data.x, BATCH)
+        got_1, _ = _chain_logits(chain, data.x[:4], 1)
+        entry = {"batch_n": compare(ref, got_n), "batch_1": compare(ref[:4], got_1)}
+        if data.y is not None:
+            entry["top1"] = float((got_n.argmax(1) == data.y).mean())
+        if exits:
+            entry["exits"] = {k: {"top1_agreement_with_final": float((v.argmax(1) == ref.argmax(1)).mean()),
+                                  **({"top1": float((v.argmax(1) == data.y).mean())} if data.y is not None else {})}
+                              for k, v in exits.items()}
+        result["chains"][pair] = entry
+    return {"verification": result}
+
+
+def failures(report: dict) -> list[str]:
+    """Human-readable tolerance misses in a report (empty when every fp32 chain is exact enough)."""
+    bad = []
+    for pair, entry in report.get("verification", {}).get("chains", {}).items():
+        for batch in ("batch_1", "batch_n"):
+            c = entry[batch]
+            if pair.endswith("fp32") and (c["rel_diff"] > FP32_REL_TOL or c["top1_agreement"] < 1.0):
+                bad.append(f"{pair} {batch}: rel diff {c['rel_diff']:.2e} (tol {FP32_REL_TOL:g}), "
+                           f"top-1 agreement {c['top1_agreement']:.1%}")
+    return bad
