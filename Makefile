@@ -1,0 +1,36 @@
+# eetool: split computing and early exiting for DNNs on edge boards.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+OUT     ?= out
+BOARD   ?= host
+PORT    ?= 8470
+SPLIT   ?= blocks.5
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test bench reference board-check clean
+
+$(BIN)/eetool: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -e '.[tflite,test]'
+	touch $@
+
+install: $(BIN)/eetool
+
+# The main job end to end on the embedded default: real EfficientNet-Lite0, real images.
+demo: install
+	bash scripts/demo.sh $(OUT) $(SPLIT) $(BOARD) $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	bash scripts/bench.sh $(OUT) $(BOARD)
+
+# Fashion-MNIST reference CNN with two trained exits (needs: apt-get install -y dataset-fashion-mnist).
+reference: install
+	$(BIN)/python -m toolkit.train_reference --out $(OUT)/fashion-reference
+
+clean:
+	rm -rf $(OUT) .pytest_cache

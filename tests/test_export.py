@@ -1,0 +1,102 @@
+"""The export spine on real models and real images: slicing, ONNX graphs, manifest, verification."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.bundle import Bundle, BundleError
+from runtime.chain import Chain
+from toolkit.export import ExportOptions, export_bundle
+from toolkit.graph import SplitError, TracedModel
+from toolkit.sources import resolve
+
+
+def test_effnet_real_weights_bundle_matches_pytorch(effnet_bundle, effnet, verify_images):
+    out, report = effnet_bundle
+    chain = report["verification"]["chains"]["onnx/fp32"]
+    assert chain["batch_n"]["top1_agreement"] == 1.0
+    assert chain["batch_1"]["rel_diff"] < 1e-4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["side"] for s in manifest["segments"]] == ["device", "server"]
+    assert manifest["segments"][0]["outputs"] == ["blocks.5"] == manifest["segments"][1]["inputs"]
+    assert manifest["tensors"]["blocks.5"]["shape"] == [None, 80, 14, 14]
+    q = manifest["tensors"]["blocks.5"]["quant"]
+    assert q["dtype"] == "int8" and q["scale"] > 0 and -128 <= q["zero_point"] <= 127
+    # head -> tail through the runtime equals the PyTorch model, bound by name, on a batch of 3
+    bundle = Bundle.load(out)
+    x = verify_images.x[:3]
+    head, tail = Chain(bundle, "device"), Chain(bundle, "server")
+    feat = head.run_segments({"input": x})
+    logits = tail.run_segments({"blocks.5": feat["blocks.5"]})["logits"]
+    with torch.no_grad():
+        ref = effnet.model(torch.from_numpy(x)).numpy()
+    assert np.abs(logits - ref).max() <= 1e-4 * (ref.max() - ref.min())
+
+
+def test_real_weights_are_accurate(verify_images, effnet):
+    if verify_images.y is None:  # the built-in photos are unlabelled: check a known one (a tabby cat)
+        with torch.no_grad():
+            pred = effnet.model(torch.from_numpy(verify_images.x[:1])).argmax(1).item()
+        assert pred in (281, 282, 285)
+    else:
+        with torch.no_grad():
+            pred = effnet.model(torch.from_numpy(verify_images.x)).argmax(1).numpy()
+        assert (pred == verify_images.y).mean() >= 0.5
+
+
+def test_corrupt_bundle_is_refused(effnet_bundle, tmp_path):
+    import shutil
+
+    out, _ = effnet_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    Bundle.load(copy)
+    graph = copy / "graphs" / "seg1.fp32.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="seg1.fp32.onnx.*sha256 mismatch"):
+        Bundle.load(copy)
+
+
+def test_unknown_split_lists_nearest(effnet):
+    traced = TracedModel(effnet.model, torch.zeros(1, 3, 224, 224))
+    with pytest.raises(SplitError, match="nearest valid: blocks.5"):
+        traced.cut("block.5")
+    with pytest.raises(SplitError, match="nothing would be left"):
+        traced.cut("classifier")
+
+
+def test_resnet_cut_inside_residual_block_carries_both_tensors(tmp_path, calib_images, verify_images):
+    src = resolve("resnet18")
+    out = tmp_path / "resnet"
+    report = export_bundle(src, ExportOptions(split=["layer2.0.conv1", "layer3"], out=out, progress=False),
+                           calib_images.subset(range(4)), verify_images.subset(range(4)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    seg0 = manifest["segments"][0]
+    assert seg0["outputs"] == ["layer2_0_downsample_1", "layer2_0_conv1"]
+    assert manifest["segments"][1]["inputs"] == seg0["outputs"]
+    assert [s["side"] for s in manifest["segments"]] == ["device", "device", "server"]
+    assert report["verification"]["chains"]["onnx/fp32"]["batch_n"]["top1_agreement"] == 1.0
+    assert all("quant" in manifest["tensors"][n] for n in seg0["outputs"])
+
+
+def test_plain_onnx_model_is_sliced_by_tensor_name(tmp_path, effnet, verify_images):
+    from toolkit.onnx_export import export_onnx
+    from toolkit.onnx_slice import crossing, export_onnx_bundle
+
+    import onnx
+
+    path = tmp_path / "effnet.onnx"
+    x = torch.from_numpy(verify_images.x[:2])
+    export_onnx(effnet.model, (x,), path, ["image"], ["scores"])
+    model = onnx.load(str(path))
+    tensor = next(n.output[0] for n in model.graph.node if n.op_type == "Add")
+    assert len(crossing(model, tensor)) == 1
+    report = export_onnx_bundle(path, [tensor], tmp_path / "b", verify_images.x[:4])
+    assert report["verification"]["chains"]["onnx/fp32"]["batch_n"]["rel_diff"] < 1e-5
+    with pytest.raises(SplitError, match="nearest valid"):
+        export_onnx_bundle(path, ["no_such_tensor"], tmp_path / "c", verify_images.x[:4])

@@ -1,0 +1,46 @@
+"""``eetool eval``: top-1 accuracy of every chain of a bundle (each format x precision) and of each exit
+on labelled real data, plus agreement of every chain with the bundle's float ONNX chain."""
+from __future__ import annotations
+
+import numpy as np
+
+from calibration.readers import Dataset
+from runtime.bundle import Bundle
+from runtime.chain import Chain
+
+
+def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[str] | None = None) -> dict:
+    """Run every chain in ``pairs`` (default: all the bundle has) over ``data`` (float32 NCHW).
+
+    Returns ``{"samples", "labelled", "chains": {pair: {"top1", "agreement_with_fp32", "exits": {...}}}}``;
+    ``top1`` is present only when ``data`` has labels."""
+    from tqdm import tqdm
+
+    result: dict = {"samples": len(data), "labelled": data.y is not None, "source": data.source, "chains": {}}
+    reference = None
+    for pair in pairs or bundle.formats():
+        fmt, precision = pair.split("/")
+        chain = Chain(bundle, "all", fmt, precision)
+        finals, exits = [], {}
+        for i in tqdm(range(0, len(data), batch), desc=f"eval {pair}", unit="batch", leave=False):
+            values = chain.run_segments({"input": data.x[i:i + batch]})
+            finals.append(values["logits"])
+            for name, logits in chain.run_exits(values).items():
+                exits.setdefault(name, []).append(logits)
+        pred = np.concatenate(finals).argmax(1)
+        entry: dict = {}
+        if data.y is not None:
+            entry["top1"] = float((pred == data.y).mean())
+        if pair == "onnx/fp32":
+            reference = pred
+        if reference is not None:
+            entry["agreement_with_fp32"] = float((pred == reference).mean())
+        if exits:
+            entry["exits"] = {}
+            for name, parts in exits.items():
+                p = np.concatenate(parts).argmax(1)
+                entry["exits"][name] = {"agreement_with_final": float((p == pred).mean())}
+                if data.y is not None:
+                    entry["exits"][name]["top1"] = float((p == data.y).mean())
+        result["chains"][pair] = entry
+    return result

@@ -1,0 +1,127 @@
+"""Split a plain ``.onnx`` model directly by tensor name, with ``onnx.utils.extract_model``.
+
+A cut is named by a tensor (a node output). Tensors produced at or before the node that makes it and
+consumed after it cross the cut, exactly as for PyTorch models (:mod:`toolkit.graph`).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.utils
+
+from .bundle_writer import copy_support_files, write_manifest
+from .graph import SplitError
+from .onnx_export import _spec
+
+
+def _order(model: onnx.ModelProto):
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [i.name for i in g.input if i.name not in inits]
+    produced_at = {n: -1 for n in inputs}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for t in node.input:
+            if t in produced_at:
+                last_use[t] = i
+        for t in node.output:
+            produced_at[t] = i
+    for o in g.output:
+        last_use[o.name] = len(g.node)
+    return inputs, produced_at, last_use
+
+
+def crossing(model: onnx.ModelProto, tensor: str) -> list[str]:
+    """Tensors crossing the cut right after the node that produces ``tensor``.
+
+    Raises SplitError for an unknown tensor, listing the nearest valid names."""
+    inputs, produced_at, last_use = _order(model)
+    if tensor not in produced_at or tensor in inputs:
+        names = [t for t in produced_at if t not in inputs]
+        near = difflib.get_close_matches(tensor, names, n=5, cutoff=0.0)
+        raise SplitError(f"unknown split tensor {tensor!r}; nearest valid: {', '.join(near)}")
+    pos = produced_at[tensor]
+    return [t for t, p in produced_at.items() if p <= pos and last_use.get(t, -1) > pos]
+
+
+def onnx_split_table(path: Path) -> dict:
+    """Candidate cuts of an ONNX graph (after each node with a single output): the same columns as
+    :func:`toolkit.inspect_model.split_table`; FLOPs are not computed for ONNX inputs (0)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    outputs = {o.name for o in model.graph.output}
+    rows = []
+    for node in model.graph.node:
+        if len(node.output) != 1 or node.output[0] in outputs:
+            continue
+        t = node.output[0]
+        cross = crossing(model, t)
+        elems = sum(int(np.prod([d or 1 for d in shapes.get(c, [1])[1:]])) for c in cross)
+        rows.append({"name": t, "aliases": [], "shape": shapes.get(t, []), "bytes_fp32": 4 * elems,
+                     "bytes_int8": elems, "head_mflops": 0.0, "head_params": 0, "tail_mflops": 0.0,
+                     "single_tensor": len(cross) == 1, "crossing": cross})
+    first = model.graph.input[0]
+    return {"input_shape": [d.dim_value or 1 for d in first.type.tensor_type.shape.dim], "total_mflops": 0.0,
+            "total_params": sum(int(np.prod(i.dims)) for i in model.graph.initializer), "input_bytes_fp32": 0,
+            "rows": rows}
+
+
+def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray | None = None) -> dict:
+    """Slice ``path`` at the tensors in ``split`` (graph order) into segment graphs and write a float
+    bundle; verify the chain against the whole model in onnxruntime on ``data`` (float32, the model's input
+    layout; default: random normal inputs of the declared shape, batch 4 — pass real data when you have it).
+
+    Segment 0 runs on the device, the rest on the server. Raises SplitError for unknown tensor names."""
+    from runtime.backends import OrtSession
+
+    from .verify import compare
+
+    model = onnx.load(str(path))
+    inputs, produced_at, _ = _order(model)
+    cuts = sorted(split, key=lambda t: produced_at.get(t, 10**9))
+    crossings = [crossing(model, t) for t in cuts]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise SplitError("eetool slices single-input, single-output ONNX models")
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "graphs").mkdir(parents=True)
+    bounds = [inputs] + crossings + [[model.graph.output[0].name]]
+    manifest = {"created_by": "eetool 0.1.0", "model": {"source": path.name, "kind": "onnx"},
+                "input": {"name": inputs[0], "dtype": "float32", "layout": "NCHW"},
+                "output": {"name": model.graph.output[0].name, "dtype": "float32"},
+                "preprocess": {"kind": "none"}, "cuts": cuts, "split": cuts[0],
+                "segments": [], "exits": [], "tensors": {}, "graphs": {}}
+    for k in range(len(bounds) - 1):
+        rel = f"graphs/seg{k}.fp32.onnx"
+        onnx.utils.extract_model(str(path), str(out / rel), bounds[k], bounds[k + 1], check_model=True)
+        g = onnx.load(str(out / rel)).graph
+        key = f"seg{k}.onnx.fp32"
+        manifest["graphs"][key] = {"file": rel, "format": "onnx", "precision": "fp32",
+                                   "inputs": [_spec(v) for v in g.input if v.name in bounds[k]],
+                                   "outputs": [_spec(v) for v in g.output], "quantization": None}
+        manifest["segments"].append({"name": f"seg{k}", "side": "device" if k == 0 else "server",
+                                     "after": cuts[k - 1] if k else None, "until": cuts[k] if k < len(cuts) else None,
+                                     "inputs": bounds[k], "outputs": bounds[k + 1], "graphs": {"onnx/fp32": key}})
+        for v in g.output:
+            if k < len(cuts):
+                manifest["tensors"][v.name] = {k2: v2 for k2, v2 in _spec(v).items() if k2 != "name"}
+    full = OrtSession(path)
+    shape = [d.dim_value or 4 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = data if data is not None else np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = full.run({inputs[0]: x})[model.graph.output[0].name]
+    values = {inputs[0]: x}
+    for seg in manifest["segments"]:
+        sess = OrtSession(out / manifest["graphs"][seg["graphs"]["onnx/fp32"]]["file"])
+        values.update(sess.run({n: values[n] for n in seg["inputs"]}))
+    report = {"verification": {"chains": {"onnx/fp32": {"batch_n": compare(ref, values[model.graph.output[0].name])}},
+                               "samples": len(x), "source": "random" if data is None else "given"}}
+    copy_support_files(out, [])
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_manifest(out, manifest)
+    return report
