@@ -200,5 +200,22 @@ def eval_(bundle, data, offset, limit, as_json):
             click.echo(f"    {name}: " + ", ".join(f"{k} {v:.2%}" for k, v in x.items()))
 
 
+def _runtime_passthrough(name: str, help_text: str):
+    @main.command(name=name, help=help_text, add_help_option=False,
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.pass_context
+    def command(ctx):
+        from runtime.__main__ import main as runtime_main
+
+        sys.exit(runtime_main([name] + ctx.args))
+
+    return command
+
+
+_runtime_passthrough("serve", "Run a bundle's tail as an edge server (same as 'python -m runtime serve'; --help for options).")
+_runtime_passthrough("run", "Run inputs on the device side of a bundle (same as 'python -m runtime run').")
+_runtime_passthrough("bench", "Measure a bundle: latency per stage, bytes, energy (same as 'python -m runtime bench').")
+
+
 if __name__ == "__main__":
     main()

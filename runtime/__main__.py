@@ -1,0 +1,203 @@
+"""Runtime command line, for boards and edge servers that have only the runtime installed:
+
+    python -m runtime serve BUNDLE [--host 127.0.0.1] [--port 8470] [--secret S]
+    python -m runtime run   BUNDLE --server HOST:PORT [--json] INPUT...
+    python -m runtime bench BUNDLE [--board rpi4] [--server HOST:PORT] [--out DIR]
+
+(argparse only: a board may not have click.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Optional
+
+from .bundle import Bundle, BundleError
+
+
+def pick_backend(bundle: Bundle, backend: str, board: Optional[dict]) -> str:
+    """``onnx`` or ``tflite``: the asked one, or (``auto``) the board's preferred interpreter when the
+    bundle has graphs for it and it imports, else onnx. Raises BundleError when the bundle lacks it."""
+    have = {p.split("/")[0] for p in bundle.formats()}
+    if backend != "auto":
+        if backend not in have:
+            raise BundleError("bundle has no %s graphs (has: %s)" % (backend, ", ".join(sorted(have))))
+        return backend
+    preferred = ((board or {}).get("backend") or {}).get("preferred", "onnxruntime")
+    if preferred == "litert" and "tflite" in have and _litert_importable():
+        return "tflite"
+    return "onnx" if "onnx" in have else sorted(have)[0]
+
+
+def _litert_importable() -> bool:
+    for mod in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            __import__(mod)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def pick_precision(bundle: Bundle, fmt: str, precision: str) -> str:
+    """``auto`` -> int8 when the bundle has int8 graphs in ``fmt``, else fp32."""
+    if precision != "auto":
+        return precision
+    return "int8" if "%s/int8" % fmt in bundle.formats() else "fp32"
+
+
+def _board(name: Optional[str]) -> Optional[dict]:
+    if not name:
+        return None
+    from .boards import load_board
+
+    return load_board(name)
+
+
+def _threads(args, board) -> Optional[int]:
+    if args.threads:
+        return args.threads
+    return ((board or {}).get("backend") or {}).get("threads")
+
+
+def cmd_serve(args) -> int:
+    from .chain import Chain
+    from .server import EdgeServer, run_until_signal
+
+    bundle = Bundle.load(args.bundle)
+    fmt = pick_backend(bundle, args.backend, None)
+    precision = pick_precision(bundle, fmt, args.precision)
+    chain = Chain(bundle, "server", fmt, precision, args.threads, with_exits=False)
+    if not chain.segments:
+        raise BundleError("the bundle has no server segments: the whole model runs on the device")
+    expected = {n: {"shape": bundle.tensor(n)["shape"], "dtype": "float32"} for n in bundle.wire_tensors}
+
+    def tail(feeds):
+        return {"logits": chain.run_segments(feeds)["logits"]}
+
+    secret = args.secret or os.environ.get("EETOOL_SECRET")
+    server = EdgeServer(tail, expected, host=args.host, port=args.port, secret=secret)
+    host, port = server.address
+    print("eetool server: %s tail (%s/%s) on %s:%d" % (bundle.root, fmt, precision, host, port), flush=True)
+    run_until_signal(server)
+    return 0
+
+
+def make_runner(args, bundle: Bundle, board: Optional[dict]):
+    """A DeviceRunner (and its client) from the ``run``/``bench`` options."""
+    from .client import EdgeClient
+    from .device import DeviceRunner
+    from .link import LinkShaper
+
+    fmt = pick_backend(bundle, args.backend, board)
+    precision = pick_precision(bundle, fmt, args.precision)
+    client = None
+    if args.server:
+        host, _, port = args.server.rpartition(":")
+        shaper = LinkShaper.from_strings(args.bandwidth, args.rtt) if args.bandwidth else None
+        client = EdgeClient(host or "127.0.0.1", int(port), secret=args.secret or os.environ.get("EETOOL_SECRET"),
+                            timeout_s=args.timeout, shaper=shaper, codec=args.codec)
+    thresholds = {}
+    for item in args.threshold or []:
+        name, _, value = item.partition("=")
+        thresholds[name] = float(value)
+    runner = DeviceRunner(bundle, client, fmt, precision, _threads(args, board), thresholds,
+                          exits=not args.no_exits, wire_dtype=args.wire_dtype, local_tail=args.local_tail)
+    return runner, fmt, precision
+
+
+def cmd_run(args) -> int:
+    from .preprocess import load_inputs
+
+    bundle = Bundle.load(args.bundle)
+    board = _board(args.board)
+    runner, fmt, precision = make_runner(args, bundle, board)
+    results = []
+    for path in args.inputs:
+        x = load_inputs([path], bundle.manifest["preprocess"])
+        r = runner.infer(x)
+        results.append(dict(input=os.path.basename(path), **r.to_json()))
+    info = {"machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
+            "precision": precision, "board": args.board, "results": results}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("%s, Python %s, %s/%s" % (info["machine"], info["python"], fmt, precision))
+        for r in results:
+            where = r["exit"] if r["exit"] else r["where"]
+            total = sum(r["ms"].values())
+            print("%-32s top1 %4d  via %-8s  %7d B sent  %8.2f ms%s" % (
+                r["input"], r["top1"], where, r["bytes_sent"], total, "  (%s)" % r["error"] if "error" in r else ""))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def _common(p):
+    p.add_argument("bundle")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"])
+    p.add_argument("--threads", type=int, help="intra-op threads (default: board profile / backend default)")
+    p.add_argument("--secret", help="shared secret for HMAC frame authentication (or $EETOOL_SECRET)")
+
+
+def _device_opts(p):
+    p.add_argument("--board", help="board profile name (boards/*.json) or path")
+    p.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "none"])
+    p.add_argument("--wire-dtype", default="int8", choices=["int8", "float32"],
+                   help="send the split tensor int8-quantised (default) or as float32")
+    p.add_argument("--bandwidth", help="emulate a link: e.g. 10mbit (token bucket on the send path)")
+    p.add_argument("--rtt", default="0ms", help="emulated round-trip time, e.g. 20ms")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
+    p.add_argument("--threshold", action="append", metavar="EXIT=VALUE", help="override an exit threshold")
+    p.add_argument("--no-exits", action="store_true", help="disable early exits")
+    p.add_argument("--local-tail", action="store_true", help="load the tail too, to fall back on offline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m runtime", description="eetool runtime (device and edge server)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="run the tail graphs as an edge server")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8470)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("run", help="run inputs on the device side")
+    _common(p)
+    _device_opts(p)
+    p.add_argument("--server", help="HOST:PORT of the edge server")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("bench", help="measure latency per stage, bytes and energy; write a report")
+    _common(p)
+    _device_opts(p)
+    p.add_argument("--server", help="HOST:PORT of a running edge server (default: start one on loopback)")
+    p.add_argument("--inputs", nargs="*", help="input files (default: the bundle's samples/)")
+    p.add_argument("--repeat", type=int, default=3, help="passes over the inputs after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bandwidths", default="1mbit,10mbit,100mbit", help="emulated links for latency vs bandwidth")
+    p.add_argument("--energy-csv", help="power log (timestamp,watts) of an external USB meter")
+    p.add_argument("--out", default="bench-report", help="report directory")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (BundleError, ValueError, OSError) as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

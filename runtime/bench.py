@@ -1,0 +1,236 @@
+"""``python -m runtime bench``: measure a bundle on this board against an edge server.
+
+Per request after warm-up: preprocessing, each device segment and exit, quantisation, encoding,
+network (send + receive, server time excluded), the server's own tail time, bytes on the wire; p50 / p90
+/ p99 and throughput; energy from the board's sensor (or a labelled estimate); latency vs emulated
+bandwidth; and the runtime's overhead against bare onnxruntime sessions on the same graphs.
+Writes ``report.json``, ``report.md`` and PNG plots (when matplotlib is installed) to ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from .bundle import Bundle
+from .device import percentiles
+
+
+def start_server(bundle_dir: str, extra: List[str]) -> tuple:
+    """Start ``python -m runtime serve`` on a free loopback port; returns (process, "127.0.0.1:PORT")."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", bundle_dir, "--port", "0"] + extra,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    if " on " not in line:
+        proc.kill()
+        raise OSError("edge server did not start: %r" % line)
+    return proc, line.strip().rsplit(" on ", 1)[1]
+
+
+def _inputs(args, bundle: Bundle) -> List[str]:
+    if args.inputs:
+        return list(args.inputs)
+    samples = bundle.root / "samples"
+    files = sorted(str(p) for p in samples.iterdir()) if samples.is_dir() else []
+    if not files:
+        raise ValueError("no inputs: give --inputs FILE... (the bundle has no samples/)")
+    return files
+
+
+def _run_pass(runner, xs, repeat: int) -> List:
+    out = []
+    for _ in range(repeat):
+        for x in xs:
+            out.append(runner.infer(x))
+    return out
+
+
+def _stage_table(results) -> Dict[str, Dict[str, float]]:
+    stages: Dict[str, List[float]] = {}
+    for r in results:
+        for k, v in r.ms.items():
+            stages.setdefault(k, []).append(v)
+        stages.setdefault("total", []).append(sum(r.ms.values()))
+    return {k: percentiles(v) for k, v in stages.items()}
+
+
+def bare_onnxruntime_ms(bundle: Bundle, xs, threads, repeat: int) -> Dict[str, float]:
+    """Whole model (all segments, float ONNX) run as bare onnxruntime sessions vs the runtime's Chain, on
+    the same inputs in one run: returns p50 ms of each and their ratio."""
+    import onnxruntime as ort
+
+    from .chain import Chain
+
+    chain = Chain(bundle, "all", "onnx", "fp32", threads, with_exits=False)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    bare = [(s["inputs"], ort.InferenceSession(str(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))), opts,
+                                               providers=["CPUExecutionProvider"])) for s in bundle.segments]
+    t_chain, t_bare = [], []
+    for _ in range(repeat):
+        for x in xs:
+            t0 = time.perf_counter()
+            chain.run_segments({"input": x})
+            t_chain.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            values = {"input": x}
+            for inputs, sess in bare:
+                names = [o.name for o in sess.get_outputs()]
+                values.update(zip(names, sess.run(names, {n: values[n] for n in inputs})))
+            t_bare.append((time.perf_counter() - t0) * 1e3)
+    c, b = float(np.median(t_chain)), float(np.median(t_bare))
+    return {"runtime_chain_p50_ms": c, "bare_onnxruntime_p50_ms": b, "overhead_ratio": c / b}
+
+
+def run_bench(args) -> int:
+    from . import __main__ as cli
+    from .boards import load_board
+    from .energy import meter_for_board
+    from .preprocess import load_inputs
+
+    bundle = Bundle.load(args.bundle)
+    board = load_board(args.board or "host")
+    files = _inputs(args, bundle)
+    t0 = time.perf_counter()
+    xs = [load_inputs([f], bundle.manifest["preprocess"]) for f in files]
+    preprocess_ms = (time.perf_counter() - t0) * 1e3 / len(files)
+    proc = None
+    if not args.server:
+        proc, args.server = start_server(args.bundle, ["--backend", args.backend, "--precision", "fp32"])
+    try:
+        report = _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    _plots(report, out)
+    print(render_markdown(report))
+    print("report written to %s" % out)
+    return 0
+
+
+def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli) -> dict:
+    runner, fmt, precision = cli.make_runner(args, bundle, board)
+    threads = cli._threads(args, board)
+    _run_pass(runner, xs[: max(1, args.warmup)], 1)
+    meter = meter_for_board(board, **({"csv_path": args.energy_csv} if args.energy_csv else {}))
+    idle_w = None
+    if not meter.estimated:
+        idle_w = meter.measure_idle(1.0)
+    meter.start()
+    t0 = time.perf_counter()
+    results = _run_pass(runner, xs, args.repeat)
+    wall = time.perf_counter() - t0
+    energy = meter.stop()
+    n = len(results)
+    report = {
+        "bundle": str(bundle.root), "split": bundle.manifest["split"], "board": board.get("name"),
+        "machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
+        "precision": precision, "threads": threads, "codec": args.codec, "wire_dtype": args.wire_dtype,
+        "requests": n, "inputs": len(xs), "preprocess_ms_mean": preprocess_ms,
+        "stages_ms": _stage_table(results), "throughput_per_s": n / wall,
+        "bytes_sent_mean": float(np.mean([r.bytes_sent for r in results])),
+        "bytes_received_mean": float(np.mean([r.bytes_received for r in results])),
+        "exit_rates": _exit_rates(results),
+        "energy": {**energy.to_json(), "per_inference_j": energy.joules / n,
+                   "idle_w_measured": idle_w, "label": "estimated" if energy.estimated else "measured"},
+    }
+    report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
+    if "onnx/fp32" in bundle.formats():
+        report["runtime_vs_bare_onnxruntime"] = bare_onnxruntime_ms(bundle, xs, threads, args.repeat)
+    return report
+
+
+def _exit_rates(results) -> Dict[str, float]:
+    counts: Dict[str, int] = {}
+    for r in results:
+        key = r.exit or r.where
+        counts[key] = counts.get(key, 0) + 1
+    return {k: v / len(results) for k, v in counts.items()}
+
+
+def _sweep(args, bundle, board, xs, cli) -> List[dict]:
+    """End-to-end p50 per emulated bandwidth (token-bucket shaping of the client's send path)."""
+    rows = []
+    original = args.bandwidth
+    for bw in [b for b in (args.bandwidths or "").split(",") if b]:
+        args.bandwidth = bw
+        runner, _, _ = cli.make_runner(args, bundle, board)
+        res = _run_pass(runner, xs, 1)
+        rows.append({"bandwidth": bw, "rtt": args.rtt, "total_ms": percentiles([sum(r.ms.values()) for r in res]),
+                     "bytes_sent_mean": float(np.mean([r.bytes_sent for r in res]))})
+    args.bandwidth = original
+    return rows
+
+
+def render_markdown(r: dict) -> str:
+    """The report as a Markdown page (numbers from this run only)."""
+    lines = ["# eetool bench: %s on %s (%s)" % (r["bundle"], r["board"], r["machine"]), "",
+             "split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d inputs" % (
+                 r["split"], r["backend"], r["precision"], r["threads"], r["codec"], r["wire_dtype"],
+                 r["requests"], r["inputs"]), "",
+             "| stage | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---:|---:|---:|---:|"]
+    for stage, p in r["stages_ms"].items():
+        lines.append("| %s | %.2f | %.2f | %.2f | %.2f |" % (stage, p["p50"], p["p90"], p["p99"], p["mean"]))
+    e = r["energy"]
+    lines += ["", "preprocessing %.2f ms/input; throughput %.1f req/s; bytes sent %.0f / received %.0f per request" % (
+        r["preprocess_ms_mean"], r["throughput_per_s"], r["bytes_sent_mean"], r["bytes_received_mean"]),
+        "", "exit rates: " + ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in r["exit_rates"].items()),
+        "", "energy (%s, %s): %.3f J per inference gross, mean %.2f W%s" % (
+            e["label"].upper(), e.get("source"), e["per_inference_j"], e.get("mean_w", 0.0),
+            ", net of idle %.3f J total" % e["net_joules"] if e.get("net_joules") is not None else "")]
+    if r.get("bandwidth_sweep"):
+        lines += ["", "| link | total p50 ms | bytes sent |", "|---|---:|---:|"]
+        for row in r["bandwidth_sweep"]:
+            lines.append("| %s, rtt %s | %.2f | %.0f |" % (row["bandwidth"], row["rtt"], row["total_ms"]["p50"],
+                                                          row["bytes_sent_mean"]))
+    if r.get("runtime_vs_bare_onnxruntime"):
+        o = r["runtime_vs_bare_onnxruntime"]
+        lines += ["", "runtime full chain p50 %.2f ms vs bare onnxruntime %.2f ms: overhead ratio %.3f" % (
+            o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(r: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    stages = {k: v["mean"] for k, v in r["stages_ms"].items() if k != "total"}
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    left = 0.0
+    for name, ms in stages.items():
+        ax.barh([0], [ms], left=left, label=name)
+        left += ms
+    ax.set_yticks([])
+    ax.set_xlabel("mean latency per request (ms)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    ax.set_title("latency breakdown (%s, %s)" % (r["board"], r["backend"]))
+    fig.savefig(out / "latency_breakdown.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    if r.get("bandwidth_sweep"):
+        fig, ax = plt.subplots(figsize=(5, 3))
+        xs = [row["bandwidth"] for row in r["bandwidth_sweep"]]
+        ax.plot(xs, [row["total_ms"]["p50"] for row in r["bandwidth_sweep"]], marker="o")
+        ax.set_xlabel("emulated uplink")
+        ax.set_ylabel("end-to-end p50 (ms)")
+        ax.set_title("latency vs bandwidth")
+        fig.savefig(out / "latency_vs_bandwidth.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)

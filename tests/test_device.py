@@ -1,0 +1,95 @@
+"""Device side against a real edge server process over loopback, on a real EfficientNet-Lite0 bundle."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtime import codec
+from runtime.bench import start_server
+from runtime.bundle import Bundle
+from runtime.chain import Chain
+from runtime.client import EdgeClient
+from runtime.device import DeviceRunner
+
+
+@pytest.fixture(scope="module")
+def server(effnet_bundle):
+    out, _ = effnet_bundle
+    proc, address = start_server(str(out), [])
+    yield address
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0  # SIGTERM is a clean shutdown
+
+
+def _client(address, **kw):
+    host, port = address.rsplit(":", 1)
+    return EdgeClient(host, int(port), **kw)
+
+
+def test_split_over_tcp_equals_local_chain(effnet_bundle, server, verify_images):
+    bundle = Bundle.load(effnet_bundle[0])
+    local = Chain(bundle, "all")
+    exact = DeviceRunner(bundle, _client(server), wire_dtype="float32")
+    quant = DeviceRunner(bundle, _client(server, codec="lz4"))
+    tail = Chain(bundle, "server")
+    q = bundle.tensor("blocks.5")["quant"]
+    agree = 0
+    for i in range(8):
+        x = verify_images.x[i:i + 1]
+        values = local.run_segments({"input": x})
+        r = exact.infer(x)
+        assert r.where == "server" and r.exit is None
+        assert r.top1 == int(values["logits"][0].argmax())
+        assert np.abs(r.logits - values["logits"][0]).max() < 1e-3
+        # int8 wire: the server's answer equals the tail on the same quantised-dequantised feature
+        rq = quant.infer(x)
+        deq = codec.dequantize(codec.quantize(values["blocks.5"], q["scale"], q["zero_point"], "int8"),
+                               q["scale"], q["zero_point"])
+        ref = tail.run_segments({"blocks.5": deq})["logits"][0]
+        assert np.abs(rq.logits - ref).max() < 1e-3
+        assert 0 < rq.bytes_sent < r.bytes_sent / 3  # int8 frame vs the float32 frame of the same feature
+        assert {"seg0", "quantize", "encode", "network", "server_tail"} <= set(rq.ms)
+        agree += rq.top1 == r.top1
+    assert agree >= 7
+
+
+def test_unreachable_server_degrades_to_local_tail(effnet_bundle, verify_images):
+    bundle = Bundle.load(effnet_bundle[0])
+    runner = DeviceRunner(bundle, EdgeClient("127.0.0.1", 1, timeout_s=0.5), local_tail=True)
+    r = runner.infer(verify_images.x[:1])
+    assert r.where == "degraded" and "ServerUnavailable" in r.error
+    ref = Chain(bundle, "all").run_segments({"input": verify_images.x[:1]})["logits"][0]
+    assert r.top1 == int(ref.argmax())
+    with pytest.raises(RuntimeError, match="no exit or local tail"):
+        DeviceRunner(bundle, EdgeClient("127.0.0.1", 1, timeout_s=0.5)).infer(verify_images.x[:1])
+
+
+def test_runtime_cli_run_json(effnet_bundle, server):
+    out, _ = effnet_bundle
+    samples = sorted(str(p) for p in (out / "samples").iterdir())[:2]
+    proc = subprocess.run([sys.executable, "-m", "runtime", "run", str(out), "--server", server, "--json"] + samples,
+                          capture_output=True, text=True, timeout=120, cwd=str(out))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["backend"] == "onnx" and info["machine"] and len(info["results"]) == 2
+    assert all(r["where"] == "server" and r["bytes_sent"] > 0 for r in info["results"])
+
+
+def test_bench_report(effnet_bundle, server, tmp_path):
+    out, _ = effnet_bundle
+    proc = subprocess.run([sys.executable, "-m", "runtime", "bench", str(out), "--board", "host", "--server", server,
+                           "--repeat", "1", "--warmup", "1", "--bandwidths", "1mbit,100mbit", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["energy"]["label"] in ("estimated", "measured")
+    assert report["energy"]["estimated"] == (report["energy"]["label"] == "estimated")
+    assert {"seg0", "network", "server_tail", "total"} <= set(report["stages_ms"])
+    assert [row["bandwidth"] for row in report["bandwidth_sweep"]] == ["1mbit", "100mbit"]
+    assert report["runtime_vs_bare_onnxruntime"]["overhead_ratio"] > 0
+    assert (tmp_path / "report.md").read_text().startswith("# eetool bench")
+    assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
