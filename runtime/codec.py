@@ -1,0 +1,283 @@
+"""Affine quantization of split tensors and byte-level compression for the wire.
+
+Quantization follows the bundle contract (docs/bundle.md)::
+
+    q = clip(round(x / scale) + zero_point, qmin, qmax)      # round half to even (numpy.rint)
+    x ~= (q - zero_point) * scale
+
+Compression wraps ``zstandard`` and ``lz4.frame``; both are optional and imported lazily, so
+this module imports with numpy and the standard library alone. Decompression always runs with
+an output-size limit (decompression-bomb guard).
+
+Python 3.8 compatible; no pickle anywhere.
+"""
+from __future__ import annotations
+
+import io
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = [
+    "QUANT_RANGES",
+    "CODECS",
+    "CodecError",
+    "CodecUnavailable",
+    "DecompressionBomb",
+    "quantize",
+    "dequantize",
+    "compress",
+    "decompress",
+    "available_codecs",
+    "check_codec",
+]
+
+#: Integer range ``(qmin, qmax)`` of each supported quantized dtype.
+QUANT_RANGES: Dict[str, Tuple[int, int]] = {"int8": (-128, 127), "uint8": (0, 255)}
+
+#: Codec names accepted by :func:`compress` / :func:`decompress`.
+CODECS: Tuple[str, ...] = ("none", "zstd", "lz4")
+
+_DEFAULT_LEVEL = {"zstd": 3, "lz4": 0}
+_PIP_NAME = {"zstd": "zstandard", "lz4": "lz4"}
+
+
+class CodecError(ValueError):
+    """Bad quantization parameters, unknown codec, or corrupt compressed data."""
+
+
+class CodecUnavailable(CodecError, ImportError):
+    """A codec was requested whose optional Python package is not installed."""
+
+
+class DecompressionBomb(CodecError):
+    """Decompressed output would exceed the allowed maximum size (bytes)."""
+
+
+# --------------------------------------------------------------------------- quantization
+def _check_qparams(scale: float, zero_point: int, dtype: str) -> Tuple[float, int, int, int]:
+    if dtype not in QUANT_RANGES:
+        raise CodecError("quantized dtype must be one of %s, got %r" % (sorted(QUANT_RANGES), dtype))
+    try:
+        scale_f = float(scale)
+    except (TypeError, ValueError):
+        raise CodecError("scale must be a number, got %r" % (scale,))
+    if not np.isfinite(scale_f) or scale_f <= 0.0:
+        raise CodecError("scale must be finite and > 0, got %r" % (scale,))
+    if isinstance(zero_point, (bool, np.bool_)) or int(zero_point) != zero_point:
+        raise CodecError("zero_point must be an integer, got %r" % (zero_point,))
+    zp = int(zero_point)
+    qmin, qmax = QUANT_RANGES[dtype]
+    if not qmin <= zp <= qmax:
+        raise CodecError("zero_point %d outside the %s range [%d, %d]" % (zp, dtype, qmin, qmax))
+    return scale_f, zp, qmin, qmax
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") -> np.ndarray:
+    """Quantize a float tensor affinely: ``q = clip(rint(x / scale) + zero_point, qmin, qmax)``.
+
+    Args:
+        x: float array of any shape (float16/32/64; converted to float32 first).
+        scale: real value of one quantization step, finite and > 0.
+        zero_point: integer in the range of ``dtype`` that represents 0.0.
+        dtype: ``"int8"`` (range -128..127) or ``"uint8"`` (0..255).
+
+    Returns:
+        An array of ``dtype`` with the shape of ``x``. NaN maps to ``zero_point`` (0.0);
+        +/-inf and out-of-range values saturate at qmax / qmin.
+
+    Raises:
+        CodecError: bad dtype, scale <= 0 or not finite, zero_point not an integer in range,
+            or ``x`` not a floating-point array.
+    """
+    scale_f, zp, qmin, qmax = _check_qparams(scale, zero_point, dtype)
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise CodecError("quantize expects a floating-point array, got dtype %s" % x.dtype)
+    xf = x.astype(np.float32, copy=False)
+    # float32 division then rint; do the arithmetic in float32 to match on-device behaviour.
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        q = np.rint(xf / np.float32(scale_f))
+        q = np.nan_to_num(q, nan=0.0, posinf=float(qmax - zp), neginf=float(qmin - zp))
+        q = np.clip(q + np.float32(zp), qmin, qmax)
+    return q.astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Map quantized integers back to float32: ``x = (q - zero_point) * scale``.
+
+    Args:
+        q: int8 or uint8 array of any shape.
+        scale: step size, finite and > 0.
+        zero_point: integer in the range of ``q.dtype``.
+
+    Returns:
+        float32 array with the shape of ``q``.
+
+    Raises:
+        CodecError: ``q`` is not int8/uint8, or bad scale / zero_point.
+    """
+    q = np.asarray(q)
+    name = q.dtype.name
+    scale_f, zp, _, _ = _check_qparams(scale, zero_point, name)
+    out = q.astype(np.float32)
+    out -= np.float32(zp)
+    out *= np.float32(scale_f)
+    return out
+
+
+# --------------------------------------------------------------------------- compression
+def _import_codec(codec: str):
+    if codec == "zstd":
+        try:
+            import zstandard  # noqa: WPS433 (lazy, optional)
+        except ImportError as exc:  # pragma: no cover - exercised only where missing
+            raise CodecUnavailable(
+                "codec 'zstd' requested but the 'zstandard' package is not installed "
+                "(pip install zstandard), or use codec 'lz4' / 'none'"
+            ) from exc
+        return zstandard
+    if codec == "lz4":
+        try:
+            import lz4.frame as lz4frame  # noqa: WPS433
+        except ImportError as exc:  # pragma: no cover
+            raise CodecUnavailable(
+                "codec 'lz4' requested but the 'lz4' package is not installed "
+                "(pip install lz4), or use codec 'zstd' / 'none'"
+            ) from exc
+        return lz4frame
+    raise CodecError("unknown codec %r; expected one of %s" % (codec, list(CODECS)))
+
+
+def check_codec(codec: str) -> None:
+    """Raise :class:`CodecError` / :class:`CodecUnavailable` unless ``codec`` can be used here."""
+    if codec == "none":
+        return
+    _import_codec(codec)
+
+
+def available_codecs() -> List[str]:
+    """Names of the codecs usable in this interpreter (``"none"`` always first)."""
+    out = ["none"]
+    for name in ("zstd", "lz4"):
+        try:
+            _import_codec(name)
+        except CodecUnavailable:
+            continue
+        out.append(name)
+    return out
+
+
+def compress(data: bytes, codec: str = "zstd", level: Optional[int] = None) -> bytes:
+    """Compress a byte string.
+
+    Args:
+        data: bytes-like object to compress (e.g. ``q.tobytes()``).
+        codec: ``"none"`` (returns the bytes unchanged), ``"zstd"`` (one zstd frame with the
+            content size in its header) or ``"lz4"`` (one LZ4 frame).
+        level: codec level; default 3 for zstd (1..22, negative = fast), 0 for lz4
+            (0 = fast mode, 3..16 = high compression).
+
+    Returns:
+        The compressed bytes.
+
+    Raises:
+        CodecError: unknown codec; CodecUnavailable: its package is not installed.
+    """
+    if codec == "none":
+        return bytes(data)
+    mod = _import_codec(codec)
+    lvl = _DEFAULT_LEVEL[codec] if level is None else int(level)
+    if codec == "zstd":
+        return mod.ZstdCompressor(level=lvl, write_content_size=True).compress(data)
+    return mod.compress(data, compression_level=lvl, store_size=True)
+
+
+def decompress(data: bytes, codec: str, max_output_bytes: int, expected_size: Optional[int] = None) -> bytes:
+    """Decompress a byte string produced by :func:`compress`, never producing more than a limit.
+
+    Args:
+        data: the compressed bytes (exactly one frame; trailing bytes are an error).
+        codec: ``"none"``, ``"zstd"`` or ``"lz4"``.
+        max_output_bytes: hard ceiling on the decompressed size in bytes (decompression-bomb
+            guard). Output is produced incrementally and stops one byte past this limit.
+        expected_size: if given, the decompressed size must equal it exactly (bytes).
+
+    Returns:
+        The decompressed bytes.
+
+    Raises:
+        DecompressionBomb: the output would exceed ``max_output_bytes``.
+        CodecError: unknown codec, corrupt / truncated / trailing data, or size != expected_size.
+        CodecUnavailable: the codec's package is not installed.
+    """
+    limit = int(max_output_bytes)
+    if expected_size is not None:
+        if expected_size > limit:
+            raise DecompressionBomb("declared size %d bytes exceeds the limit of %d bytes" % (expected_size, limit))
+    if codec == "none":
+        out = bytes(data)
+        if len(out) > limit:
+            raise DecompressionBomb("data of %d bytes exceeds the limit of %d bytes" % (len(out), limit))
+    else:
+        mod = _import_codec(codec)
+        if codec == "zstd":
+            out = _zstd_bounded(mod, data, limit)
+        else:
+            out = _lz4_bounded(mod, data, limit)
+    if expected_size is not None and len(out) != expected_size:
+        raise CodecError("decompressed %d bytes, expected %d" % (len(out), expected_size))
+    return out
+
+
+def _zstd_bounded(zstandard, data: bytes, limit: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError("corrupt zstd data: %s" % exc)
+    if declared is not None and declared >= 0 and declared > limit:
+        raise DecompressionBomb("zstd frame declares %d bytes, limit is %d bytes" % (declared, limit))
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        if declared is None or declared < 0:
+            # Unknown content size: stream with bounded reads so a bomb stops at limit + 1 bytes.
+            reader = dctx.stream_reader(io.BytesIO(data), read_across_frames=False)
+            total = 0
+            try:
+                while True:
+                    chunk = reader.read(min(1 << 20, limit + 1 - total))
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > limit:
+                        raise DecompressionBomb("zstd output exceeds the limit of %d bytes" % limit)
+            finally:
+                reader.close()
+        # Size is now known to be <= limit (zstd enforces a declared content size), so a
+        # one-frame decode is bounded; it also tells truncation and trailing bytes apart.
+        dobj = dctx.decompressobj()
+        out = dobj.decompress(data)
+    except zstandard.ZstdError as exc:
+        raise CodecError("corrupt zstd data: %s" % exc)
+    if not dobj.eof:
+        raise CodecError("truncated zstd frame")
+    if dobj.unused_data:
+        raise CodecError("%d trailing bytes after the zstd frame" % len(dobj.unused_data))
+    if len(out) > limit:  # defensive; cannot happen per the checks above
+        raise DecompressionBomb("zstd output exceeds the limit of %d bytes" % limit)
+    return out
+
+
+def _lz4_bounded(lz4frame, data: bytes, limit: int) -> bytes:
+    dec = lz4frame.LZ4FrameDecompressor()
+    try:
+        out = dec.decompress(data, max_length=limit + 1)
+    except RuntimeError as exc:
+        raise CodecError("corrupt lz4 data: %s" % exc)
+    if len(out) > limit:
+        raise DecompressionBomb("lz4 output exceeds the limit of %d bytes" % limit)
+    if not dec.eof:
+        raise CodecError("truncated lz4 frame")
+    if dec.unused_data:
+        raise CodecError("%d trailing bytes after the lz4 frame" % len(dec.unused_data))
+    return out

@@ -1,0 +1,433 @@
+"""Edge server: receives split tensors, runs the tail graph, replies with logits and top-k.
+
+One thread per connection (bounded by ``max_connections``); calls into the tail are serialised
+with a lock (one inference session). A bad frame only ever affects its own connection: framing
+errors (bad magic, oversize, truncated, timeout) get an ERROR frame when possible and the
+connection is closed; content errors (bad JSON, wrong names / shapes / dtypes, a failing tail)
+get an ERROR frame and the connection stays usable. The server never dies on peer input.
+
+Logs go to the ``eetool.server`` logger (stderr when started through :func:`run_until_signal`).
+Python 3.8 compatible; numpy + stdlib only.
+"""
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import protocol as P
+
+__all__ = ["EdgeServer", "run_until_signal", "topk_softmax", "ERROR_CODES"]
+
+log = logging.getLogger("eetool.server")
+
+TailFn = Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]
+
+#: codes of ERROR frames the server sends, beyond the ProtocolError codes of runtime.protocol.
+ERROR_CODES = {
+    "wrong_inputs": "tensor names differ from the tail's inputs",
+    "wrong_shape": "a tensor's shape does not match the tail's input",
+    "wrong_dtype": "a tensor cannot be converted to the tail's input dtype",
+    "tail_failed": "the tail function raised or returned something unusable",
+    "unexpected_type": "the client sent a frame type the server does not accept",
+    "busy": "too many connections",
+    "shutting_down": "the server is stopping",
+    "internal": "unexpected server error",
+}
+
+_AUTH_CODES = (P.AUTH_REQUIRED, P.BAD_HMAC)
+
+
+def topk_softmax(logits: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-k classes of logits.
+
+    Args:
+        logits: (N, C) float array.
+        k: number of classes to return (clipped to C).
+
+    Returns:
+        (indices (N, k) int32 sorted by decreasing score, ties by lower index;
+         scores (N, k) float32 softmax probabilities).
+    """
+    x = np.asarray(logits, dtype=np.float32)
+    k = max(1, min(int(k), x.shape[1]))
+    shifted = x - x.max(axis=1, keepdims=True)
+    ex = np.exp(shifted)
+    prob = ex / ex.sum(axis=1, keepdims=True)
+    idx = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    return idx.astype(np.int32), np.take_along_axis(prob, idx, axis=1).astype(np.float32)
+
+
+class _RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _fmt_shape(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
+
+
+class EdgeServer:
+    """TCP server running the tail graph for device clients.
+
+    Args:
+        tail: function name -> float32 array (the tail's inputs) to name -> array (its outputs).
+            The output named ``logits`` (or the only output) must be (N, C) float.
+        expected: name -> {"shape": [None, C, H, W], "dtype": "float32"} of the tail's inputs;
+            None in a shape matches any size.
+        host: address to bind (default 127.0.0.1).
+        port: TCP port, 0 = pick a free one (see :attr:`address`).
+        secret: shared secret; when set every frame must carry a valid HMAC tag and replies are
+            tagged.
+        max_frame_bytes: largest accepted frame (bytes, default 64 MiB).
+        topk: number of classes in the top-k part of a reply.
+        max_connections: concurrent connections served; beyond it a new client gets ERROR "busy".
+        frame_timeout_s: seconds a client has from the first to the last byte of a frame.
+        idle_timeout_s: seconds an idle connection is kept open between frames.
+        reply_logits: include the full logits tensor in replies (False: top-k only).
+
+    Raises:
+        OSError: the address cannot be bound.
+        ValueError: bad ``expected`` description.
+    """
+
+    def __init__(self, tail: TailFn, expected: Mapping[str, Mapping[str, Any]], host: str = "127.0.0.1",
+                 port: int = 0, secret: Union[None, str, bytes] = None,
+                 max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES, topk: int = 5,
+                 max_connections: int = 64, frame_timeout_s: float = 30.0, idle_timeout_s: float = 300.0,
+                 reply_logits: bool = True):
+        self._tail = tail
+        self.expected = self._check_expected(expected)
+        self.secret = secret
+        self.max_frame_bytes = int(max_frame_bytes)
+        self.topk = int(topk)
+        self.max_connections = int(max_connections)
+        self.frame_timeout_s = float(frame_timeout_s)
+        self.idle_timeout_s = float(idle_timeout_s)
+        self.reply_logits = bool(reply_logits)
+        self._max_raw = self._max_raw_bytes()
+        self._tail_lock = threading.Lock()
+        self._conn_lock = threading.Lock()
+        self._conns: Dict[socket.socket, threading.Thread] = {}
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._stats_lock = threading.Lock()
+        self.stats: Dict[str, int] = {"connections": 0, "requests": 0, "replies": 0, "errors": 0, "rejected": 0}
+        self._listener = socket.create_server((host, port), backlog=128)
+        self._listener.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+
+    # ------------------------------------------------------------------ setup helpers
+    @staticmethod
+    def _check_expected(expected: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+        if not expected:
+            raise ValueError("expected must describe at least one tail input")
+        out = {}
+        for name, spec in expected.items():
+            shape = spec.get("shape")
+            if not isinstance(shape, (list, tuple)) or not all(d is None or (isinstance(d, int) and d >= 0) for d in shape):
+                raise ValueError("expected[%r].shape must be a list of ints / None, got %r" % (name, shape))
+            dtype = str(spec.get("dtype", "float32"))
+            np.dtype(dtype)
+            out[str(name)] = {"shape": list(shape), "dtype": dtype}
+        return out
+
+    def _max_raw_bytes(self) -> int:
+        # Largest raw (decompressed) tensor a request may declare: 4x the frame limit. Shapes are
+        # checked against `expected` before anything is decompressed.
+        return max(4 * self.max_frame_bytes, 1)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """(host, port) actually bound."""
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    # ------------------------------------------------------------------ serving
+    def serve_forever(self, poll_s: float = 0.5) -> None:
+        """Accept and serve connections until :meth:`shutdown` / :meth:`request_shutdown`."""
+        self._stopped.clear()
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._listener, selectors.EVENT_READ, "accept")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            log.info("eetool edge server listening on %s:%d", *self.address)
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=poll_s):
+                    if key.data == "wake":
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    elif not self._stop.is_set():
+                        self._accept()
+        finally:
+            sel.close()
+            self._close_all()
+            self._stopped.set()
+            log.info("eetool edge server stopped")
+
+    def _accept(self) -> None:
+        for _ in range(64):  # drain the backlog a bit, bounded
+            try:
+                conn, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            conn.setblocking(True)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            with self._conn_lock:
+                busy = len(self._conns) >= self.max_connections
+                if not busy:
+                    t = threading.Thread(target=self._serve_conn, args=(conn, addr), daemon=True,
+                                         name="eetool-conn-%s:%s" % addr[:2])
+                    self._conns[conn] = t
+            if busy:
+                self._count("rejected")
+                log.warning("rejecting %s:%s: %d connections already open", addr[0], addr[1], self.max_connections)
+                self._send_quiet(conn, P.encode_error(0, "busy", "server busy: %d connections open" % self.max_connections, self.secret))
+                self._close_quiet(conn)
+                continue
+            self._count("connections")
+            t.start()
+
+    def _serve_conn(self, conn: socket.socket, addr) -> None:
+        peer = "%s:%s" % tuple(addr[:2])
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = P.read_frame(conn, self.max_frame_bytes, timeout=self.frame_timeout_s,
+                                         secret=self.secret, idle_timeout=self.idle_timeout_s)
+                except P.ProtocolError as exc:
+                    if exc.code == P.CLOSED or self._stop.is_set():
+                        return
+                    self._count("errors")
+                    log.warning("%s: %s", peer, exc)
+                    rid = exc.request_id or 0
+                    if exc.code != P.TIMEOUT:
+                        self._send_quiet(conn, P.encode_error(rid, exc.code, exc.message, self.secret))
+                    if exc.fatal or exc.code in _AUTH_CODES:
+                        return
+                    continue
+                if frame.msg_type == P.PING:
+                    self._send(conn, P.encode_pong(frame.request_id, self.secret))
+                elif frame.msg_type == P.REQUEST:
+                    self._count("requests")
+                    self._send(conn, self._handle_request(frame, peer))
+                else:
+                    self._count("errors")
+                    self._send(conn, P.encode_error(frame.request_id, "unexpected_type",
+                                                    "server accepts REQUEST and PING, got %s" % frame.type_name, self.secret))
+        except OSError as exc:
+            if not self._stop.is_set():
+                log.info("%s: connection dropped: %s", peer, exc)
+        except Exception:  # never let one connection take the server down
+            log.exception("%s: unexpected error", peer)
+        finally:
+            self._close_quiet(conn)
+            with self._conn_lock:
+                self._conns.pop(conn, None)
+
+    def _handle_request(self, frame: P.Frame, peer: str) -> bytes:
+        rid = frame.request_id
+        try:
+            specs = P.parse_tensor_specs(frame.header, len(frame.payload), rid, self._max_raw)
+            self._validate(specs)  # before any decompression
+            msg = P.RequestMessage(rid, specs, P.decode_tensors(frame.payload, specs, rid))
+            inputs = self._to_inputs(msg)
+            with self._tail_lock:
+                t0 = time.perf_counter()
+                try:
+                    outputs = self._tail(inputs)
+                except Exception as exc:
+                    log.exception("%s: tail raised on request %d", peer, rid)
+                    raise _RequestError("tail_failed", "tail raised %s: %s" % (type(exc).__name__, exc))
+                tail_ms = (time.perf_counter() - t0) * 1000.0
+            reply = self._reply_tensors(outputs)
+            out = P.encode_reply(rid, reply, tail_ms, self.secret)
+            self._count("replies")
+            return out
+        except P.ProtocolError as exc:
+            self._count("errors")
+            log.warning("%s: request %d rejected: %s", peer, rid, exc)
+            return P.encode_error(rid, exc.code, exc.message, self.secret)
+        except _RequestError as exc:
+            self._count("errors")
+            log.warning("%s: request %d rejected: %s: %s", peer, rid, exc.code, exc.message)
+            return P.encode_error(rid, exc.code, exc.message, self.secret)
+        except Exception as exc:
+            self._count("errors")
+            log.exception("%s: request %d failed", peer, rid)
+            return P.encode_error(rid, "internal", "%s: %s" % (type(exc).__name__, exc), self.secret)
+
+    def _describe_expected(self) -> str:
+        return ", ".join("%s %s %s" % (n, _fmt_shape(s["shape"]), s["dtype"]) for n, s in self.expected.items())
+
+    def _validate(self, specs: List[P.TensorSpec]) -> None:
+        got = {s.name: s for s in specs}
+        if set(got) != set(self.expected):
+            raise _RequestError("wrong_inputs", "expected tensors {%s}, got {%s}" % (
+                self._describe_expected(), ", ".join("%s %s %s" % (s.name, _fmt_shape(s.shape), s.dtype) for s in specs)))
+        for name, exp in self.expected.items():
+            s = got[name]
+            shape = exp["shape"]
+            ok = len(shape) == len(s.shape) and all(e is None or e == g for e, g in zip(shape, s.shape))
+            if not ok:
+                raise _RequestError("wrong_shape", "tensor %r: expected shape %s, got %s" % (
+                    name, _fmt_shape(shape), _fmt_shape(s.shape)))
+            if np.dtype(exp["dtype"]).kind == "f" and s.scale is None and s.dtype not in ("float16", "float32"):
+                raise _RequestError("wrong_dtype", "tensor %r: expected %s (or int8/uint8 with scale and zero_point), got %s"
+                                    % (name, exp["dtype"], s.dtype))
+
+    def _to_inputs(self, msg: P.RequestMessage) -> Dict[str, np.ndarray]:
+        deq = msg.dequantized()
+        return {name: deq[name].astype(self.expected[name]["dtype"], copy=False) for name in self.expected}
+
+    def _reply_tensors(self, outputs: Any) -> Dict[str, np.ndarray]:
+        if not isinstance(outputs, Mapping) or not outputs:
+            raise _RequestError("tail_failed", "tail must return a non-empty dict of arrays, got %s" % type(outputs).__name__)
+        if "logits" in outputs:
+            logits = outputs["logits"]
+        elif len(outputs) == 1:
+            logits = next(iter(outputs.values()))
+        else:
+            raise _RequestError("tail_failed", "tail returned %s; expected a 'logits' output" % sorted(outputs))
+        logits = np.asarray(logits)
+        if logits.ndim != 2 or logits.dtype.kind not in "fiu" or logits.shape[1] == 0:
+            raise _RequestError("tail_failed", "logits must be (N, C) numeric, got %s %s" % (logits.shape, logits.dtype))
+        logits = logits.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(logits)):
+            raise _RequestError("tail_failed", "logits contain NaN or inf")
+        idx, scores = topk_softmax(logits, self.topk)
+        reply = {"topk_indices": idx, "topk_scores": scores}
+        if self.reply_logits:
+            reply = {"logits": logits, "topk_indices": idx, "topk_scores": scores}
+        return reply
+
+    # ------------------------------------------------------------------ io helpers
+    @staticmethod
+    def _send(conn: socket.socket, data: bytes) -> None:
+        conn.settimeout(30.0)
+        conn.sendall(data)
+
+    @staticmethod
+    def _send_quiet(conn: socket.socket, data: bytes) -> None:
+        try:
+            conn.settimeout(2.0)
+            conn.sendall(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def _close_quiet(conn: socket.socket) -> None:
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ shutdown
+    def request_shutdown(self) -> None:
+        """Ask :meth:`serve_forever` to stop; returns at once (safe from a signal handler)."""
+        self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop serving: close the listener and every connection, wait up to ``timeout_s`` for
+        :meth:`serve_forever` and the connection threads to end. Call from another thread than
+        serve_forever (from a signal handler use :meth:`request_shutdown`)."""
+        self.request_shutdown()
+        self._stopped.wait(timeout_s)
+        self._close_all(timeout_s)
+        for s in (self._listener, self._wake_r, self._wake_w):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _close_all(self, timeout_s: float = 5.0) -> None:
+        with self._conn_lock:
+            items = list(self._conns.items())
+        for conn, _ in items:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for _, thread in items:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        """Alias of :meth:`shutdown`."""
+        self.shutdown()
+
+    def __enter__(self) -> "EdgeServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _setup_stderr_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger("eetool")
+    if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run_until_signal(server: EdgeServer, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+                     log_level: int = logging.INFO) -> Optional[int]:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly. Must run in the main thread.
+
+    Logs to stderr. Previous signal handlers are restored before returning.
+
+    Returns:
+        The number of the signal that stopped the server (None if stopped otherwise).
+    """
+    _setup_stderr_logging(log_level)
+    received: List[int] = []
+
+    def handler(signum, _frame):
+        received.append(signum)
+        log.info("signal %d received, shutting down", signum)
+        server.request_shutdown()
+
+    previous = {}
+    for sig in signals:
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        server.serve_forever()
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+        server.shutdown()
+    return received[0] if received else None

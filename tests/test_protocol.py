@@ -1,0 +1,335 @@
+"""runtime.protocol: round trips, every ProtocolError code, HMAC, partial / truncated reads over
+socketpairs. Runs under Python 3.8 too."""
+import json
+import socket
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from runtime import codec
+from runtime import protocol as P
+from runtime.protocol import ProtocolError
+
+QUANT = {"feat": {"scale": 0.03, "zero_point": -128, "dtype": "int8"}}
+
+
+def _feat(n=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((n, 16, 7, 7)).astype(np.float32), 0)
+    return codec.quantize(x, 0.03, -128, "int8")
+
+
+def _code(fn, *a, **k):
+    with pytest.raises(ProtocolError) as ei:
+        fn(*a, **k)
+    return ei.value.code
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("name", ["none", "zstd", "lz4"])
+@pytest.mark.parametrize("secret", [None, "s3cret", b"\x00\xffbytes"])
+def test_request_round_trip(name, secret):
+    q = _feat(2)
+    extra = np.arange(6, dtype=np.float32).reshape(2, 3)
+    buf = P.encode_request(7, {"feat": q, "aux": extra}, QUANT, layout="NCHW", codec=name, secret=secret,
+                           meta={"exit": 1})
+    msg = P.decode_request(buf, secret=secret)
+    assert msg.request_id == 7 and msg.meta == {"exit": 1}
+    np.testing.assert_array_equal(msg.tensors["feat"], q)
+    np.testing.assert_array_equal(msg.tensors["aux"], extra)
+    spec = {s.name: s for s in msg.specs}
+    assert spec["feat"].layout == "NCHW" and spec["aux"].layout is None
+    assert spec["feat"].scale == pytest.approx(0.03) and spec["feat"].zero_point == -128
+    assert spec["aux"].scale is None and spec["feat"].nbytes == q.nbytes
+    deq = msg.dequantized()
+    np.testing.assert_array_equal(deq["feat"], codec.dequantize(q, 0.03, -128))
+    assert deq["aux"].dtype == np.float32
+
+
+def test_frame_layout_is_as_documented():
+    buf = P.encode_request(0x0102030405060708, {"feat": _feat()}, QUANT, codec="none")
+    assert P.PREFIX_SIZE == 28
+    magic, ver, typ, flags, rid, hlen, plen = struct.unpack(">4sBBHQIQ", buf[:28])
+    assert (magic, ver, typ, flags, rid) == (b"EET1", 1, P.REQUEST, 0, 0x0102030405060708)
+    header = json.loads(buf[28:28 + hlen].decode("utf-8"))
+    assert plen == _feat().nbytes and len(buf) == 28 + hlen + plen
+    t = header["tensors"][0]
+    assert set(t) == {"name", "dtype", "shape", "layout", "scale", "zero_point", "codec", "nbytes", "wire_nbytes", "offset"}
+    signed = P.encode_request(1, {"feat": _feat()}, QUANT, codec="none", secret="k")
+    assert len(signed) == len(P.encode_request(1, {"feat": _feat()}, QUANT, codec="none")) + P.TAG_SIZE
+    assert struct.unpack(">H", signed[6:8])[0] == P.FLAG_HMAC
+
+
+def test_incompressible_tensor_falls_back_to_none():
+    noise = np.frombuffer(np.random.default_rng(3).bytes(4096), dtype=np.int8).reshape(1, 4, 32, 32)
+    buf = P.encode_request(1, {"feat": noise}, {"feat": {"scale": 1.0, "zero_point": 0, "dtype": "int8"}}, codec="zstd")
+    frame = P.parse_frame(buf)
+    assert frame.header["tensors"][0]["codec"] == "none"
+    np.testing.assert_array_equal(P.decode_request(frame).tensors["feat"], noise)
+
+
+def test_big_endian_input_goes_out_little_endian():
+    x = np.arange(12, dtype=">f4").reshape(3, 4)
+    buf = P.encode_request(1, {"x": x}, codec="none")
+    frame = P.parse_frame(buf)
+    assert frame.payload == np.arange(12, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(P.decode_request(frame).tensors["x"], x)
+
+
+def test_reply_error_ping_round_trips():
+    logits = np.random.default_rng(0).standard_normal((2, 10)).astype(np.float32)
+    idx = np.argsort(-logits, axis=1)[:, :3].astype(np.int32)
+    buf = P.encode_reply(9, {"logits": logits, "topk_indices": idx}, tail_ms=3.25, secret="k", meta={"server": "x"})
+    rep = P.decode_reply(buf, secret="k")
+    assert rep.request_id == 9 and rep.tail_ms == 3.25 and rep.meta == {"server": "x"}
+    np.testing.assert_array_equal(rep.tensors["logits"], logits)
+    np.testing.assert_array_equal(rep.tensors["topk_indices"], idx)
+    err = P.decode_error(P.encode_error(4, "wrong_shape", "expected [None, 16, 7, 7]" + "x" * 10000))
+    assert err.code == "wrong_shape" and err.request_id == 4 and len(err.message) == P.MAX_ERROR_MESSAGE_CHARS
+    ping = P.parse_frame(P.encode_ping(5, "k"), secret="k")
+    assert ping.msg_type == P.PING and ping.request_id == 5 and ping.payload == b""
+    assert P.parse_frame(P.encode_pong(5)).msg_type == P.PONG
+    assert _code(P.decode_reply, P.encode_ping(1)) == P.BAD_TYPE
+    with pytest.raises(ValueError):
+        P.encode_reply(1, {"logits": logits}, tail_ms=float("nan"))
+
+
+def test_encode_side_validation():
+    q = _feat()
+    with pytest.raises(ValueError):  # float tensor with quant params: must be quantized first
+        P.encode_request(1, {"feat": q.astype(np.float32)}, QUANT)
+    with pytest.raises(ValueError):
+        P.encode_request(1, {"feat": np.zeros(3, np.float64)})
+    with pytest.raises(ValueError):
+        P.encode_request(1, {"feat": q}, {"other": QUANT["feat"]})
+    with pytest.raises(ValueError):
+        P.encode_request(-1, {"feat": q}, QUANT)
+    with pytest.raises(ValueError):
+        P.encode_request(2 ** 64, {"feat": q}, QUANT)
+    with pytest.raises(codec.CodecError):
+        P.encode_request(1, {"feat": q}, QUANT, codec="gzip")
+    with pytest.raises(codec.CodecError):
+        P.encode_request(1, {"feat": q}, {"feat": {"scale": 0.0, "zero_point": 0, "dtype": "int8"}})
+
+
+# ------------------------------------------------------------------ every ProtocolError code
+def _good(secret=None):
+    return P.encode_request(3, {"feat": _feat()}, QUANT, codec="zstd", secret=secret)
+
+
+def _with_prefix(buf, **fields):
+    names = ["magic", "version", "type", "flags", "rid", "hlen", "plen"]
+    vals = dict(zip(names, struct.unpack(">4sBBHQIQ", buf[:28])))
+    vals.update(fields)
+    return struct.pack(">4sBBHQIQ", *[vals[n] for n in names]) + buf[28:]
+
+
+def _raw_frame(header, payload=b"", msg_type=P.REQUEST, secret=None, head_bytes=None):
+    head = json.dumps(header).encode("utf-8") if head_bytes is None else head_bytes
+    flags = P.FLAG_HMAC if secret else 0
+    prefix = struct.pack(">4sBBHQIQ", b"EET1", 1, msg_type, flags, 11, len(head), len(payload))
+    buf = prefix + head + payload
+    if secret:
+        import hashlib
+        import hmac
+        buf += hmac.new(secret.encode(), buf, hashlib.sha256).digest()
+    return buf
+
+
+def _tensor(**over):
+    t = {"name": "feat", "dtype": "int8", "shape": [1, 2, 2, 2], "layout": "NCHW", "scale": 0.1,
+         "zero_point": 0, "codec": "none", "nbytes": 8, "wire_nbytes": 8, "offset": 0}
+    t.update(over)
+    return t
+
+
+def test_prefix_errors():
+    good = _good()
+    assert _code(P.parse_frame, b"XXXX" + good[4:]) == P.BAD_MAGIC
+    assert _code(P.parse_frame, _with_prefix(good, version=2)) == P.UNSUPPORTED_VERSION
+    assert _code(P.parse_frame, _with_prefix(good, type=99)) == P.BAD_TYPE
+    assert _code(P.parse_frame, _with_prefix(good, flags=0x8000)) == P.BAD_FLAGS
+    assert _code(P.parse_frame, good, max_frame_bytes=len(good) - 1) == P.OVERSIZE
+    assert _code(P.parse_frame, _with_prefix(good, hlen=P.MAX_HEADER_BYTES + 1)) == P.OVERSIZE
+    assert _code(P.parse_frame, good[:-1]) == P.TRUNCATED
+    assert _code(P.parse_frame, good[:10]) == P.TRUNCATED
+    assert _code(P.parse_frame, good + b"\x00") == P.PAYLOAD_MISMATCH
+    e = pytest.raises(ProtocolError, P.parse_frame, _with_prefix(good, version=9)).value
+    assert e.fatal and e.request_id == 3
+
+
+def test_hmac_errors():
+    signed = _good(secret="right")
+    assert P.parse_frame(signed, secret="right").request_id == 3
+    assert _code(P.parse_frame, signed, secret="wrong") == P.BAD_HMAC
+    flipped = bytearray(signed)
+    flipped[-40] ^= 0x01  # a payload byte
+    assert _code(P.parse_frame, bytes(flipped), secret="right") == P.BAD_HMAC
+    flipped = bytearray(signed)
+    flipped[12] ^= 0x01  # request id inside the prefix is authenticated too
+    assert _code(P.parse_frame, bytes(flipped), secret="right") == P.BAD_HMAC
+    assert _code(P.parse_frame, _good(), secret="right") == P.AUTH_REQUIRED  # unsigned frame
+    assert _code(P.parse_frame, signed) == P.AUTH_REQUIRED  # signed frame, no secret here
+    e = pytest.raises(ProtocolError, P.parse_frame, signed, secret="wrong").value
+    assert not e.fatal  # the frame was consumed whole
+
+
+@pytest.mark.parametrize("head", [b"\xff\xfe not utf8", b"{not json", b"[1, 2]", b'{"a": NaN}',
+                                  b'{"a": 1, "a": 2}', b"[" * 100000 + b"]" * 100000])
+def test_bad_json(head):
+    assert _code(P.parse_frame, _raw_frame(None, head_bytes=head)) == P.BAD_JSON
+
+
+@pytest.mark.parametrize("header,payload,code", [
+    ({"tensors": "x"}, b"", P.BAD_HEADER),
+    ({}, b"", P.BAD_HEADER),
+    ({"tensors": [5]}, b"", P.BAD_HEADER),
+    ({"tensors": [_tensor(name="")]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(), _tensor(offset=8)]}, bytes(16), P.BAD_HEADER),  # duplicate name
+    ({"tensors": [_tensor(shape=[1, -2, 2, 2])]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(shape=[1, 2.0, 2, 2])]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(shape=[1] * 9, nbytes=1, wire_nbytes=1)]}, bytes(1), P.BAD_HEADER),
+    ({"tensors": [_tensor(nbytes=True)]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(zero_point=None)]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(scale=-1.0)]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(zero_point=300)]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(layout=7)]}, bytes(8), P.BAD_HEADER),
+    ({"tensors": [_tensor(dtype="float64", nbytes=64, wire_nbytes=64)]}, bytes(64), P.BAD_DTYPE),
+    ({"tensors": [_tensor(dtype="object")]}, bytes(8), P.BAD_DTYPE),
+    ({"tensors": [_tensor(dtype=None)]}, bytes(8), P.BAD_DTYPE),
+    ({"tensors": [_tensor(codec="gzip")]}, bytes(8), P.BAD_CODEC),
+    ({"tensors": [_tensor(nbytes=9, wire_nbytes=9)]}, bytes(9), P.PAYLOAD_MISMATCH),  # shape x itemsize
+    ({"tensors": [_tensor()]}, bytes(9), P.PAYLOAD_MISMATCH),  # trailing payload byte
+    ({"tensors": [_tensor()]}, bytes(7), P.PAYLOAD_MISMATCH),  # short payload
+    ({"tensors": [_tensor(offset=1)]}, bytes(9), P.PAYLOAD_MISMATCH),  # gap
+    ({"tensors": [_tensor(wire_nbytes=4)]}, bytes(4), P.PAYLOAD_MISMATCH),  # uncompressed but sizes differ
+    ({"tensors": [_tensor(codec="zstd", wire_nbytes=8)]}, b"garbage!", P.BAD_COMPRESSION),
+])
+def test_content_errors(header, payload, code):
+    buf = _raw_frame(header, payload)
+    err = pytest.raises(ProtocolError, P.decode_request, buf).value
+    assert err.code == code, err
+    assert not err.fatal and err.request_id == 11
+
+
+def test_too_large_and_bomb():
+    t = _tensor(shape=[1, 1024, 1024, 8], nbytes=8 * 1024 * 1024, codec="zstd")
+    big = codec.compress(bytes(8 * 1024 * 1024), "zstd")
+    t["wire_nbytes"] = len(big)
+    buf = _raw_frame({"tensors": [t]}, big)
+    assert _code(P.decode_request, buf, max_raw_bytes=1024 * 1024) == P.TOO_LARGE
+    # a frame whose declared nbytes is small but whose zstd data expands far beyond it
+    liar = _tensor(shape=[1, 2, 2, 2], nbytes=8, codec="zstd", wire_nbytes=len(big))
+    assert _code(P.decode_request, _raw_frame({"tensors": [liar]}, big)) == P.TOO_LARGE
+    lz = codec.compress(bytes(8 * 1024 * 1024), "lz4")
+    liar = _tensor(shape=[1, 2, 2, 2], nbytes=8, codec="lz4", wire_nbytes=len(lz))
+    assert _code(P.decode_request, _raw_frame({"tensors": [liar]}, lz)) == P.TOO_LARGE
+
+
+def test_bad_reply_and_error_headers():
+    assert _code(P.decode_reply, _raw_frame({"tensors": []}, msg_type=P.REPLY)) == P.BAD_HEADER
+    assert _code(P.decode_reply, _raw_frame({"tensors": [], "tail_ms": -1}, msg_type=P.REPLY)) == P.BAD_HEADER
+    assert _code(P.decode_error, _raw_frame({"code": 5, "message": "x"}, msg_type=P.ERROR)) == P.BAD_HEADER
+    assert _code(P.decode_request, _raw_frame({"tensors": [], "meta": 3})) == P.BAD_HEADER
+
+
+# ------------------------------------------------------------------ read_frame over sockets
+def _pair():
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    return a, b
+
+
+def _send_in_pieces(sock, data, piece):
+    for i in range(0, len(data), piece):
+        sock.sendall(data[i:i + piece])
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1000, 10 ** 6])
+def test_read_frame_loops_over_partial_reads(piece):
+    data = P.encode_request(5, {"feat": _feat(4)}, QUANT, codec="lz4", secret="k")
+    a, b = _pair()
+    try:
+        t = threading.Thread(target=_send_in_pieces, args=(a, data, piece))
+        t.start()
+        frame = P.read_frame(b, max_frame_bytes=1 << 20, timeout=5.0, secret="k")
+        t.join(5)
+        assert frame.nbytes == len(data) and frame.request_id == 5
+        np.testing.assert_array_equal(P.decode_request(frame).tensors["feat"], _feat(4))
+        # two frames back to back on one stream
+        a.sendall(P.encode_ping(6, "k") + P.encode_ping(7, "k"))
+        assert P.read_frame(b, 1 << 20, 5.0, secret="k").request_id == 6
+        assert P.read_frame(b, 1 << 20, 5.0, secret="k").request_id == 7
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("cut", [0, 1, 27, 28, 100, -1])
+def test_read_frame_truncated_or_closed(cut):
+    data = _good()
+    a, b = _pair()
+    try:
+        a.sendall(data[:cut] if cut >= 0 else data[:-1])
+        a.shutdown(socket.SHUT_WR)
+        err = pytest.raises(ProtocolError, P.read_frame, b, 1 << 20, 5.0).value
+        assert err.code == (P.CLOSED if cut == 0 else P.TRUNCATED)
+        assert err.fatal
+    finally:
+        a.close()
+        b.close()
+
+
+def test_read_frame_timeout_and_idle_timeout():
+    a, b = _pair()
+    try:
+        a.sendall(_good()[:40])  # prefix arrives, the rest never does
+        assert _code(P.read_frame, b, 1 << 20, 0.2) == P.TIMEOUT
+        assert b.gettimeout() == 5  # restored
+    finally:
+        a.close()
+        b.close()
+    a, b = _pair()
+    try:
+        assert _code(P.read_frame, b, 1 << 20, 5.0, idle_timeout=0.1) == P.TIMEOUT  # nothing at all
+    finally:
+        a.close()
+        b.close()
+
+
+def test_read_frame_oversize_is_detected_from_the_prefix():
+    a, b = _pair()
+    try:
+        a.sendall(struct.pack(">4sBBHQIQ", b"EET1", 1, P.REQUEST, 0, 1, 10, 2 ** 40))
+        err = pytest.raises(ProtocolError, P.read_frame, b, 1 << 20, 5.0).value
+        assert err.code == P.OVERSIZE and err.fatal and err.request_id == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_read_frame_content_errors_are_not_fatal():
+    a, b = _pair()
+    try:
+        a.sendall(_good(secret="x") + P.encode_ping(8, "y"))
+        err = pytest.raises(ProtocolError, P.read_frame, b, 1 << 20, 5.0, secret="y").value
+        assert err.code == P.BAD_HMAC and not err.fatal
+        assert P.read_frame(b, 1 << 20, 5.0, secret="y").request_id == 8  # still in sync
+    finally:
+        a.close()
+        b.close()
+
+
+def test_frame_overhead_numbers():
+    """Overhead of the framing for one (1, 80, 14, 14) int8 tensor (recorded in the report)."""
+    q = np.zeros((1, 80, 14, 14), np.int8)
+    raw = P.encode_request(1, {"blocks.5": q}, {"blocks.5": {"scale": 0.0421, "zero_point": -128, "dtype": "int8"}},
+                           codec="none")
+    overhead = len(raw) - q.nbytes
+    assert P.PREFIX_SIZE <= overhead < 300
+    signed = P.encode_request(1, {"blocks.5": q}, {"blocks.5": {"scale": 0.0421, "zero_point": -128, "dtype": "int8"}},
+                              codec="none", secret="k")
+    assert len(signed) - len(raw) == 32
