@@ -1,0 +1,145 @@
+"""toolkit.quantize_onnx on a small real case: EfficientNet-Lite0 (real ImageNet weights) up to ``blocks.2``,
+calibrated on 32 real ImageNet sample images and checked on 16 other ones."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+Image = pytest.importorskip("PIL.Image")
+
+from toolkit.quantize_onnx import QuantConfig, quantize_graph, tensor_qparams  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
+if not SAMPLES.is_dir():
+    SAMPLES = Path("/work/shared/data/imagenet-samples")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+N_CALIB, N_EVAL = 32, 16
+
+
+def _load(path: Path) -> np.ndarray:
+    """JPEG -> float32 (3, 224, 224): shorter side 256 bilinear, center crop 224, /255, ImageNet mean/std."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    s = 256 / min(w, h)
+    img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - 224) // 2, (h - 224) // 2
+    img = img.crop((left, top, left + 224, top + 224))
+    x = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
+    return (x - MEAN) / STD
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    if len(files) < N_CALIB + N_EVAL:
+        pytest.skip(f"need {N_CALIB + N_EVAL} images in {SAMPLES}")
+    picked = files[:: len(files) // (N_CALIB + N_EVAL)][: N_CALIB + N_EVAL]  # spread over the classes
+    return np.stack([_load(p) for p in picked])
+
+
+@pytest.fixture(scope="module")
+def head_fp32(tmp_path_factory) -> Path:
+    from torch import nn
+
+    from toolkit.models.efficientnet_lite import efficientnet_lite0
+
+    m = efficientnet_lite0()
+    head = nn.Sequential(m.stem, *m.blocks[:3]).eval()
+    path = tmp_path_factory.mktemp("q") / "head.fp32.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            head, torch.zeros(2, 3, 224, 224), str(path), dynamo=False, opset_version=17,
+            input_names=["input"], output_names=["blocks.2"],
+            dynamic_axes={"input": {0: "N"}, "blocks.2": {0: "N"}},
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(head_fp32, images):
+    out = head_fp32.with_name("head.int8.onnx")
+    info = quantize_graph(head_fp32, out, {"input": images[:N_CALIB]}, QuantConfig(), progress=False)
+    return out, info
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_int8_head_matches_float_on_held_out_images(head_fp32, quantized, images):
+    int8_path, _ = quantized
+    x = images[N_CALIB:]
+    ref, got = _run(head_fp32, x), _run(int8_path, x)
+    assert got.shape == ref.shape == (N_EVAL, 24, 56, 56)
+    a, b = ref.reshape(N_EVAL, -1), got.reshape(N_EVAL, -1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98, cos
+
+
+def test_manifest_and_output_qparams(quantized, images):
+    int8_path, info = quantized
+    assert info["scheme"] == "QDQ" and info["samples"] == N_CALIB
+    assert set(info["io"]) == {"input", "blocks.2"}
+    qp = tensor_qparams(int8_path, "blocks.2")
+    assert qp == info["io"]["blocks.2"]
+    assert qp["dtype"] in ("uint8", "int8") and qp["scale"] > 0 and isinstance(qp["zero_point"], int)
+    # the graph ends with QuantizeLinear -> DequantizeLinear on its output
+    model = onnx.load(str(int8_path))
+    last = {o for n in model.graph.node for o in n.output if n.op_type == "DequantizeLinear"}
+    assert "blocks.2" in last
+    # the range covers the real outputs: ReLU-free block output, so both signs
+    lo = (0 - qp["zero_point"]) * qp["scale"] if qp["dtype"] == "uint8" else (-128 - qp["zero_point"]) * qp["scale"]
+    assert lo < 0
+
+
+def test_all_zero_and_partial_batch(head_fp32, images, tmp_path):
+    calib = np.concatenate([np.zeros((16, 3, 224, 224), np.float32), images[:9]])  # batch 16: 1 zero + 1 partial
+    cfg = QuantConfig(sensitive_float=0, batch_size=16)
+    info = quantize_graph(head_fp32, tmp_path / "z.onnx", {"input": calib}, cfg, progress=False)
+    assert info["samples"] == 25 and info["io"]["blocks.2"]["scale"] > 0
+
+
+def test_errors(head_fp32, images, tmp_path):
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ValueError, match="empty"):
+        quantize_graph(head_fp32, out, {}, progress=False)
+    bad = images[:10].copy()
+    bad[3, 0, 0, 0] = np.nan
+    bad[7, 1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match="2 of 10 samples"):
+        quantize_graph(head_fp32, out, {"input": bad}, progress=False)
+    with pytest.raises(ValueError, match=r"expects \(N, 3, 224, 224\)"):
+        quantize_graph(head_fp32, out, {"input": images[:10, :, :200]}, progress=False)
+    with pytest.raises(ValueError, match="graph inputs"):
+        quantize_graph(head_fp32, out, {"image": images[:10]}, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        QuantConfig(method="kl")
+
+
+def test_few_samples_warn(head_fp32, images, tmp_path):
+    with pytest.warns(UserWarning, match="only 4 calibration samples"):
+        quantize_graph(head_fp32, tmp_path / "f.onnx", {"input": images[:4]}, QuantConfig(sensitive_float=0), progress=False)
+
+
+def test_sensitive_tensors_kept_16bit(head_fp32, images, tmp_path):
+    out = tmp_path / "s.onnx"
+    info = quantize_graph(head_fp32, out, {"input": images[:N_CALIB]}, QuantConfig(sensitive_float=2, sensitivity_samples=4),
+                          progress=False)
+    assert len(info["wide_tensors"]) == 2 and info["float_nodes"]
+    assert not set(info["wide_tensors"]) & {"input", "blocks.2"}  # the wire tensors stay 8-bit
+    assert tensor_qparams(out, "blocks.2")["dtype"] == "uint8"
+    x = images[N_CALIB:]
+    a, b = _run(head_fp32, x).reshape(N_EVAL, -1), _run(out, x).reshape(N_EVAL, -1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98
