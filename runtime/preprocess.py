@@ -33,7 +33,7 @@ def load_image(path, spec: dict) -> np.ndarray:
     Image = _pil()
     try:
         with Image.open(path) as im:
-            im = im.convert(spec.get("channels", "RGB"))
+            im = im.convert(spec.get("channels") or ("L" if len(spec.get("mean", [0, 0, 0])) == 1 else "RGB"))
             w, h = im.size
             short = int(spec.get("resize_shorter") or min(w, h))
             s = short / min(w, h)

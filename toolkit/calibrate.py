@@ -92,34 +92,46 @@ def _as_int8(q: dict) -> dict:
 
 
 def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, progress):
-    """Float (and with ``per_graph``, full-integer int8) TFLite graphs for every segment and exit."""
-    from .export_tflite import export_float, quantize_int8
+    """Float (and with ``per_graph``, full-integer int8) TFLite graphs for every segment and exit, converted
+    with litert-torch and quantised with ai-edge-quantizer on the same real per-graph inputs as ONNX.
+    A tail's input scale / zero point are pinned to its head's output ones, so the int8 split feature
+    passes from head to tail without requantisation."""
+    from tqdm import tqdm
 
     summary = {}
-    for seg in segments:
-        owner = next(s for s in manifest["segments"] if s["name"] == seg.name)
-        args = tuple(values[n] for n in seg.inputs)
-        _tflite_pair(out, manifest, owner, seg.module, args, seg.inputs, seg.outputs, per_graph, summary)
+    owners = [(next(s for s in manifest["segments"] if s["name"] == seg.name), seg.module,
+               tuple(values[n] for n in seg.inputs)) for seg in segments]
     for e in exits:
         owner = next(x for x in manifest["exits"] if x["name"] == e.name)
-        _tflite_pair(out, manifest, owner, e.module, (values[owner["input"]],), [owner["input"]],
-                     [owner["output"]], per_graph, summary)
+        owners.append((owner, e.module, (values[owner["input"]],)))
+    fixed: dict = {}  # int8 encoding of every tensor produced so far, by our name
+    for owner, module, args in tqdm(owners, desc="TFLite graphs", unit="graph", leave=False, disable=not progress):
+        _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed)
     return summary
 
 
-def _tflite_pair(out, manifest, owner, module, args, inputs, outputs, per_graph, summary):
-    from .export_tflite import export_float, quantize_int8
+def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed):
+    from .export_tflite import describe_tflite, export_float, quantize_int8
 
     name = owner["name"]
+    inputs = owner["inputs"] if "inputs" in owner else [owner["input"]]
+    outputs = owner["outputs"] if "outputs" in owner else [owner["output"]]
     rel = f"graphs/{name}.fp32.tflite"
-    entry = export_float(module, args, out / rel, inputs, outputs)
-    manifest["graphs"][f"{name}.tflite.fp32"] = {"file": rel, "format": "tflite", "precision": "fp32", **entry,
-                                                 "quantization": None}
+    entry = export_float(module, tuple(a[:1] for a in args), out / rel, inputs, outputs)
+    entry.update(file=rel, format="tflite", precision="fp32", quantization=None)
+    manifest["graphs"][f"{name}.tflite.fp32"] = entry
     owner["graphs"]["tflite/fp32"] = f"{name}.tflite.fp32"
-    if per_graph is not None:
-        rel8 = f"graphs/{name}.int8.tflite"
-        q = quantize_int8(out / rel, out / rel8, per_graph[name])
-        manifest["graphs"][f"{name}.tflite.int8"] = {"file": rel8, "format": "tflite", "precision": "int8",
-                                                     **entry, "quantization": q}
-        owner["graphs"]["tflite/int8"] = f"{name}.tflite.int8"
-        summary[name] = {k: v for k, v in q.items() if k != "io"}
+    if per_graph is None:
+        return
+    rel8 = f"graphs/{name}.int8.tflite"
+    pinned = {n: fixed[n] for n in inputs if n in fixed}
+    q = quantize_int8(out / rel, out / rel8, per_graph[name], name_map=entry.get("name_map"), fixed_io=pinned or None)
+    for n in outputs:
+        if n in q.get("io", {}):
+            fixed[n] = {"scale": q["io"][n]["scale"], "zero_point": q["io"][n]["zero_point"]}
+    entry8 = describe_tflite(str(out / rel8), entry.get("name_map"))
+    entry8.update(file=rel8, format="tflite", precision="int8", quantization=q, name_map=entry.get("name_map"),
+                  batch=entry.get("batch"))
+    manifest["graphs"][f"{name}.tflite.int8"] = entry8
+    owner["graphs"]["tflite/int8"] = f"{name}.tflite.int8"
+    summary[name] = {k: v for k, v in q.items() if k != "io"}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from calibration.readers import Dataset
-from .bundle_writer import copy_support_files, write_manifest
+from .bundle_writer import copy_support_files, write_array_samples, write_manifest
 from .flops import module_flops, param_count
 from .graph import SplitError, TracedModel
 from .onnx_export import ExportError, export_onnx
@@ -147,6 +147,8 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         _drop_format(out, manifest, "onnx")
 
     copy_support_files(out, _sample_files(verify_data))
+    if not verify_data.files:
+        write_array_samples(out / "samples", verify_data, source.preprocess)
     (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
     write_manifest(out, manifest)
     report.update(verify.verify_bundle(out, model, verify_data))

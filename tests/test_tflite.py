@@ -1,0 +1,227 @@
+"""TFLite export (float and full-integer int8) of real EfficientNet-Lite0 graphs and the LiteRT runtime backend.
+
+Head = stem .. blocks.2 (input -> blocks.2, (N,24,56,56)), tail = blocks.3 .. blocks.5 (blocks.2 -> blocks.5,
+(N,80,14,14)); real ImageNet sample JPEGs for calibration and checks."""
+from __future__ import annotations
+
+import ast
+import glob
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_quantizer")
+pytest.importorskip("ai_edge_litert")
+
+from runtime.backend_litert import LiteRTSession  # noqa: E402
+from toolkit.export_tflite import TFLiteConversionError, export_float, quantize_int8, tflite_name  # noqa: E402
+
+IMAGES = "/work/shared/data/imagenet-samples"
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def _load(path: str) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = 256 / min(w, h)
+    im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.Resampling.BILINEAR)
+    w, h = im.size
+    left, top = (w - 224) // 2, (h - 224) // 2
+    im = im.crop((left, top, left + 224, top + 224))
+    x = (np.asarray(im, dtype=np.float32) / 255.0 - MEAN) / STD
+    return x.transpose(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    files = sorted(glob.glob(os.path.join(IMAGES, "*.JPEG")))
+    if len(files) < 32:
+        pytest.skip(f"needs the ImageNet sample JPEGs in {IMAGES}")
+    # spread over the classes: every 25th file
+    files = files[::25][:32]
+    x = np.stack([_load(f) for f in files]).astype(np.float32)
+    return x[:16], x[16:]  # calibration, check
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from toolkit.models.efficientnet_lite import efficientnet_lite0
+
+    torch.set_num_threads(2)
+    m = efficientnet_lite0()
+    head = nn.Sequential(m.stem, *m.blocks[:3]).eval()
+    tail = nn.Sequential(*m.blocks[3:6]).eval()
+    return head, tail
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, parts, images):
+    head, tail = parts
+    calib, _ = images
+    d = tmp_path_factory.mktemp("tflite")
+    x = torch.from_numpy(calib[:2])
+    with torch.no_grad():
+        f = head(x)
+    eh = export_float(head, (x,), str(d / "head.fp32.tflite"), ["input"], ["blocks.2"])
+    et = export_float(tail, (f,), str(d / "tail.fp32.tflite"), ["blocks.2"], ["blocks.5"])
+    return d, eh, et
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, parts, images):
+    d, eh, et = exported
+    head, _ = parts
+    calib, _ = images
+    qh = quantize_int8(eh["file"], str(d / "head.int8.tflite"), {"input": calib}, name_map=eh["name_map"])
+    with torch.no_grad():
+        feats = head(torch.from_numpy(calib)).numpy()  # real float-head outputs, never images or noise
+    qt = quantize_int8(et["file"], str(d / "tail.int8.tflite"), {"blocks.2": feats}, name_map=et["name_map"])
+    return qh, qt
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_float_entry_names_layout_batch(exported):
+    _, eh, et = exported
+    assert os.path.getsize(eh["file"]) > 0
+    (i,), (o,) = eh["inputs"], eh["outputs"]
+    assert (i["name"], i["tflite_name"], i["dtype"], i["layout"], i["shape"]) == (
+        "input", "input", "float32", "NCHW", [1, 3, 224, 224])
+    assert (o["name"], o["tflite_name"], o["layout"], o["shape"]) == ("blocks.2", "blocks_2", "NCHW", [1, 24, 56, 56])
+    assert eh["batch"] == 1 and eh["precision"] == "fp32" and eh["quantization"] is None
+    assert eh["name_map"] == {"input": "input", "blocks.2": tflite_name("blocks.2")}
+    assert et["inputs"][0]["name"] == "blocks.2" and et["outputs"][0]["shape"] == [1, 80, 14, 14]
+    assert eh["max_abs_diff"] < 1e-3 and et["max_abs_diff"] < 1e-3
+
+
+def test_float_tflite_matches_pytorch_on_real_images(exported, parts, images):
+    _, eh, et = exported
+    head, tail = parts
+    _, check = images
+    hs = LiteRTSession(eh["file"], threads=2, name_map=eh["name_map"])
+    ts = LiteRTSession(et["file"], threads=2, name_map=et["name_map"])
+    with torch.no_grad():
+        f_ref = head(torch.from_numpy(check))
+        t_ref = tail(f_ref).numpy()
+    f = hs.run({"input": check})["blocks.2"]  # batch 16 on a batch-1 graph: the session loops
+    t = ts.run({"blocks.2": f})["blocks.5"]
+    assert f.shape == (16, 24, 56, 56) and f.dtype == np.float32
+    assert np.abs(f - f_ref.numpy()).max() < 1e-3
+    assert np.abs(t - t_ref).max() < 1e-3
+
+
+def test_int8_head_full_integer_io_and_close_to_float(exported, quantized, parts, images):
+    d, eh, _ = exported
+    qh, _ = quantized
+    head, _ = parts
+    _, check = images
+    assert qh["scheme"] == "full-integer" and qh["samples"] == 16
+    for name in ("input", "blocks.2"):
+        io = qh["io"][name]
+        assert io["dtype"] == "int8" and io["scale"] > 0 and -128 <= io["zero_point"] <= 127
+    hs = LiteRTSession(str(d / "head.int8.tflite"), threads=2, name_map=eh["name_map"])
+    assert hs.input_quantization()["input"]["dtype"] == "int8"
+    assert hs.output_quantization()["blocks.2"]["scale"] == pytest.approx(qh["io"]["blocks.2"]["scale"])
+    out = hs.run({"input": check})["blocks.2"]  # float in, dequantised float out
+    assert out.dtype == np.float32
+    with torch.no_grad():
+        ref = head(torch.from_numpy(check)).numpy()
+    assert _cos(out, ref).min() > 0.98
+
+
+def test_tail_calibrated_on_head_outputs_shares_wire_qparams(exported, quantized, parts, images):
+    d, eh, et = exported
+    qh, qt = quantized
+    head, tail = parts
+    _, check = images
+    h_out, t_in = qh["io"]["blocks.2"], qt["io"]["blocks.2"]
+    # Same images -> same range (float TFLite head vs PyTorch head differ by ~1e-5, i.e. float32 rounding)
+    assert t_in["zero_point"] == h_out["zero_point"]
+    assert t_in["scale"] == pytest.approx(h_out["scale"], rel=1e-5)
+    # int8 straight through the wire: head run_quantized -> tail run_quantized, no requantisation
+    hs = LiteRTSession(str(d / "head.int8.tflite"), threads=2, name_map=eh["name_map"])
+    ts = LiteRTSession(str(d / "tail.int8.tflite"), threads=2, name_map=et["name_map"])
+    from runtime.backend_litert import dequantize, quantize
+
+    qi = qh["io"]["input"]
+    wire = hs.run_quantized({"input": quantize(check, qi["scale"], qi["zero_point"], np.int8)})["blocks.2"]
+    assert wire.dtype == np.int8
+    out_q = ts.run_quantized({"blocks.2": wire})["blocks.5"]
+    assert out_q.dtype == np.int8
+    out = dequantize(out_q, qt["io"]["blocks.5"]["scale"], qt["io"]["blocks.5"]["zero_point"])
+    with torch.no_grad():
+        ref = tail(head(torch.from_numpy(check))).numpy()
+    assert _cos(out, ref).min() > 0.95
+
+
+def test_fixed_io_pins_tail_input_to_head_output(exported, quantized, parts, images, tmp_path):
+    _, _, et = exported
+    qh, _ = quantized
+    head, _ = parts
+    calib, _ = images
+    with torch.no_grad():
+        feats = head(torch.from_numpy(calib[:8])).numpy()
+    want = {k: qh["io"]["blocks.2"][k] for k in ("scale", "zero_point")}
+    qt = quantize_int8(et["file"], str(tmp_path / "t.tflite"), {"blocks.2": feats}, name_map=et["name_map"],
+                       fixed_io={"blocks.2": want})
+    assert qt["io"]["blocks.2"]["zero_point"] == want["zero_point"]
+    assert qt["io"]["blocks.2"]["scale"] == pytest.approx(want["scale"], rel=1e-6)
+
+
+def test_session_binds_by_name(exported):
+    _, eh, _ = exported
+    s = LiteRTSession(eh["file"], threads=1, name_map=eh["name_map"])
+    assert s.input_names == ["input"] and s.output_names == ["blocks.2"] and s.batch == 1
+    with pytest.raises(KeyError, match="blocks.2"):
+        s.run({"blocks.2": np.zeros((1, 3, 224, 224), np.float32)})
+    with pytest.raises(KeyError):
+        LiteRTSession(eh["file"], name_map={"input": "no_such_input"})
+    raw = LiteRTSession(eh["file"])  # without a map: the signature names
+    assert raw.output_names == ["blocks_2"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    batch = s.run({"input": x})["blocks.2"]
+    one = s.run({"input": x[1:2]})["blocks.2"]
+    np.testing.assert_array_equal(batch[1:2], one)
+
+
+def test_unsupported_op_names_op_and_module(tmp_path):
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.kthvalue(x, 2, dim=-1).values
+
+    m = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), Odd())).eval()
+    with pytest.raises(TFLiteConversionError, match=r"aten\.kthvalue.*module '1\.1'"):
+        export_float(m, (torch.randn(1, 4, 4),), str(tmp_path / "odd.tflite"), ["input"], ["out"])
+
+
+def test_missing_interpreter_names_pip_package(monkeypatch, exported):
+    _, eh, _ = exported
+    for mod in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(ImportError, match="pip install ai-edge-litert"):
+        LiteRTSession(eh["file"])
+
+
+def test_backend_is_board_safe_python38():
+    path = os.path.join(os.path.dirname(__file__), "..", "runtime", "backend_litert.py")
+    src = open(path).read()
+    tree = ast.parse(src, feature_version=(3, 8))
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    assert not mods & {"torch", "tensorflow", "onnx", "onnxruntime", "toolkit"}
+    assert "from __future__ import annotations" in src
