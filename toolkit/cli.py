@@ -216,6 +216,9 @@ _runtime_passthrough("serve", "Run a bundle's tail as an edge server (same as 'p
 _runtime_passthrough("run", "Run inputs on the device side of a bundle (same as 'python -m runtime run').")
 _runtime_passthrough("bench", "Measure a bundle: latency per stage, bytes, energy (same as 'python -m runtime bench').")
 
+from .cli_plan import plan  # noqa: E402  (registered after main exists)
+
+main.add_command(plan)
 
 if __name__ == "__main__":
     main()
