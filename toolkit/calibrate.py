@@ -70,7 +70,9 @@ def quantize_onnx_graphs(out: Path, manifest: dict, per_graph: dict, quant: dict
         name = owner["name"]
         fp32 = manifest["graphs"][owner["graphs"]["onnx/fp32"]]
         rel = f"graphs/{name}.int8.onnx"
-        q = quantize_graph(out / fp32["file"], out / rel, per_graph[name], config, progress=progress)
+        logits = [o for o in owner.get("outputs", [owner.get("output")]) if o not in manifest["tensors"]]
+        q = quantize_graph(out / fp32["file"], out / rel, per_graph[name], config, progress=progress,
+                           float_outputs=tuple(logits))
         key = f"{name}.onnx.int8"
         manifest["graphs"][key] = {**fp32, "file": rel, "precision": "int8", "quantization": q}
         owner["graphs"]["onnx/int8"] = key
