@@ -23,7 +23,7 @@ demo: install
 	bash scripts/demo.sh $(OUT) $(SPLIT) $(BOARD) $(PORT)
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not board" tests
 
 bench: install
 	bash scripts/bench.sh $(OUT) $(BOARD)
@@ -31,6 +31,11 @@ bench: install
 # Fashion-MNIST reference CNN with two trained exits (needs: apt-get install -y dataset-fashion-mnist).
 reference: install
 	$(BIN)/python -m toolkit.train_reference --out $(OUT)/fashion-reference
+
+# The bundle's board side on real aarch64 binaries under qemu-user (root; docs/board-check.md).
+# BOARD=rpi4|rpi5; BUNDLE=dir (without it: wheels + smoke test only). Cache: $$BOARD_CHECK_CACHE.
+board-check: install
+	bash scripts/board_check.sh --board $(if $(filter host,$(BOARD)),rpi4,$(BOARD)) $(if $(BUNDLE),--bundle $(BUNDLE))
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -102,21 +102,26 @@ def read_images(files: list[Path], preprocess: dict, source: str, labels: np.nda
 
 
 def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: int = 0,
-                 progress: bool = False) -> Dataset:
-    """Read ``data`` (see module doc) into a :class:`Dataset`, samples ``offset .. offset+limit``.
+                 progress: bool = False, spread: bool = False, exclude=()) -> Dataset:
+    """Read ``data`` (see module doc) into a :class:`Dataset`: samples ``offset .. offset+limit`` of those
+    whose name is not in ``exclude``; with ``spread``, ``limit`` samples evenly spaced over the whole
+    source instead (a representative set should cover every class, and sorted folders are grouped by class).
 
     Raises DataError for an unknown form, an empty or unreadable source, NaN/Inf values; warns when fewer
     than ``limit`` samples exist and says how many are used."""
+    exclude = set(exclude)
     if data == "samples":
         files = skimage_photo_paths()
-        ds = read_images(_window(files, offset, limit, data), preprocess, data)
+        keep = _select([f.name for f in files], offset, limit, spread, exclude, data)
+        ds = read_images([files[i] for i in keep], preprocess, data)
     elif data.startswith("fashion-mnist"):
         from .fashion_mnist import load_fashion_mnist, to_input
 
         split = data.split(":", 1)[1] if ":" in data else "test"
         images, labels = load_fashion_mnist(split)
-        sel = _window(list(range(len(images))), offset, limit, data)
-        ds = Dataset(to_input(images[sel]), labels[sel].astype(np.int64), [f"{split}[{i}]" for i in sel], data)
+        names = [f"{split}[{i}]" for i in range(len(images))]
+        sel = _select(names, offset, limit, spread, exclude, data)
+        ds = Dataset(to_input(images[sel]), labels[sel].astype(np.int64), [names[i] for i in sel], data)
     else:
         path = Path(data)
         if path.is_dir():
@@ -124,11 +129,11 @@ def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: 
             if not files:
                 raise DataError(f"{path}: no image files found (looked for .jpg/.jpeg/.png/...)")
             labels = _folder_labels(path, files)
-            keep = _window(list(range(len(files))), offset, limit, data)
+            keep = _select([f.name for f in files], offset, limit, spread, exclude, data)
             ds = read_images([files[i] for i in keep], preprocess, data,
                              None if labels is None else labels[keep], progress)
         elif path.suffix in (".npy", ".npz") and path.is_file():
-            ds = _read_arrays(path, offset, limit)
+            ds = _read_arrays(path, offset, limit, spread, exclude)
         elif not path.exists():
             raise DataError(f"{data}: no such file or folder (use a folder of images, .npy/.npz, "
                             f"'fashion-mnist[:train|test]' or 'samples')")
@@ -138,17 +143,22 @@ def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: 
     return ds
 
 
-def _window(items: list, offset: int, limit: int | None, source: str) -> list:
-    chosen = items[offset: None if limit is None else offset + limit]
+def _select(names: list[str], offset: int, limit: int | None, spread: bool, exclude: set, source: str) -> list[int]:
+    """Indices of the chosen samples (see :func:`read_dataset`)."""
+    items = [i for i, n in enumerate(names) if n not in exclude]
+    if spread and limit is not None and limit < len(items):
+        chosen = [items[int(j)] for j in np.linspace(0, len(items) - 1, limit).round()]
+    else:
+        chosen = items[offset: None if limit is None else offset + limit]
     if not chosen:
-        raise DataError(f"{source}: no samples at offset {offset} (it has {len(items)})")
+        raise DataError(f"{source}: no samples at offset {offset} (it has {len(items)} after exclusions)")
     if limit is not None and len(chosen) < limit:
         warnings.warn(f"{source}: asked for {limit} samples, only {len(chosen)} available from offset "
                       f"{offset}; using {len(chosen)}", stacklevel=3)
     return chosen
 
 
-def _read_arrays(path: Path, offset: int, limit: int | None) -> Dataset:
+def _read_arrays(path: Path, offset: int, limit: int | None, spread: bool, exclude: set) -> Dataset:
     if path.suffix == ".npy":
         x, y = np.load(path, allow_pickle=False), None
     else:
@@ -158,9 +168,10 @@ def _read_arrays(path: Path, offset: int, limit: int | None) -> Dataset:
             x, y = z["x"], z["y"] if "y" in z else None
     if x.ndim != 4:
         raise DataError(f"{path}: expected preprocessed inputs (N, C, H, W), got shape {x.shape}")
-    sel = _window(list(range(len(x))), offset, limit, str(path))
+    names = [f"{path.name}[{i}]" for i in range(len(x))]
+    sel = _select(names, offset, limit, spread, exclude, str(path))
     return Dataset(x[sel].astype(np.float32), None if y is None else y[sel].astype(np.int64),
-                   [f"{path.name}[{i}]" for i in sel], str(path))
+                   [names[i] for i in sel], str(path))
 
 
 def check_finite(x: np.ndarray, source: str) -> None:

@@ -77,7 +77,9 @@ class DeviceRunner:
         self.wire_dtype = wire_dtype
         self.chain = Chain(bundle, "device", fmt, precision, threads, with_exits=exits)
         self.tail = Chain(bundle, "server", fmt, precision, threads, with_exits=False) if local_tail else None
-        self.thresholds = {e["name"]: float(e["threshold"]) for e in bundle.exits}
+        pair = "%s/%s" % (fmt, precision)
+        # per-graph thresholds when calibrated on those graphs (int8 confidences differ from float ones)
+        self.thresholds = {e["name"]: e.get("thresholds", {}).get(pair, e.get("threshold")) for e in bundle.exits}
         for name, value in (thresholds or {}).items():
             if name not in self.thresholds:
                 raise ValueError("unknown exit %r; the bundle has %s" % (name, sorted(self.thresholds)))
@@ -97,6 +99,8 @@ class DeviceRunner:
             ms[spec["name"]] = (time.perf_counter() - t0) * 1e3
             for out in spec["outputs"]:
                 for espec, esess in self.chain.exits.get(out, []):
+                    if self.thresholds[espec["name"]] is None:  # disabled: the branch is not evaluated
+                        continue
                     t0 = time.perf_counter()
                     logits = esess.run({espec["input"]: values[out]})[espec["output"]]
                     conf = float(confidence(logits, espec["rule"])[0])
@@ -116,7 +120,7 @@ class DeviceRunner:
         t0 = time.perf_counter()
         tensors, quant = quantize_wire(self.bundle, values, self.wire_dtype)
         ms["quantize"] = (time.perf_counter() - t0) * 1e3
-        error = "no server configured"
+        error = None
         if self.client is not None:
             from .client import EdgeClientError
 
@@ -130,15 +134,18 @@ class DeviceRunner:
                               reply.bytes_received, confs)
             except EdgeClientError as e:
                 error = "%s: %s" % (type(e).__name__, e)
+        where = "local" if error is None else "degraded"
         if self.tail is not None:
             t0 = time.perf_counter()
             feed = {n: self._dequantized(n, tensors, quant) for n in self.bundle.wire_tensors}
             logits = self.tail.run_segments(feed)["logits"][0]
             ms["local_tail"] = (time.perf_counter() - t0) * 1e3
-            return Result(logits, int(logits.argmax()), None, "degraded", ms, 0, 0, confs, error)
+            return Result(logits, int(logits.argmax()), None, where, ms, 0, 0, confs, error)
         if best is not None:
-            return Result(best[2], int(best[2].argmax()), best[1], "degraded", ms, 0, 0, confs, error)
-        raise RuntimeError("server unavailable (%s) and the bundle has no exit or local tail to fall back on" % error)
+            return Result(best[2], int(best[2].argmax()), best[1], "degraded", ms, 0, 0, confs,
+                          error or "no server configured")
+        raise RuntimeError("server unavailable (%s) and the bundle has no exit or local tail to fall back on"
+                           % (error or "no server configured"))
 
     @staticmethod
     def _dequantized(name, tensors, quant):

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import click
+import numpy as np
 
 from calibration.readers import DataError, check_channels, read_dataset
 from runtime.bundle import Bundle, BundleError
@@ -124,13 +125,13 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
     if unknown:
         raise click.BadParameter(f"unknown format(s) {sorted(unknown)}; use onnx and/or tflite", param_hint="--format")
     data_name = calib or default_data(src.preprocess)
-    calib_ds = read_dataset(data_name, src.preprocess, limit=calib_samples, progress=True)
+    calib_ds = read_dataset(data_name, src.preprocess, limit=calib_samples, progress=True, spread=True)
     check_channels(calib_ds, src.input_shape)
     if verify_data:
         verify_ds = read_dataset(verify_data, src.preprocess, limit=verify_samples)
-    else:
-        verify_ds = read_dataset(data_name, src.preprocess, limit=verify_samples, offset=len(calib_ds)) \
-            if _has_more(data_name, src.preprocess, len(calib_ds)) else calib_ds
+    else:  # verify on samples not used for calibration when the source has any
+        verify_ds = read_dataset(data_name, src.preprocess, limit=verify_samples, exclude=calib_ds.names) \
+            if _has_more(data_name, src.preprocess, calib_ds.names) else calib_ds
     exits = []
     if exits_dir:
         from .exits_bundle import exit_specs
@@ -142,11 +143,11 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
     _print_export_summary(Path(out), report)
 
 
-def _has_more(data: str, preprocess: dict, offset: int) -> bool:
+def _has_more(data: str, preprocess: dict, exclude: list[str]) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            read_dataset(data, preprocess, limit=1, offset=offset)
+            read_dataset(data, preprocess, limit=1, exclude=exclude)
         return True
     except DataError:
         return False
@@ -177,27 +178,121 @@ def _print_export_summary(out: Path, report: dict) -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="labelled real data (image folder with synsets.txt / class subfolders / labels.txt, "
                              ".npz with x,y, fashion-mnist:test); default: as at export")
-@click.option("--offset", default=0, show_default=True, help="skip this many samples (e.g. the calibration ones)")
+@click.option("--offset", default=0, show_default=True, help="skip this many samples")
 @click.option("--limit", type=int, help="evaluate at most this many samples")
+@click.option("--include-calibration", is_flag=True,
+              help="also evaluate on the samples the bundle was calibrated on (excluded by default)")
 @click.option("--json", "as_json", is_flag=True)
-def eval_(bundle, data, offset, limit, as_json):
+def eval_(bundle, data, offset, limit, include_calibration, as_json):
     """Top-1 of every chain of BUNDLE (float and int8, ONNX and TFLite) and of each exit, on real data."""
     from .evaluate import evaluate_bundle
 
     b = Bundle.load(bundle)
-    ds = read_dataset(data or default_data(b.manifest["preprocess"]), b.manifest["preprocess"], limit=limit,
-                      offset=offset, progress=True)
+    source = data or default_data(b.manifest["preprocess"])
+    cal = b.manifest.get("calibration", {})
+    same = Path(source).resolve() == Path(cal.get("source", "")).resolve() if cal.get("source") else False
+    skip = [] if include_calibration or not same else cal.get("names", [])
+    ds = read_dataset(source, b.manifest["preprocess"], limit=limit, offset=offset, progress=True, exclude=skip)
     result = evaluate_bundle(b, ds)
+    result["excluded_calibration_samples"] = len(skip)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{result['samples']} samples from {result['source']}")
+    click.echo(f"{result['samples']} samples from {result['source']} "
+               f"({result['excluded_calibration_samples']} calibration samples excluded)")
     for pair, e in result["chains"].items():
         top1 = f"top-1 {e['top1']:.2%}" if "top1" in e else "unlabelled"
         agree = f"  agreement with onnx/fp32 {e['agreement_with_fp32']:.2%}" if "agreement_with_fp32" in e else ""
         click.echo(f"  {pair:12s} {top1}{agree}")
         for name, x in e.get("exits", {}).items():
             click.echo(f"    {name}: " + ", ".join(f"{k} {v:.2%}" for k, v in x.items()))
+        if "early_exit" in e:
+            ee = e["early_exit"]
+            click.echo(f"    early exits (runtime, thresholds from the manifest): top-1 {ee['accuracy']:.2%}, "
+                       f"{ee['mflops_per_sample']:.2f} MFLOPs/sample, exit rates "
+                       + ", ".join(f"{k} {v:.1%}" for k, v in ee["exit_rates"].items()))
+
+
+@main.group()
+def exits():
+    """Early-exit branches: train them on a backbone, calibrate their confidence thresholds on a bundle."""
+
+
+@exits.command(name="train")
+@click.argument("model")
+@with_model_options
+@click.option("--exits", "names", required=True, help="attach points, comma-separated module paths (e.g. stage1,stage2)")
+@click.option("--data", default=None, help="labelled training data (default: fashion-mnist:train for array models)")
+@click.option("--limit", type=int, help="use at most this many training samples")
+@click.option("--mode", type=click.Choice(["separate", "joint"]), default="separate", show_default=True,
+              help="separate: backbone frozen; joint: backbone and exits trained together")
+@click.option("--loss", type=click.Choice(["ce", "distill"]), default="ce", show_default=True,
+              help="ce: labels; distill: the backbone's own final output (no labels needed)")
+@click.option("--weights-per-exit", "loss_weights", help="joint loss weights, e.g. 0.2,0.3,0.5 (exits then final)")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--hidden", default=64, show_default=True, help="hidden units of each branch's FC (0: linear)")
+@click.option("--conv", is_flag=True, help="put a 1x1 conv before pooling in each branch")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+def exits_train(model, weights, input_shape, preprocess, names, data, limit, mode, loss, loss_weights, epochs,
+                lr, hidden, conv, out):
+    """Attach exit branches to MODEL at --exits and train them; writes exits.pt (state dict) + exits.json."""
+    import torch
+
+    from .exits import EarlyExitModel, build_exits, save_exits, train_exits
+    from .train_reference import Batches
+
+    src = resolve(model, weights, input_shape, preprocess)
+    if src.model is None:
+        raise ModelSourceError("exit branches are trained on a PyTorch model, not an .onnx file")
+    ds = read_dataset(data or default_data(src.preprocess).replace(":test", ":train"), src.preprocess, limit=limit)
+    if ds.y is None and loss == "ce":
+        raise DataError(f"{ds.source} has no labels: use --loss distill or labelled data")
+    x = torch.from_numpy(ds.x)
+    y = torch.from_numpy(ds.y if ds.y is not None else np.zeros(len(ds), np.int64))
+    names_l = [n for n in names.split(",") if n]
+    ee = EarlyExitModel(src.model, build_exits(src.model, names_l, x[:2], hidden=hidden or None, conv=conv))
+    w = [float(v) for v in loss_weights.split(",")] if loss_weights else None
+    cfg = train_exits(ee, Batches(x, y, 128), mode=mode, loss=loss, weights=w, epochs=epochs, lr=lr)
+    save_exits(out, ee, {**cfg, "model": src.describe(), "data": ds.source})
+    if mode == "joint":
+        torch.save(src.model.state_dict(), Path(out) / "backbone.pt")
+        click.echo(f"joint training changed the backbone: export with --weights {Path(out) / 'backbone.pt'}")
+    click.echo(f"wrote {out}/exits.pt and exits.json; next: eetool export ... --exits {out}, then eetool exits calibrate")
+
+
+@exits.command(name="calibrate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="labelled validation data not used for training (e.g. an image folder, "
+                             "fashion-mnist:train with --offset 55000)")
+@click.option("--offset", default=0, show_default=True)
+@click.option("--limit", type=int)
+@click.option("--delta", default=0.005, show_default=True, help="allowed top-1 drop versus the final exit (0.005 = 0.5 pt)")
+@click.option("--rule", type=click.Choice(["max_softmax", "normalized_entropy"]), default="max_softmax", show_default=True)
+@click.option("--curve", type=click.Path(dir_okay=False), help="write the accuracy vs expected MFLOPs curve (PNG)")
+def exits_calibrate(bundle, data, offset, limit, delta, rule, curve):
+    """Choose per-exit confidence thresholds on BUNDLE's own graphs (float and int8) for the least expected
+    device compute with a top-1 drop <= --delta, and store them in the manifest."""
+    from calibration import thresholds as T
+
+    from .exits_bundle import bundle_profile, calibrate_thresholds
+
+    if not 0.0 <= delta <= 1.0:
+        raise click.BadParameter(f"{delta} is outside [0, 1]", param_hint="--delta")
+    b = Bundle.load(bundle)
+    ds = read_dataset(data or default_data(b.manifest["preprocess"]).replace(":test", ":train"),
+                      b.manifest["preprocess"], limit=limit, offset=offset)
+    results = calibrate_thresholds(bundle, ds, delta, rule)
+    for pair, r in results.items():
+        th = ", ".join("off" if t is None else f"{t:.4f}" for t in r["thresholds"][:-1])
+        rates = ", ".join(f"{v:.1%}" for v in r["exit_rates"])
+        click.echo(f"{pair:12s} thresholds [{th}]  accuracy {r['accuracy']:.2%} (final {r['final_accuracy']:.2%})"
+                   f"  exit rates [{rates}]  {r['expected_mflops']:.2f} MFLOPs/sample = {r['mflops_ratio']:.2f}x backbone"
+                   + (f"  UNREACHABLE: {', '.join(r['unreachable'])}" if r["unreachable"] else ""))
+    if curve:
+        fmt, precision = next(iter(results)).split("/")
+        T.plot_curve([T.curve(bundle_profile(Bundle.load(bundle), ds, fmt, precision), rule)], curve,
+                     title=f"{Path(bundle).name}: accuracy vs expected device MFLOPs")
 
 
 def _runtime_passthrough(name: str, help_text: str):

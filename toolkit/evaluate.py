@@ -42,5 +42,14 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
                 entry["exits"][name] = {"agreement_with_final": float((p == pred).mean())}
                 if data.y is not None:
                     entry["exits"][name]["top1"] = float((p == data.y).mean())
+        if bundle.exits and data.y is not None:
+            from .exits_bundle import measure_early_exit
+
+            entry["early_exit"] = measure_early_exit(bundle, data, fmt, precision)
+            predicted = bundle.manifest.get("exit_calibration", {}).get("results", {}).get(pair)
+            if predicted:
+                entry["early_exit"]["predicted_at_calibration"] = {
+                    "accuracy": predicted["accuracy"], "mflops_per_sample": predicted["expected_mflops"],
+                    "exit_rates": dict(zip([e["name"] for e in bundle.exits] + ["final"], predicted["exit_rates"]))}
         result["chains"][pair] = entry
     return result

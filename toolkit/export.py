@@ -92,6 +92,8 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         "input": {"name": INPUT_NAME, "shape": [None, *source.input_shape[1:]], "dtype": "float32", "layout": "NCHW"},
         "preprocess": source.preprocess,
         "cuts": [c.name for c in cuts],
+        # which samples the bundle was calibrated on, so evaluation can leave them out
+        "calibration": {"source": calib.source, "samples": len(calib), "names": list(calib.names)},
         "split": boundary.name,
         "segments": [], "exits": [], "tensors": {}, "graphs": {},
     }

@@ -28,6 +28,7 @@ The default recipe (``QuantConfig()``):
 from __future__ import annotations
 
 import math
+import logging
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -455,7 +456,26 @@ def quantize_graph(
         keep_float = [nd.name for nd in onnx.load(str(src), load_external_data=False).graph.node
                        if set(nd.output) & set(float_outputs)]
 
+        clipped: set[str] = set()
+
+        class _CountBiasClips(logging.Filter):
+            # onnxruntime logs one root-logger warning per clipped bias; count them into the report instead
+            def filter(self, record):
+                msg = record.getMessage()
+                if "exceeds the range of a int32" in msg:
+                    clipped.add(msg.split("`")[1] if "`" in msg else msg)
+                    return False
+                return True
+
         def run(out: Path, overrides: dict, label: str) -> None:
+            counter = _CountBiasClips()
+            logging.getLogger().addFilter(counter)
+            try:
+                _run(out, overrides, label)
+            finally:
+                logging.getLogger().removeFilter(counter)
+
+        def _run(out: Path, overrides: dict, label: str) -> None:
             opts = dict(extra)
             if overrides:
                 opts["TensorQuantOverrides"] = {**opts.get("TensorQuantOverrides", {}), **overrides}
@@ -491,6 +511,8 @@ def quantize_graph(
         "calibration": config.method,
         "samples": n,
         "float_nodes": _nodes_touching(qmodel, set(wide)) + keep_float,
+        # biases onnxruntime clipped to int32 (BN-folded channels with ~0 weights; see zero_dead_channels)
+        "clipped_biases": sorted(clipped),
         "wide_tensors": {t: ("uint16" if config.activation_type == "uint8" else "int16") for t in wide},
         "io": io,
         "config": asdict(config),
