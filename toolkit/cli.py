@@ -136,7 +136,9 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
     if exits_dir:
         from .exits_bundle import exit_specs
 
-        exits = exit_specs(exits_dir, src.model)
+        import torch
+
+        exits = exit_specs(exits_dir, src.model, torch.from_numpy(calib_ds.x[:1]))
     quant = {"method": calib_method} if calib_method else {}
     report = export_bundle(src, ExportOptions(split=[s for s in split.split(",") if s], out=Path(out),
                                               exits=exits, formats=fmts, int8=int8, quant=quant), calib_ds, verify_ds)
@@ -211,6 +213,11 @@ def eval_(bundle, data, offset, limit, include_calibration, as_json):
             click.echo(f"    early exits (runtime, thresholds from the manifest): top-1 {ee['accuracy']:.2%}, "
                        f"{ee['mflops_per_sample']:.2f} MFLOPs/sample, exit rates "
                        + ", ".join(f"{k} {v:.1%}" for k, v in ee["exit_rates"].items()))
+            sim = ee.get("offline_simulation")
+            if sim:
+                click.echo(f"    offline simulation on the same data: top-1 {sim['accuracy']:.2%}, "
+                           f"{sim['mflops_per_sample']:.2f} MFLOPs/sample, exit rates "
+                           + ", ".join(f"{k} {v:.1%}" for k, v in sim["exit_rates"].items()))
 
 
 @main.group()
@@ -284,7 +291,7 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve):
                       b.manifest["preprocess"], limit=limit, offset=offset)
     results = calibrate_thresholds(bundle, ds, delta, rule)
     for pair, r in results.items():
-        th = ", ".join("off" if t is None else f"{t:.4f}" for t in r["thresholds"][:-1])
+        th = ", ".join("off" if t is None else f"{t:.4f}" for t in r["thresholds"])
         rates = ", ".join(f"{v:.1%}" for v in r["exit_rates"])
         click.echo(f"{pair:12s} thresholds [{th}]  accuracy {r['accuracy']:.2%} (final {r['final_accuracy']:.2%})"
                    f"  exit rates [{rates}]  {r['expected_mflops']:.2f} MFLOPs/sample = {r['mflops_ratio']:.2f}x backbone"

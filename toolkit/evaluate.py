@@ -43,9 +43,10 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
                 if data.y is not None:
                     entry["exits"][name]["top1"] = float((p == data.y).mean())
         if bundle.exits and data.y is not None:
-            from .exits_bundle import measure_early_exit
+            from .exits_bundle import measure_early_exit, simulate_early_exit
 
             entry["early_exit"] = measure_early_exit(bundle, data, fmt, precision)
+            entry["early_exit"]["offline_simulation"] = simulate_early_exit(bundle, data, fmt, precision)
             predicted = bundle.manifest.get("exit_calibration", {}).get("results", {}).get(pair)
             if predicted:
                 entry["early_exit"]["predicted_at_calibration"] = {

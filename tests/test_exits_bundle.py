@@ -1,0 +1,112 @@
+"""Early exits end to end on real Fashion-MNIST: train, export into an int8 bundle, calibrate thresholds on
+the bundle's graphs, and check the runtime's exit decisions against the offline prediction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.readers import read_dataset
+from runtime.bundle import Bundle
+from runtime.chain import Chain
+from runtime.device import DeviceRunner
+from toolkit.exits import EarlyExitModel, build_exits, save_exits, train_exits
+from toolkit.exits_bundle import calibrate_thresholds, exit_specs, measure_early_exit, simulate_early_exit
+from toolkit.export import ExportOptions, export_bundle
+from toolkit.graph import SplitError
+from toolkit.models.small_cnn import SmallCNN
+from toolkit.sources import ModelSource
+from toolkit.train_reference import Batches, train_backbone
+
+from calibration.fashion_mnist import PREPROCESS
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small CNN and two exits (4x4 pooling: not a divisor of 7, exported as matmuls), trained briefly
+    on 12k real training images."""
+    torch.manual_seed(0)
+    train = read_dataset("fashion-mnist:train", PREPROCESS, limit=12000)
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    backbone = SmallCNN()
+    train_backbone(backbone, Batches(x, y, 128, seed=0), epochs=1, lr=3e-3, progress=False)
+    backbone.eval()
+    ee = EarlyExitModel(backbone, build_exits(backbone, ["stage1", "stage2"], x[:2], hidden=64, pool=4))
+    train_exits(ee, Batches(x, y, 128, seed=1), mode="separate", epochs=1, lr=2e-3, progress=False)
+    d = tmp_path_factory.mktemp("exits")
+    save_exits(d, ee, {"mode": "separate"})
+    return backbone, d
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(trained, tmp_path_factory):
+    backbone, exits_dir = trained
+    calib = read_dataset("fashion-mnist:train", PREPROCESS, limit=256, spread=True)
+    verify = read_dataset("fashion-mnist:test", PREPROCESS, limit=64)
+    src = ModelSource("fashion-cnn", "zoo", backbone, (1, 1, 28, 28), PREPROCESS)
+    out = tmp_path_factory.mktemp("b") / "fashion"
+    specs = exit_specs(exits_dir, backbone, torch.from_numpy(calib.x[:1]))
+    export_bundle(src, ExportOptions(split=["stage2"], out=out, exits=specs, int8=True, progress=False), calib, verify)
+    return out, specs
+
+
+def test_exit_graphs_match_pytorch_branches(bundle_dir, trained):
+    out, specs = bundle_dir
+    backbone, exits_dir = trained
+    bundle = Bundle.load(out)
+    x = read_dataset("fashion-mnist:test", PREPROCESS, limit=32).x
+    values = Chain(bundle, "device").run_segments({"input": x})
+    got = Chain(bundle, "device").run_exits(values)
+    from toolkit.exits import load_exits
+
+    ref_model = load_exits(exits_dir, backbone)  # original branches with adaptive pooling
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x))
+    for spec in specs:
+        want = ref[spec.at].numpy() if isinstance(ref, dict) else None
+        assert want is not None
+        assert np.abs(got[spec.name] - want).max() < 1e-4
+
+
+def test_calibrated_thresholds_and_runtime_match_prediction(bundle_dir):
+    out, _ = bundle_dir
+    val = read_dataset("fashion-mnist:train", PREPROCESS, offset=55000, limit=2000)
+    results = calibrate_thresholds(out, val, delta=0.005)
+    bundle = Bundle.load(out)  # checksums refreshed after the manifest changed
+    assert set(results) == {"onnx/fp32", "onnx/int8"}
+    for pair, r in results.items():
+        assert r["accuracy"] >= r["final_accuracy"] - 0.005 - 1e-9  # the constraint holds on validation data
+        assert all(pair in e["thresholds"] for e in bundle.exits)
+    test = read_dataset("fashion-mnist:test", PREPROCESS, limit=1500)
+    for pair in ("onnx/fp32", "onnx/int8"):
+        fmt, precision = pair.split("/")
+        measured = measure_early_exit(bundle, test, fmt, precision)
+        predicted = simulate_early_exit(bundle, test, fmt, precision)
+        assert abs(measured["accuracy"] - predicted["accuracy"]) <= 0.005
+        for name, rate in predicted["exit_rates"].items():
+            assert abs(measured["exit_rates"].get(name, 0.0) - rate) <= 0.005
+        assert measured["mflops_per_sample"] < sum(s["mflops"] for s in bundle.segments)
+
+
+def test_bad_exit_inputs_are_refused(bundle_dir, trained):
+    out, _ = bundle_dir
+    backbone, _ = trained
+    bundle = Bundle.load(out)
+    with pytest.raises(ValueError, match=r"outside|lie in \[0, 1\]"):
+        DeviceRunner(bundle, thresholds={"exit0": 1.5})
+    with pytest.raises(ValueError, match="unknown exit"):
+        DeviceRunner(bundle, thresholds={"exit9": 0.5})
+    one_class = read_dataset("fashion-mnist:test", PREPROCESS, limit=300)
+    keep = np.flatnonzero(one_class.y == one_class.y[0])
+    with pytest.raises(ValueError, match="single class"):
+        calibrate_thresholds(out, one_class.subset(keep))
+    from toolkit.exits import check_names
+
+    with pytest.raises(ValueError, match="stage1"):
+        check_names(backbone, ["stag1"])
+    from toolkit.export import ExitSpec
+
+    with pytest.raises(SplitError, match="threshold"):
+        from toolkit.export import _check_threshold
+
+        _check_threshold(ExitSpec("e", "stage1", torch.nn.Identity(), threshold=-0.1))
