@@ -110,3 +110,20 @@ def test_bad_exit_inputs_are_refused(bundle_dir, trained):
         from toolkit.export import _check_threshold
 
         _check_threshold(ExitSpec("e", "stage1", torch.nn.Identity(), threshold=-0.1))
+
+
+def test_latency_objective_and_budget(bundle_dir, tmp_path):
+    import shutil
+
+    from runtime.boards import load_board
+
+    out, _ = bundle_dir
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    val = read_dataset("fashion-mnist:train", PREPROCESS, offset=55000, limit=1000)
+    lat = {"board": load_board("rpi3"), "server": load_board("host"), "bandwidth_mbps": 1.0, "rtt_ms": 20.0}
+    r = calibrate_thresholds(copy, val, pairs=["onnx/fp32"], latency=lat)["onnx/fp32"]
+    assert r["expected_ms"] > 0 and "estimate" in r["latency_model"]
+    assert r["accuracy"] >= r["final_accuracy"] - 0.005 - 1e-9
+    with pytest.raises(ValueError, match="unreachable"):
+        calibrate_thresholds(copy, val, pairs=["onnx/fp32"], latency={**lat, "budget_ms": 1e-6})

@@ -277,7 +277,12 @@ def exits_train(model, weights, input_shape, preprocess, names, data, limit, mod
 @click.option("--delta", default=0.005, show_default=True, help="allowed top-1 drop versus the final exit (0.005 = 0.5 pt)")
 @click.option("--rule", type=click.Choice(["max_softmax", "normalized_entropy"]), default="max_softmax", show_default=True)
 @click.option("--curve", type=click.Path(dir_okay=False), help="write the accuracy vs expected MFLOPs curve (PNG)")
-def exits_calibrate(bundle, data, offset, limit, delta, rule, curve):
+@click.option("--board", help="optimise expected end-to-end latency on this board profile instead of device MFLOPs")
+@click.option("--server-board", default="host", show_default=True, help="edge server profile for the latency objective")
+@click.option("--bandwidth", default="10mbit", show_default=True, help="uplink for the latency objective")
+@click.option("--rtt", default="0ms", show_default=True)
+@click.option("--budget-ms", type=float, help="with --board: most accurate thresholds whose expected latency fits")
+def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, server_board, bandwidth, rtt, budget_ms):
     """Choose per-exit confidence thresholds on BUNDLE's own graphs (float and int8) for the least expected
     device compute with a top-1 drop <= --delta, and store them in the manifest."""
     from calibration import thresholds as T
@@ -289,12 +294,20 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve):
     b = Bundle.load(bundle)
     ds = read_dataset(data or default_data(b.manifest["preprocess"]).replace(":test", ":train"),
                       b.manifest["preprocess"], limit=limit, offset=offset)
-    results = calibrate_thresholds(bundle, ds, delta, rule)
+    latency = None
+    if board:
+        from runtime.boards import load_board
+        from runtime.link import parse_bandwidth, parse_duration
+
+        latency = {"board": load_board(board), "server": load_board(server_board),
+                   "bandwidth_mbps": parse_bandwidth(bandwidth), "rtt_ms": parse_duration(rtt), "budget_ms": budget_ms}
+    results = calibrate_thresholds(bundle, ds, delta, rule, latency=latency)
     for pair, r in results.items():
         th = ", ".join("off" if t is None else f"{t:.4f}" for t in r["thresholds"])
         rates = ", ".join(f"{v:.1%}" for v in r["exit_rates"])
         click.echo(f"{pair:12s} thresholds [{th}]  accuracy {r['accuracy']:.2%} (final {r['final_accuracy']:.2%})"
                    f"  exit rates [{rates}]  {r['expected_mflops']:.2f} MFLOPs/sample = {r['mflops_ratio']:.2f}x backbone"
+                   + (f"  expected {r['expected_ms']:.2f} ms ({r['latency_model']})" if "expected_ms" in r else "")
                    + (f"  UNREACHABLE: {', '.join(r['unreachable'])}" if r["unreachable"] else ""))
     if curve:
         fmt, precision = next(iter(results)).split("/")

@@ -118,13 +118,39 @@ def _segment_costs(bundle: Bundle) -> list[float]:
     return list(np.diff([0.0] + ends))
 
 
+def latency_model(bundle: Bundle, board: dict, server: dict) -> dict:
+    """Per-segment and per-exit latency estimates (ms) from the manifest's MFLOPs and the boards'
+    ``compute.gflops_sustained`` (MFLOPs / GFLOP/s = ms), in the form
+    :func:`calibration.thresholds.choose_thresholds_latency` takes, plus ``server_ms`` and the int8
+    ``bytes_per_sample`` crossing the split. Labelled as an estimate."""
+    dev_g = float(board["compute"]["gflops_sustained"])
+    srv_g = float(server["compute"]["gflops_sustained"])
+    seg = _segment_costs(bundle)[:-1]  # backbone between exits
+    exit_cut = max(k for k, s in enumerate(bundle.segments) for e in bundle.exits if e["input"] in s["outputs"])
+    dev_total = sum(s["mflops"] for s in bundle.device_segments)
+    rest = dev_total - sum(s["mflops"] for s in bundle.segments[: exit_cut + 1])
+    import math
+
+    wire = sum(math.prod(bundle.tensor(n)["shape"][1:]) for n in bundle.wire_tensors)
+    return {"board_latency_ms": {"segments": [m / dev_g for m in seg] + [rest / dev_g],
+                                 "exits": [e["mflops"] / dev_g for e in bundle.exits]},
+            "server_ms": sum(s["mflops"] for s in bundle.server_segments) / srv_g,
+            "bytes_per_sample": float(wire), "source": f"estimate: MFLOPs / gflops_sustained of "
+                                                      f"{board.get('name')} and {server.get('name')}"}
+
+
 def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: str = "max_softmax",
-                         pairs: list[str] | None = None) -> dict:
+                         pairs: list[str] | None = None, latency: dict | None = None) -> dict:
     """Choose per-exit thresholds for every ``fmt/precision`` of the bundle (least expected device MFLOPs
     subject to an accuracy drop <= ``delta`` versus the final exit, on ``data``) and write them into the
     manifest: ``exits[i].thresholds[pair]``, ``expected_exit_rate`` and the prediction in
     ``manifest['exit_calibration']``; checksums are refreshed. Flags (warns and records) a threshold that
-    no confidence seen on those graphs reaches. Returns the per-pair results."""
+    no confidence seen on those graphs reaches. Returns the per-pair results.
+
+    ``latency`` switches the objective to expected end-to-end latency (Dong, Mao & Zhang 2022, eq. 3 and
+    11): ``{"board": profile, "server": profile, "bandwidth_mbps": float, "rtt_ms": float,
+    "budget_ms": float | None}`` — least expected latency at the accuracy constraint, or the most accurate
+    thresholds within ``budget_ms``."""
     from .bundle_writer import write_manifest
 
     bundle = Bundle.load(bundle_dir)
@@ -133,7 +159,15 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
     for pair in pairs or bundle.formats():
         fmt, precision = pair.split("/")
         profile = bundle_profile(bundle, data, fmt, precision)
-        chosen = T.choose_thresholds_accuracy(profile, delta=delta, rule=rule)
+        if latency is None:
+            chosen = T.choose_thresholds_accuracy(profile, delta=delta, rule=rule)
+        else:
+            model = latency_model(bundle, latency["board"], latency["server"])
+            chosen = T.choose_thresholds_latency(
+                profile, model["board_latency_ms"], latency["bandwidth_mbps"], model["bytes_per_sample"],
+                model["server_ms"], latency.get("rtt_ms", 0.0), latency.get("budget_ms"), delta, rule)
+            chosen["final_accuracy"] = float(profile.correct[-1].mean())
+            chosen["mflops_ratio"] = chosen["expected_mflops"] / profile.backbone_mflops
         unreachable = []
         for k, e in enumerate(manifest["exits"]):
             th = chosen["thresholds"][k]
@@ -150,6 +184,8 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
                          "exit_rates": chosen["exit_rates"], "expected_mflops": chosen["expected_mflops"],
                          "mflops_ratio": chosen["mflops_ratio"], "thresholds": chosen["thresholds"],
                          "unreachable": unreachable, "samples": len(data), "source": data.source,
+                         **({"expected_ms": chosen["expected_ms"], "latency_model": model["source"]}
+                            if latency is not None else {}),
                          "exit_accuracy": profile.accuracy()}
     first = manifest["exits"][0] if manifest["exits"] else None
     if first is not None:  # the default threshold: the float ONNX calibration when present
@@ -157,7 +193,11 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
         for e in manifest["exits"]:
             th = e["thresholds"][default]
             e["threshold"] = th
-    manifest["exit_calibration"] = {"delta": delta, "rule": rule, "results": results}
+    manifest["exit_calibration"] = {"delta": delta, "rule": rule, "results": results,
+                                    "objective": "compute" if latency is None else "latency",
+                                    **({"bandwidth_mbps": latency["bandwidth_mbps"], "rtt_ms": latency.get("rtt_ms", 0.0),
+                                        "board": latency["board"].get("name"), "budget_ms": latency.get("budget_ms")}
+                                       if latency is not None else {})}
     write_manifest(Path(bundle_dir), manifest)
     return results
 
