@@ -76,6 +76,10 @@ def _folder_labels(root: Path, files: list[Path]) -> np.ndarray | None:
     labels = root / "labels.txt"
     if labels.is_file():
         table = dict(line.split("\t")[:2] for line in labels.read_text().splitlines() if "\t" in line)
+        missing = [f.name for f in files if f.name not in table]
+        if missing:
+            raise DataError(f"{labels}: no label for {len(missing)} image(s), e.g. {missing[0]}; add "
+                            f"'<file name><TAB><class index>' lines")
         return np.array([int(table[f.name]) for f in files], np.int64)
     parents = sorted({f.parent.name for f in files})
     if len(parents) > 1 and all(f.parent.parent == root for f in files):
@@ -159,13 +163,21 @@ def _select(names: list[str], offset: int, limit: int | None, spread: bool, excl
 
 
 def _read_arrays(path: Path, offset: int, limit: int | None, spread: bool, exclude: set) -> Dataset:
-    if path.suffix == ".npy":
-        x, y = np.load(path, allow_pickle=False), None
-    else:
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z:
-                raise DataError(f"{path}: .npz needs an array named 'x' (and optionally 'y'); has {list(z)}")
-            x, y = z["x"], z["y"] if "y" in z else None
+    try:
+        if path.suffix == ".npy":
+            x, y = np.load(path, allow_pickle=False), None
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                if "x" not in z:
+                    raise DataError(f"{path}: .npz needs an array named 'x' (and optionally 'y'); has {list(z)}")
+                x, y = z["x"], z["y"] if "y" in z else None
+    except (ValueError, OSError) as e:  # object arrays (never unpickled), truncated or non-NumPy files
+        raise DataError(f"{path}: not a numeric NumPy array file ({e})") from None
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"{path}: dtype {x.dtype}; expected numeric preprocessed inputs")
+    if x.dtype == np.uint8:
+        warnings.warn(f"{path}: uint8 values are used as they are; .npy inputs must already be preprocessed "
+                      f"(scaled and normalised like the model's input)", stacklevel=2)
     if x.ndim != 4:
         raise DataError(f"{path}: expected preprocessed inputs (N, C, H, W), got shape {x.shape}")
     names = [f"{path.name}[{i}]" for i in range(len(x))]
@@ -185,7 +197,8 @@ def check_channels(ds: Dataset, input_shape: tuple[int, ...]) -> None:
     """Raise DataError when samples do not match the model's input ``(1, C, H, W)``."""
     if tuple(ds.x.shape[1:]) != tuple(input_shape[1:]):
         raise DataError(f"{ds.source}: samples have shape {tuple(ds.x.shape[1:])}, the model expects "
-                        f"{tuple(input_shape[1:])} (C, H, W); check --preprocess / --input-shape")
+                        f"{tuple(input_shape[1:])} (C, H, W); pass real inputs of that shape with --calib / --verify-data, "
+                        f"or check --preprocess / --input-shape")
 
 
 __all__ = ["Dataset", "DataError", "read_dataset", "read_images", "check_finite", "check_channels", "normalize"]

@@ -79,7 +79,10 @@ def cmd_serve(args) -> int:
         return {"logits": chain.run_segments(feeds)["logits"]}
 
     secret = args.secret or os.environ.get("EETOOL_SECRET")
-    server = EdgeServer(tail, expected, host=args.host, port=args.port, secret=secret)
+    if not 0 <= args.port < 65536:
+        raise ValueError("--port %d: ports are 0-65535" % args.port)
+    server = EdgeServer(tail, expected, host=args.host, port=args.port, secret=secret,
+                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)
     host, port = server.address
     print("eetool server: %s tail (%s/%s) on %s:%d" % (bundle.root, fmt, precision, host, port), flush=True)
     run_until_signal(server)
@@ -97,13 +100,18 @@ def make_runner(args, bundle: Bundle, board: Optional[dict]):
     client = None
     if args.server:
         host, _, port = args.server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("--server %r: expected HOST:PORT, e.g. 192.168.1.20:8470" % args.server)
         shaper = LinkShaper.from_strings(args.bandwidth, args.rtt) if args.bandwidth else None
         client = EdgeClient(host or "127.0.0.1", int(port), secret=args.secret or os.environ.get("EETOOL_SECRET"),
                             timeout_s=args.timeout, shaper=shaper, codec=args.codec)
     thresholds = {}
     for item in args.threshold or []:
         name, _, value = item.partition("=")
-        thresholds[name] = float(value)
+        try:
+            thresholds[name] = float(value)
+        except ValueError:
+            raise ValueError("--threshold %r: expected EXIT=VALUE with VALUE in [0, 1], e.g. exit0=0.8" % item)
     runner = DeviceRunner(bundle, client, fmt, precision, _threads(args, board), thresholds,
                           exits=not args.no_exits, wire_dtype=args.wire_dtype, local_tail=args.local_tail)
     return runner, fmt, precision
@@ -117,9 +125,11 @@ def cmd_run(args) -> int:
     runner, fmt, precision = make_runner(args, bundle, board)
     results = []
     for path in args.inputs:
-        x = load_inputs([path], bundle.manifest["preprocess"])
-        r = runner.infer(x)
-        results.append(dict(input=os.path.basename(path), **r.to_json()))
+        batch = check_input(load_inputs([path], bundle.manifest["preprocess"]), bundle, path)
+        for i in range(len(batch)):  # the device handles one sample at a time (exits decide per sample)
+            r = runner.infer(batch[i:i + 1])
+            name = os.path.basename(path) + ("[%d]" % i if len(batch) > 1 else "")
+            results.append(dict(input=name, **r.to_json()))
     info = {"machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
             "precision": precision, "board": args.board, "results": results}
     if args.json:
@@ -132,6 +142,20 @@ def cmd_run(args) -> int:
             print("%-32s top1 %4d  via %-8s  %7d B sent  %8.2f ms%s" % (
                 r["input"], r["top1"], where, r["bytes_sent"], total, "  (%s)" % r["error"] if "error" in r else ""))
     return 0
+
+
+def check_input(x, bundle: Bundle, source: str):
+    """Refuse inputs that do not match the manifest's input ``(N, C, H, W)`` or hold NaN/Inf."""
+    import numpy as np
+
+    want = bundle.manifest["input"].get("shape")
+    if want and list(x.shape[1:]) != [d for d in want[1:]]:
+        raise ValueError("%s: input shape %s, the bundle expects (N, %s)" % (
+            source, tuple(x.shape), ", ".join(str(d) for d in want[1:])))
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError("%s: %d of %d samples contain NaN/Inf" % (source, int(bad.sum()), len(x)))
+    return x
 
 
 def cmd_bench(args) -> int:
@@ -168,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--max-connections", type=int, default=64, help="concurrent connections served")
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("run", help="run inputs on the device side")
     _common(p)
@@ -194,8 +220,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (BundleError, ValueError, OSError) as e:
-        print("error: %s" % e, file=sys.stderr)
+    except (BundleError, ValueError, OSError, RuntimeError) as e:
+        hint = ""
+        if isinstance(e, RuntimeError) and "server unavailable" in str(e):
+            hint = " (start 'python -m runtime serve' on the edge server, or pass --local-tail)"
+        print("error: %s%s" % (e, hint), file=sys.stderr)
         return 2
 
 

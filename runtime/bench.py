@@ -181,7 +181,7 @@ def render_markdown(r: dict) -> str:
     """The report as a Markdown page (numbers from this run only)."""
     lines = ["# eetool bench: %s on %s (%s)" % (r["bundle"], r["board"], r["machine"]), "",
              "split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d inputs" % (
-                 r["split"], r["backend"], r["precision"], r["threads"], r["codec"], r["wire_dtype"],
+                 r["split"], r["backend"], r["precision"], r["threads"] or "default", r["codec"], r["wire_dtype"],
                  r["requests"], r["inputs"]), "",
              "| stage | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---:|---:|---:|---:|"]
     for stage, p in r["stages_ms"].items():
@@ -200,7 +200,8 @@ def render_markdown(r: dict) -> str:
                                                           row["bytes_sent_mean"]))
     if r.get("runtime_vs_bare_onnxruntime"):
         o = r["runtime_vs_bare_onnxruntime"]
-        lines += ["", "runtime full chain p50 %.2f ms vs bare onnxruntime %.2f ms: overhead ratio %.3f" % (
+        lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
+                  "sessions %.2f ms: overhead ratio %.3f" % (
             o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
     return "\n".join(lines) + "\n"
 

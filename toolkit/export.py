@@ -21,7 +21,7 @@ from .bundle_writer import copy_support_files, write_array_samples, write_manife
 from .flops import module_flops, param_count
 from .graph import SplitError, TracedModel
 from .onnx_export import ExportError, export_onnx
-from .slicing import INPUT_NAME, OUTPUT_NAME, order_cuts, slice_model
+from .slicing import INPUT_NAME, OUTPUT_NAME, order_cuts, slice_model, tensor_names
 from .sources import ModelSource
 
 VERSION = "0.1.0"
@@ -122,8 +122,7 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
                 manifest["tensors"][name] = {"shape": [None, *values[name].shape[1:]], "dtype": "float32",
                                              "layout": "NCHW" if values[name].dim() == 4 else None}
     for e in opts.exits:
-        tensor = traced.cut(e.at)
-        name = e.at if tensor.single_tensor else tensor.crossing[0]
+        name = tensor_names(traced, cuts)[traced.cut(e.at).crossing[0]]
         key = f"{e.name}.onnx.fp32"
         e.module.eval()
         entry = export_onnx(e.module, (values[name],), out / "graphs" / f"{e.name}.fp32.onnx", [name],

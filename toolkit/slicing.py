@@ -50,7 +50,8 @@ def tensor_names(traced: TracedModel, cuts: list[Cut]) -> dict[str, str]:
         for node in cut.crossing:
             names.setdefault(node, node)
         if cut.single_tensor:
-            names[cut.crossing[0]] = cut.name
+            # nn.Sequential children are named "0", "1", ...: a bare number is not a usable tensor name
+            names[cut.crossing[0]] = cut.name if not cut.name.isdigit() else f"out_{cut.name}"
     return names
 
 
