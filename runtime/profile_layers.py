@@ -42,7 +42,6 @@ Python 3.8 compatible.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from .bundle import sha256_file
 
 SCHEMA = "eetool.layer_profile/1"
 
@@ -242,20 +243,12 @@ def profile_onnx(model_path, inputs: Sequence[np.ndarray], runs: int = 20, warmu
         "schema": SCHEMA, "board": board,
         "source": "onnxruntime profiling of %s on %s, %d runs, %s threads%s" % (
             path.name, platform.machine(), parsed["runs"], n_threads, (", " + source_note) if source_note else ""),
-        "model": path.name, "sha256": _sha256(path), "input_shape": shape,
+        "model": path.name, "sha256": sha256_file(path), "input_shape": shape,
         "total_ms": total, "unfused_total_ms": parsed["total_ms"], "kernel_total_ms": kernel_total,
         "cumulative_ms": {k: v * factor for k, v in parsed["cumulative_kernel_ms"].items()},
         "nodes": parsed["nodes"], "threads": threads, "runs": parsed["runs"], "warmup": warmup,
         "onnxruntime": ort.__version__, "machine": platform.machine(), "python": platform.python_version(),
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def preprocess_ms(files: Sequence, spec: Dict[str, Any]) -> float:

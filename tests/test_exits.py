@@ -12,8 +12,6 @@ from toolkit.exits import (EarlyExitModel, ExitBranch, build_exits, collect_logi
                            exit_flops, load_exits, save_exits, train_exits)
 from toolkit.models.small_cnn import SmallCNN, stage_mflops
 
-pytestmark = pytest.mark.skipif(not (fm.default_root() / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="install dataset-fashion-mnist")
 
 
 def _batches(x, y, bs, seed=0):

@@ -8,8 +8,6 @@ import pytest
 from calibration import fashion_mnist as fm
 
 ROOT = fm.default_root()
-pytestmark = pytest.mark.skipif(not (ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason="install dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist)")
 
 
 def test_test_split_shapes_and_labels():

@@ -15,34 +15,22 @@ Image = pytest.importorskip("PIL.Image")
 
 from toolkit.quantize_onnx import QuantConfig, quantize_graph, tensor_qparams  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
-if not SAMPLES.is_dir():
-    SAMPLES = Path("/work/shared/data/imagenet-samples")
-MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 N_CALIB, N_EVAL = 32, 16
 
 
-def _load(path: Path) -> np.ndarray:
-    """JPEG -> float32 (3, 224, 224): shorter side 256 bilinear, center crop 224, /255, ImageNet mean/std."""
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    s = 256 / min(w, h)
-    img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - 224) // 2, (h - 224) // 2
-    img = img.crop((left, top, left + 224, top + 224))
-    x = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
-    return (x - MEAN) / STD
-
-
 @pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
-    if len(files) < N_CALIB + N_EVAL:
-        pytest.skip(f"need {N_CALIB + N_EVAL} images in {SAMPLES}")
-    picked = files[:: len(files) // (N_CALIB + N_EVAL)][: N_CALIB + N_EVAL]  # spread over the classes
-    return np.stack([_load(p) for p in picked])
+def images(imagenet_source) -> np.ndarray:
+    """48 real images spread over the classes of the ImageNet samples; on a fresh clone without them, the
+    5 photos shipped in scikit-image with flipped and shifted copies (still real pixels, not noise)."""
+    from calibration.readers import read_dataset
+    from toolkit.sources import IMAGENET_PREPROCESS
+
+    ds = read_dataset(imagenet_source, IMAGENET_PREPROCESS, limit=N_CALIB + N_EVAL, spread=True)
+    x = ds.x
+    while len(x) < N_CALIB + N_EVAL:
+        x = np.concatenate([x, np.roll(x[:, :, :, ::-1], 7 * len(x), axis=3)])
+    rng = np.random.default_rng(0)
+    return x[rng.permutation(len(x))][: N_CALIB + N_EVAL]
 
 
 @pytest.fixture(scope="module")
