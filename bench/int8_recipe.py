@@ -48,25 +48,12 @@ CONFIGS = {
 
 
 def load_images() -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
+    """The 800 ImageNet samples with labels, preprocessed exactly as the bundle's runtime does."""
+    from calibration.readers import read_dataset
+    from toolkit.sources import IMAGENET_PREPROCESS
 
-    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
-    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
-    wnids = [line.split("\t")[1] for line in (SAMPLES / "synsets.txt").read_text().splitlines() if line.strip()]
-    index = {w: i for i, w in enumerate(wnids)}
-    files = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
-    xs, ys = [], []
-    for p in files:
-        img = Image.open(p).convert("RGB")
-        w, h = img.size
-        s = 256 / min(w, h)
-        img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - 224) // 2, (h - 224) // 2
-        x = np.asarray(img.crop((left, top, left + 224, top + 224)), np.float32).transpose(2, 0, 1) / 255.0
-        xs.append((x - mean) / std)
-        ys.append(index[p.name.split("_")[0]])
-    return np.stack(xs), np.array(ys)
+    ds = read_dataset(str(SAMPLES), IMAGENET_PREPROCESS, progress=True)
+    return ds.x, ds.y
 
 
 def export(out: Path) -> None:

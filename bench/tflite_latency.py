@@ -36,28 +36,12 @@ DEFAULT_RECIPES = [
 
 
 def _load_jpegs(folder: str):
-    from PIL import Image
+    """A labelled image folder, preprocessed exactly as the bundle's runtime does."""
+    from calibration.readers import read_dataset
+    from toolkit.sources import IMAGENET_PREPROCESS
 
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
-    syn = {}
-    sf = os.path.join(folder, "synsets.txt")
-    if os.path.exists(sf):
-        for line in open(sf):
-            idx, wnid = line.split()[:2]
-            syn[wnid] = int(idx)
-    xs, ys = [], []
-    for f in sorted(glob.glob(os.path.join(folder, "*.JPEG"))):
-        im = Image.open(f).convert("RGB")
-        w, h = im.size
-        s = 256 / min(w, h)
-        im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.Resampling.BILINEAR)
-        w, h = im.size
-        l, t = (w - 224) // 2, (h - 224) // 2
-        x = (np.asarray(im.crop((l, t, l + 224, t + 224)), np.float32) / 255.0 - mean) / std
-        xs.append(x.transpose(2, 0, 1))
-        ys.append(syn.get(os.path.basename(f).split("_")[0], -1))
-    return np.stack(xs), np.array(ys)
+    ds = read_dataset(folder, IMAGENET_PREPROCESS, progress=True)
+    return ds.x, (ds.y if ds.y is not None else np.full(len(ds), -1))
 
 
 def _latency(path: str, name_map, feeds, threads: int, reps: int) -> float:
