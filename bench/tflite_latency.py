@@ -17,7 +17,6 @@ Prints Markdown and writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys

@@ -70,10 +70,15 @@ def cmd_serve(args) -> int:
     bundle = Bundle.load(args.bundle)
     fmt = pick_backend(bundle, args.backend, None)
     precision = pick_precision(bundle, fmt, args.precision)
-    chain = Chain(bundle, "server", fmt, precision, args.threads, with_exits=False)
-    if not chain.segments:
+    # --whole-model: edge computing (EC), the device offloads its input and the server runs everything
+    chain = Chain(bundle, "all" if args.whole_model else "server", fmt, precision, args.threads, with_exits=False)
+    if not chain.segments or not bundle.server_segments:
         raise BundleError("the bundle has no server segments: the whole model runs on the device")
-    expected = {n: {"shape": bundle.tensor(n)["shape"], "dtype": "float32"} for n in bundle.wire_tensors}
+    if args.whole_model:
+        inp = bundle.manifest["input"]
+        expected = {inp["name"]: {"shape": inp["shape"], "dtype": "float32"}}
+    else:
+        expected = {n: {"shape": bundle.tensor(n)["shape"], "dtype": "float32"} for n in bundle.wire_tensors}
 
     def tail(feeds):
         return {"logits": chain.run_segments(feeds)["logits"]}
@@ -84,7 +89,8 @@ def cmd_serve(args) -> int:
     server = EdgeServer(tail, expected, host=args.host, port=args.port, secret=secret,
                         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)
     host, port = server.address
-    print("eetool server: %s tail (%s/%s) on %s:%d" % (bundle.root, fmt, precision, host, port), flush=True)
+    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, "whole model" if args.whole_model else "tail",
+                                                     fmt, precision, host, port), flush=True)
     run_until_signal(server)
     return 0
 
@@ -194,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--max-connections", type=int, default=64, help="concurrent connections served")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
+    p.add_argument("--whole-model", action="store_true",
+                   help="run the whole model on the server (edge computing: the device sends its input)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("run", help="run inputs on the device side")
     _common(p)
@@ -212,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidths", default="1mbit,10mbit,100mbit", help="emulated links for latency vs bandwidth")
     p.add_argument("--energy-csv", help="power log (timestamp,watts) of an external USB meter")
     p.add_argument("--out", default="bench-report", help="report directory")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")
     p.set_defaults(fn=cmd_bench)
     return ap
 

@@ -150,9 +150,77 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli) -> di
                    "idle_w_measured": idle_w, "label": "estimated" if energy.estimated else "measured"},
     }
     report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
+    if not getattr(args, "no_compare", False):
+        report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board)
     if "onnx/fp32" in bundle.formats():
         report["runtime_vs_bare_onnxruntime"] = bare_onnxruntime_ms(bundle, xs, threads, args.repeat)
     return report
+
+
+def _timed_mode(infer, xs, repeat: int, meter) -> dict:
+    """Run ``infer(x) -> (top1, bytes_sent)`` over ``xs`` after one warm-up pass; wall ms per request,
+    bytes per request, device energy per inference, and the top-1 of the last pass."""
+    for x in xs:
+        infer(x)
+    ms, sent, top1 = [], [], []
+    meter.start()
+    for _ in range(repeat):
+        top1 = []
+        for x in xs:
+            t0 = time.perf_counter()
+            t, b = infer(x)
+            ms.append((time.perf_counter() - t0) * 1e3)
+            sent.append(b)
+            top1.append(t)
+    energy = meter.stop()
+    return {"latency_ms": percentiles(ms), "bytes_per_sample": float(np.mean(sent)), "top1": top1,
+            "energy_j_per_inference": energy.joules / len(ms), "energy_label": "estimated" if energy.estimated else "measured"}
+
+
+def compare_modes(args, bundle, board, xs, cli, meter_for_board) -> dict:
+    """The survey's comparison on the same inputs (Matsubara, Levorato & Restuccia, sec. 2): local
+    computing (LC, whole model on the device), edge computing (EC, the int8-quantised input sent to a
+    server running the whole model), split computing (SC) and SC with early exits (SC+EE, when the
+    bundle has exits). Latency is wall time per request from preprocessed input to result (ms)."""
+    from . import codec
+    from .client import EdgeClient
+    from .device import DeviceRunner
+
+    fmt = cli.pick_backend(bundle, args.backend, board)
+    precision = cli.pick_precision(bundle, fmt, args.precision)
+    threads = cli._threads(args, board)
+    meter = meter_for_board(board)
+    modes: Dict[str, dict] = {}
+    lc = DeviceRunner(bundle, None, fmt, precision, threads, exits=False, local_tail=True)
+    modes["LC"] = _timed_mode(lambda x: (lc.infer(x).top1, 0), xs, args.repeat, meter)
+    proc, address = start_server(args.bundle, ["--whole-model", "--backend", fmt, "--precision", "fp32"])
+    try:
+        host, port = address.rsplit(":", 1)
+        client = EdgeClient(host, int(port), codec=args.codec)
+
+        def offload(x):
+            q = {"scale": float(x.max() - x.min()) / 255.0 or 1.0}
+            q["zero_point"] = int(np.clip(round(-128 - float(x.min()) / q["scale"]), -128, 127))
+            q["dtype"] = "int8"
+            reply = client.infer({"input": codec.quantize(x, q["scale"], q["zero_point"], "int8")}, {"input": q})
+            return int(reply.logits[0].argmax()), reply.bytes_sent
+
+        modes["EC"] = _timed_mode(offload, xs, args.repeat, meter)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    saved = args.no_exits
+    args.no_exits = True
+    sc, _, _ = cli.make_runner(args, bundle, board)
+    modes["SC"] = _timed_mode(lambda x: (lambda r: (r.top1, r.bytes_sent))(sc.infer(x)), xs, args.repeat, meter)
+    if bundle.exits:
+        args.no_exits = False
+        see, _, _ = cli.make_runner(args, bundle, board)
+        modes["SC+EE"] = _timed_mode(lambda x: (lambda r: (r.top1, r.bytes_sent))(see.infer(x)), xs, args.repeat, meter)
+    args.no_exits = saved
+    for m in modes.values():
+        m["top1_agreement_with_LC"] = float(np.mean([a == b for a, b in zip(m["top1"], modes["LC"]["top1"])]))
+    return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True, "modes": modes}
 
 
 def _exit_rates(results) -> Dict[str, float]:
@@ -203,6 +271,15 @@ def render_markdown(r: dict) -> str:
         lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
                   "sessions %.2f ms: overhead ratio %.3f" % (
             o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
+    if r.get("comparison"):
+        c = r["comparison"]
+        lines += ["", "## LC / EC / SC / SC+EE on the same inputs (%s; the edge server ran on this machine)" % c["backend"],
+                  "", "| mode | p50 ms | p90 ms | bytes / sample | device energy J / inference | top-1 agreement with LC |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, m in c["modes"].items():
+            lines.append("| %s | %.2f | %.2f | %.0f | %.3f (%s) | %.1f %% |" % (
+                name, m["latency_ms"]["p50"], m["latency_ms"]["p90"], m["bytes_per_sample"],
+                m["energy_j_per_inference"], m["energy_label"], 100 * m["top1_agreement_with_LC"]))
     return "\n".join(lines) + "\n"
 
 
@@ -234,4 +311,12 @@ def _plots(r: dict, out: Path) -> None:
         ax.set_ylabel("end-to-end p50 (ms)")
         ax.set_title("latency vs bandwidth")
         fig.savefig(out / "latency_vs_bandwidth.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if r.get("comparison"):
+        modes = r["comparison"]["modes"]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(list(modes), [m["latency_ms"]["p50"] for m in modes.values()], color="tab:blue")
+        ax.set_ylabel("p50 latency per request (ms)")
+        ax.set_title("LC / EC / SC / SC+EE (%s)" % r["board"])
+        fig.savefig(out / "comparison.png", dpi=120, bbox_inches="tight")
         plt.close(fig)

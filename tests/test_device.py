@@ -93,6 +93,10 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert report["runtime_vs_bare_onnxruntime"]["overhead_ratio"] > 0
     assert (tmp_path / "report.md").read_text().startswith("# eetool bench")
     assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
+    modes = report["comparison"]["modes"]
+    assert set(modes) == {"LC", "EC", "SC"}  # no exits in this bundle
+    assert modes["LC"]["bytes_per_sample"] == 0 < modes["SC"]["bytes_per_sample"] < modes["EC"]["bytes_per_sample"]
+    assert modes["SC"]["top1_agreement_with_LC"] >= 0.5 and (tmp_path / "comparison.png").is_file()
 
 
 def test_device_side_runs_on_python38_with_only_numpy_and_onnxruntime(effnet_bundle, server):

@@ -48,6 +48,8 @@ class _Group(click.Group):
 def main():
     """eetool: split computing and early exiting for DNNs on edge boards."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # our warnings are messages for the user (sample counts, calibration size), not code locations
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
 
 
 model_options = [
