@@ -5,7 +5,6 @@ Head = stem .. blocks.2 (input -> blocks.2, (N,24,56,56)), tail = blocks.3 .. bl
 from __future__ import annotations
 
 import ast
-import glob
 import os
 import sys
 
@@ -21,34 +20,17 @@ pytest.importorskip("ai_edge_litert")
 from runtime.backend_litert import LiteRTSession  # noqa: E402
 from toolkit.export_tflite import TFLiteConversionError, export_float, quantize_int8, tflite_name  # noqa: E402
 
-IMAGES = "/work/shared/data/imagenet-samples"
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def _load(path: str) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    s = 256 / min(w, h)
-    im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.Resampling.BILINEAR)
-    w, h = im.size
-    left, top = (w - 224) // 2, (h - 224) // 2
-    im = im.crop((left, top, left + 224, top + 224))
-    x = (np.asarray(im, dtype=np.float32) / 255.0 - MEAN) / STD
-    return x.transpose(2, 0, 1)
-
-
 @pytest.fixture(scope="module")
-def images():
-    files = sorted(glob.glob(os.path.join(IMAGES, "*.JPEG")))
-    if len(files) < 32:
-        pytest.skip(f"needs the ImageNet sample JPEGs in {IMAGES}")
-    # spread over the classes: every 25th file
-    files = files[::25][:32]
-    x = np.stack([_load(f) for f in files]).astype(np.float32)
-    return x[:16], x[16:]  # calibration, check
+def images(imagenet_source):
+    """32 real images spread over the classes (on a fresh clone: scikit-image's photos, flipped and shifted
+    copies to make up the count): 16 for calibration, 16 to check."""
+    from calibration.readers import read_dataset
+    from toolkit.sources import IMAGENET_PREPROCESS
+
+    x = read_dataset(imagenet_source, IMAGENET_PREPROCESS, limit=32, spread=True).x
+    while len(x) < 32:
+        x = np.concatenate([x, np.roll(x[:, :, :, ::-1], 7 * len(x), axis=3)])
+    return x[:16], x[16:32]
 
 
 @pytest.fixture(scope="module")
