@@ -37,7 +37,8 @@ def copy_support_files(out: Path, sample_files: list[Path]) -> None:
         if src.is_dir():
             shutil.copytree(src, out / name, ignore=ignore, dirs_exist_ok=True)
     shutil.copy(TEMPLATES / "bundle.Makefile", out / "Makefile")
-    shutil.copy(REPO / "docs" / "protocol.md", out / "PROTOCOL.md") if (REPO / "docs" / "protocol.md").is_file() else None
+    if (REPO / "docs" / "protocol.md").is_file():
+        shutil.copy(REPO / "docs" / "protocol.md", out / "PROTOCOL.md")
     req = out / "requirements"
     req.mkdir(exist_ok=True)
     for board, pins in BOARD_REQUIREMENTS.items():

@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from calibration.readers import Dataset
@@ -178,12 +177,4 @@ def _drop_format(out: Path, manifest: dict, fmt: str) -> None:
 
 def _sample_files(data: Dataset, n: int = 8) -> list[Path]:
     """Up to ``n`` real input files from ``data`` for the bundle's ``samples/`` (image datasets only)."""
-    files = data.files[:n] if getattr(data, "files", None) else []
-    return [Path(f) for f in files]
-
-
-def wire_bytes(manifest: dict) -> dict:
-    """Bytes per sample crossing the device/server cut: ``{"fp32": ..., "int8": ...}``."""
-    names = [s for s in manifest["segments"] if s["until"] == manifest["split"]][0]["outputs"]
-    elems = sum(int(np.prod(manifest["tensors"][n]["shape"][1:])) for n in names)
-    return {"fp32": 4 * elems, "int8": elems}
+    return [Path(f) for f in (data.files or [])[:n]]
