@@ -64,8 +64,8 @@ def estimate_profile(table: dict, board: dict) -> dict:
         for name in [r["name"]] + list(r["aliases"]):
             cum[name] = r["head_mflops"] / gflops
     return {"schema": SCHEMA, "board": board["name"], "label": SOURCE_ESTIMATE,
-            "source": "%s: MFLOPs / %.1f GFLOP/s (boards/%s.json compute.gflops_sustained: %s)" % (
-                SOURCE_ESTIMATE, gflops, board["name"], board.get("sources", {}).get("compute", "no source given")),
+            "source": "MFLOPs / %.1f GFLOP/s (boards/%s.json compute.gflops_sustained: %s)" % (
+                gflops, board["name"], board.get("sources", {}).get("compute", "no source given")),
             "total_ms": table["total_mflops"] / gflops, "cumulative_ms": cum, "gflops": gflops}
 
 

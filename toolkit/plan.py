@@ -292,6 +292,8 @@ def exits_from_manifest(manifest: dict) -> list[dict]:
     out = []
     for e in manifest.get("exits", []):
         rate = e.get("expected_exit_rate", e.get("exit_rate"))
+        if isinstance(rate, dict):  # per graph format, as 'eetool exits calibrate' writes it
+            rate = rate.get("onnx/fp32", next(iter(rate.values()), None))
         if rate is None:
             raise PlanError(f"exit {e.get('name')} at {e.get('at')} has no expected_exit_rate in the manifest: "
                             f"calibrate the exits first, or pass --exit-rates")
