@@ -190,7 +190,7 @@ def test_flops_estimate_profile():
     board = {"name": "rpi4", "compute": {"gflops_sustained": 12.0}, "sources": {"compute": "estimate"}}
     est = estimate_profile(table, board)
     assert est["cumulative_ms"] == {"blocks.5": 20.0, "b5": 20.0} and est["total_ms"] == pytest.approx(50.0)
-    assert "ESTIMATE" in est["source"]
+    assert est["label"] == "ESTIMATE from FLOPs" and "GFLOP/s" in est["source"]
 
 
 # --------------------------------------------------------------------------- the CLI on the real model
