@@ -150,6 +150,7 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli) -> di
                    "idle_w_measured": idle_w, "label": "estimated" if energy.estimated else "measured"},
     }
     report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
+    report["graph_latency"] = graph_latency(bundle, xs, args.repeat)
     if not getattr(args, "no_compare", False):
         report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board)
     if "onnx/fp32" in bundle.formats():
@@ -223,6 +224,32 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board) -> dict:
     return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True, "modes": modes}
 
 
+def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2)) -> Dict[str, dict]:
+    """p50 ms per segment graph for every format/precision the bundle has (float vs int8, onnxruntime vs
+    LiteRT) at 1 and 2 threads, batch 1, on the same inputs: ``{"onnx/int8@2": {"seg0": ms, ...}}``."""
+    from .chain import Chain
+
+    out: Dict[str, dict] = {}
+    for pair in bundle.formats():
+        fmt, precision = pair.split("/")
+        for t in threads:
+            try:
+                chain = Chain(bundle, "all", fmt, precision, t, with_exits=False)
+            except Exception as e:  # e.g. no LiteRT interpreter installed on this board
+                out["%s@%d" % (pair, t)] = {"error": str(e)}
+                continue
+            timings: Dict[str, List[float]] = {}
+            chain.run_segments({"input": xs[0]})  # warm-up
+            for _ in range(repeat):
+                for x in xs:
+                    ms: Dict[str, float] = {}
+                    chain.run_segments({"input": x}, ms)
+                    for k, v in ms.items():
+                        timings.setdefault(k, []).append(v)
+            out["%s@%d" % (pair, t)] = {k: float(np.median(v)) for k, v in timings.items()}
+    return out
+
+
 def _exit_rates(results) -> Dict[str, float]:
     counts: Dict[str, int] = {}
     for r in results:
@@ -271,6 +298,13 @@ def render_markdown(r: dict) -> str:
         lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
                   "sessions %.2f ms: overhead ratio %.3f" % (
             o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
+    if r.get("graph_latency"):
+        segs = sorted({k for v in r["graph_latency"].values() for k in v if k != "error"})
+        lines += ["", "## Latency per graph (p50 ms, batch 1)", "",
+                  "| graphs @ threads | " + " | ".join(segs) + " |", "|---" + "|---:" * len(segs) + "|"]
+        for key, v in r["graph_latency"].items():
+            cells = [("%.2f" % v[sg]) if sg in v else "-" for sg in segs]
+            lines.append("| %s | %s |" % (key, " | ".join(cells)) if "error" not in v else "| %s | %s |" % (key, v["error"]))
     if r.get("comparison"):
         c = r["comparison"]
         lines += ["", "## LC / EC / SC / SC+EE on the same inputs (%s; the edge server ran on this machine)" % c["backend"],

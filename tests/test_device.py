@@ -93,6 +93,8 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert report["runtime_vs_bare_onnxruntime"]["overhead_ratio"] > 0
     assert (tmp_path / "report.md").read_text().startswith("# eetool bench")
     assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
+    assert set(report["graph_latency"]) == {"onnx/fp32@1", "onnx/fp32@2"}
+    assert set(report["graph_latency"]["onnx/fp32@1"]) == {"seg0", "seg1"}
     modes = report["comparison"]["modes"]
     assert set(modes) == {"LC", "EC", "SC"}  # no exits in this bundle
     assert modes["LC"]["bytes_per_sample"] == 0 < modes["SC"]["bytes_per_sample"] < modes["EC"]["bytes_per_sample"]
