@@ -103,12 +103,15 @@ def inspect(model, weights, input_shape, preprocess, depth, as_json):
 @click.option("--calib-samples", default=100, show_default=True, help="number of calibration samples")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]),
               help="activation range method for ONNX int8 (default: eetool's recipe)")
+@click.option("--int8-weights", type=click.Choice(["uint8", "int8"]),
+              help="ONNX int8 weight type: uint8 (default, most accurate) or int8 with reduce_range (fast on x86 "
+                   "CPUs without VNNI, where onnxruntime's u8u8 kernels are slow)")
 @click.option("--verify-data", help="real inputs for verification (default: the calibration source, after "
                                     "the calibration samples)")
 @click.option("--verify-samples", default=32, show_default=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
 def export(model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
-           calib_method, verify_data, verify_samples, out):
+           calib_method, int8_weights, verify_data, verify_samples, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
@@ -142,6 +145,8 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
 
         exits = exit_specs(exits_dir, src.model, torch.from_numpy(calib_ds.x[:1]))
     quant = {"method": calib_method} if calib_method else {}
+    if int8_weights == "int8":  # u8s8 saturates 16-bit intermediates without VNNI unless ranges are reduced
+        quant.update(weight_type="int8", reduce_range=True)
     report = export_bundle(src, ExportOptions(split=[s for s in split.split(",") if s], out=Path(out),
                                               exits=exits, formats=fmts, int8=int8, quant=quant), calib_ds, verify_ds)
     _print_export_summary(Path(out), report)
