@@ -108,7 +108,7 @@ def run_bench(args) -> int:
     if not args.server:
         proc, args.server = start_server(args.bundle, ["--backend", args.backend, "--precision", "fp32"])
     try:
-        report = _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli)
+        report = _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files)
     finally:
         if proc is not None:
             proc.terminate()
@@ -123,7 +123,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli) -> dict:
+def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files=()) -> dict:
     runner, fmt, precision = cli.make_runner(args, bundle, board)
     threads = cli._threads(args, board)
     _run_pass(runner, xs[: max(1, args.warmup)], 1)
@@ -151,8 +151,10 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli) -> di
     }
     report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
     report["graph_latency"] = graph_latency(bundle, xs, args.repeat)
+    report["input_file_bytes_mean"] = float(np.mean([os.path.getsize(f) for f in files]))
     if not getattr(args, "no_compare", False):
         report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board)
+    report["findings"] = findings(report)
     if "onnx/fp32" in bundle.formats():
         report["runtime_vs_bare_onnxruntime"] = bare_onnxruntime_ms(bundle, xs, threads, args.repeat)
     return report
@@ -250,6 +252,33 @@ def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2)) -> Dict[str, 
     return out
 
 
+def findings(r: dict) -> List[str]:
+    """The survey's qualitative claims, checked against this run's own numbers (true or not)."""
+    out = []
+    sent, jpeg = r["bytes_sent_mean"], r["input_file_bytes_mean"]
+    if sent:
+        out.append("bytes sent per request (%.0f B mean, int8 + %s, 0 when an exit fires) are %s than the input "
+                   "file (%.0f B mean)"
+                   % (sent, r["codec"], "smaller" if sent < jpeg else "NOT smaller", jpeg))
+    sweep = r.get("bandwidth_sweep") or []
+    if len(sweep) > 1:
+        lo, hi = sweep[0], sweep[-1]
+        out.append("end-to-end p50 falls from %.1f ms at %s to %.1f ms at %s: the network share %s with bandwidth"
+                   % (lo["total_ms"]["p50"], lo["bandwidth"], hi["total_ms"]["p50"], hi["bandwidth"],
+                      "shrinks" if hi["total_ms"]["p50"] < lo["total_ms"]["p50"] else "does NOT shrink"))
+    modes = (r.get("comparison") or {}).get("modes", {})
+    if modes:
+        best = min(modes, key=lambda m: modes[m]["latency_ms"]["p50"])
+        out.append("fastest mode on this link: %s (p50 %.1f ms)" % (best, modes[best]["latency_ms"]["p50"]))
+    if "SC+EE" in modes and "SC" in modes:
+        ee, sc = modes["SC+EE"], modes["SC"]
+        out.append("early exits: p50 %.1f ms vs %.1f ms without, %.0f vs %.0f B per request, top-1 agreement "
+                   "with LC %.1f %% vs %.1f %%" % (ee["latency_ms"]["p50"], sc["latency_ms"]["p50"],
+                                                   ee["bytes_per_sample"], sc["bytes_per_sample"],
+                                                   100 * ee["top1_agreement_with_LC"], 100 * sc["top1_agreement_with_LC"]))
+    return out
+
+
 def _exit_rates(results) -> Dict[str, float]:
     counts: Dict[str, int] = {}
     for r in results:
@@ -298,6 +327,8 @@ def render_markdown(r: dict) -> str:
         lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
                   "sessions %.2f ms: overhead ratio %.3f" % (
             o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
+    if r.get("findings"):
+        lines += ["", "## Findings (from this run)", ""] + ["- " + f for f in r["findings"]]
     if r.get("graph_latency"):
         segs = sorted({k for v in r["graph_latency"].values() for k in v if k != "error"})
         lines += ["", "## Latency per graph (p50 ms, batch 1)", "",

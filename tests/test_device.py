@@ -94,6 +94,7 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# eetool bench")
     assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
     assert set(report["graph_latency"]) == {"onnx/fp32@1", "onnx/fp32@2"}
+    assert any("input file" in f for f in report["findings"]) and "## Findings" in (tmp_path / "report.md").read_text()
     assert set(report["graph_latency"]["onnx/fp32@1"]) == {"seg0", "seg1"}
     modes = report["comparison"]["modes"]
     assert set(modes) == {"LC", "EC", "SC"}  # no exits in this bundle
