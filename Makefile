@@ -7,6 +7,8 @@ BOARD   ?= host
 PORT    ?= 8470
 SPLIT   ?= blocks.5
 export OMP_NUM_THREADS ?= 2
+# aarch64 root filesystem, wheels and venvs for board-check: outside the clone, reused across clones
+export BOARD_CHECK_CACHE ?= /var/cache/eetool-board-check
 
 .PHONY: install demo test bench reference board-check clean
 

@@ -6,8 +6,8 @@
 #
 #  1. aarch64 wheels: `pip download --only-binary=:all:` of the requirements (bundle's requirements/BOARD.txt,
 #     else --requirements, else scripts/board-requirements-example.txt) for CPython 3.11 manylinux aarch64
-#     into .cache/wheels-aarch64.  A package without such a wheel fails here, naming the package.
-#  2. a minimal Debian bookworm arm64 root filesystem (debootstrap, cached in .cache/rootfs-bookworm-arm64),
+#     into $BOARD_CHECK_CACHE/wheels-aarch64.  A package without such a wheel fails here, naming the package.
+#  2. a minimal Debian bookworm arm64 root filesystem (debootstrap, cached in $BOARD_CHECK_CACHE/rootfs-bookworm-arm64),
 #     run through binfmt_misc + qemu-user-static, with QEMU_CPU set to the board's core (rpi4: cortex-a72,
 #     rpi5: cortex-a76) and an ARM /proc/cpuinfo of that board bind-mounted over the chroot's.
 #  3. a venv inside it (as user pi), `pip install --no-index` of those wheels (cached per requirements file).
@@ -24,7 +24,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCRIPTS="$REPO/scripts"
-CACHE=${BOARD_CHECK_CACHE:-$REPO/.cache}
+CACHE=${BOARD_CHECK_CACHE:-/var/cache/eetool-board-check}
 ROOTFS="$CACHE/rootfs-bookworm-arm64"
 WHEELS="$CACHE/wheels-aarch64"
 STATE="$CACHE/board-check"            # cpuinfo files, venvs per requirements hash, last results

@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
+CACHE = Path(os.environ.get("BOARD_CHECK_CACHE", "/var/cache/eetool-board-check"))
 sys.path.insert(0, str(SCRIPTS))
 
 import board_check_compare  # noqa: E402
@@ -88,7 +89,7 @@ def test_dependency_without_wheel_is_named_with_its_parent(tmp_path, monkeypatch
 
 def test_example_board_requirements_resolve_to_aarch64_wheels():
     """The draft pins in scripts/board-requirements-example.txt all have cp311 manylinux aarch64 wheels."""
-    wheels = download_wheels(SCRIPTS / "board-requirements-example.txt", REPO / ".cache" / "wheels-aarch64")
+    wheels = download_wheels(SCRIPTS / "board-requirements-example.txt", CACHE / "wheels-aarch64")
     names = {w.name.split("-")[0].lower() for w in wheels}
     assert {"numpy", "onnxruntime", "ai_edge_litert", "zstandard", "lz4", "pillow"} <= names
     for w in wheels:
@@ -137,7 +138,6 @@ def test_bundle_runs_on_emulated_rpi4(int8_bundle):
     proc = subprocess.run(["bash", str(SCRIPTS / "board_check.sh"), "--board", "rpi4", "--bundle", str(int8_bundle)],
                           capture_output=True, text=True, timeout=3500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    cache = Path(os.environ.get("BOARD_CHECK_CACHE", REPO / ".cache"))
-    verdict = json.loads((cache / "board-check" / "last-run-rpi4.json").read_text())
+    verdict = json.loads((CACHE / "board-check" / "last-run-rpi4.json").read_text())
     assert verdict["ok"] and verdict["board_machine"] == "aarch64"
     assert verdict["backend"] == "tflite"  # rpi4's profile prefers LiteRT, and the bundle has TFLite graphs

@@ -108,7 +108,7 @@ def test_device_side_runs_on_python38_with_only_numpy_and_onnxruntime(effnet_bun
     import os
     from pathlib import Path
 
-    py38 = Path(os.environ.get("EETOOL_PY38_VENV", Path(__file__).resolve().parents[1] / ".cache" / "py38")) / "bin" / "python"
+    py38 = Path(os.environ.get("EETOOL_PY38_VENV", Path(__file__).resolve().parents[1] / "build" / "py38")) / "bin" / "python"
     have38 = py38.exists()
     if not have38:
         assert os.environ.get("CI") != "true", ".ci/run must create the 3.8 venv"
