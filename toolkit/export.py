@@ -62,6 +62,7 @@ def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec
         if not traced.cut(e.at).single_tensor:
             raise SplitError(f"exit {e.name!r} at {e.at!r}: the cut carries {len(traced.cut(e.at).crossing)} "
                              f"tensors; attach exits where a single tensor crosses")
+        _check_threshold(e)
     return cuts, boundary
 
 
@@ -120,15 +121,15 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
             if seg.until is not None:
                 manifest["tensors"][name] = {"shape": [None, *values[name].shape[1:]], "dtype": "float32",
                                              "layout": "NCHW" if values[name].dim() == 4 else None}
+    public = tensor_names(traced, cuts)
     for e in opts.exits:
-        name = tensor_names(traced, cuts)[traced.cut(e.at).crossing[0]]
+        name = public[traced.cut(e.at).crossing[0]]
         key = f"{e.name}.onnx.fp32"
         e.module.eval()
         entry = export_onnx(e.module, (values[name],), out / "graphs" / f"{e.name}.fp32.onnx", [name],
                             [f"{e.name}.logits"])
         manifest["graphs"][key] = {"file": f"graphs/{e.name}.fp32.onnx", "format": "onnx", "precision": "fp32",
                                    **entry, "quantization": None}
-        _check_threshold(e)
         manifest["exits"].append({"name": e.name, "at": e.at, "input": name, "output": f"{e.name}.logits",
                                   "mflops": module_flops(e.module, values[name]) / 1e6, "rule": e.rule,
                                   "threshold": float(e.threshold), "graphs": {"onnx/fp32": key}})
