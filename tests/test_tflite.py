@@ -207,3 +207,26 @@ def test_backend_is_board_safe_python38():
             mods.add(node.module.split(".")[0])
     assert not mods & {"torch", "tensorflow", "onnx", "onnxruntime", "toolkit"}
     assert "from __future__ import annotations" in src
+
+
+def test_first_convolutions_stay_float_in_the_image_graph(exported, images, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolkit.export_tflite import first_convs_float_recipe
+
+    d, eh, _ = exported
+    calib, check = images
+    recipe = first_convs_float_recipe(eh["file"])
+    assert recipe.startswith("static_wi8_ai8_minmax+float:^(?:") and recipe.endswith(");$")
+    out = tmp_path / "head.int8.tflite"
+    q = quantize_int8(eh["file"], str(out), {"input": calib}, recipe, name_map=eh.get("name_map"))
+    it = Interpreter(model_path=str(out))
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    convs = [op for op in it._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert [dtypes[c["inputs"][0]] for c in convs[:2]] == [np.float32, np.float32]  # the two first: float
+    assert all(dtypes[c["inputs"][0]] == np.int8 for c in convs[2:])  # the rest: full integer
+    assert q["io"]["input"]["dtype"] == "int8" and q["io"]["blocks.2"]["dtype"] == "int8"
+    ref = LiteRTSession(eh["file"], name_map=eh.get("name_map")).run({"input": check[:4]})["blocks.2"]
+    got = LiteRTSession(str(out), name_map=eh.get("name_map")).run({"input": check[:4]})["blocks.2"]
+    cos = (ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got))
+    assert cos > 0.98

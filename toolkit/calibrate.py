@@ -113,7 +113,7 @@ def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, prog
 
 
 def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed):
-    from .export_tflite import describe_tflite, export_float, quantize_int8
+    from .export_tflite import describe_tflite, export_float, first_convs_float_recipe, quantize_int8
 
     name = owner["name"]
     inputs = owner["inputs"] if "inputs" in owner else [owner["input"]]
@@ -127,7 +127,10 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed):
         return
     rel8 = f"graphs/{name}.int8.tflite"
     pinned = {n: fixed[n] for n in inputs if n in fixed}
-    q = quantize_int8(out / rel, out / rel8, per_graph[name], name_map=entry.get("name_map"), fixed_io=pinned or None)
+    # the graph reading the image keeps its first two convolutions float (see first_convs_float_recipe)
+    recipe = first_convs_float_recipe(out / rel) if manifest["input"]["name"] in inputs else "static_wi8_ai8_minmax"
+    q = quantize_int8(out / rel, out / rel8, per_graph[name], recipe, name_map=entry.get("name_map"),
+                      fixed_io=pinned or None)
     for n in outputs:
         if n in q.get("io", {}):
             fixed[n] = {"scale": q["io"][n]["scale"], "zero_point": q["io"][n]["zero_point"]}

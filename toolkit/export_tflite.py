@@ -332,6 +332,9 @@ def _recipe_rules(recipe: str) -> Tuple[List[Dict[str, Any]], str]:
     ``static_wi8_ai16``          int16 activations everywhere (IO int16)
     ``<base>+a16:<regex>``       <base>, with int16 activations for ops whose output tensor name matches regex
     ``<base>+float:<regex>``     <base>, with the matching ops left in float (not full-integer any more)
+
+    The quantizer matches a regex against an op's output tensor names joined by ``;`` plus a trailing
+    ``;``: anchor a full name as ``^name;$`` (``name$`` never matches).
     """
     from ai_edge_quantizer import recipe_manager
     from ai_edge_quantizer.qtyping import TFLOperationName
@@ -367,6 +370,27 @@ def _calib_list(calib: Union[Mapping[str, np.ndarray], Iterable[Mapping[str, np.
         total = n.pop()
         return [{k: np.ascontiguousarray(v[i:i + batch]) for k, v in arrays.items()} for i in range(0, total, batch)]
     return [{k: np.asarray(v, dtype=np.float32) for k, v in d.items()} for d in calib]
+
+
+def first_convs_float_recipe(float_path: Union[str, os.PathLike], n: int = 2,
+                             base: str = "static_wi8_ai8_minmax") -> str:
+    """Recipe keeping the first ``n`` convolutions (CONV_2D / DEPTHWISE_CONV_2D, in graph order) of
+    ``float_path`` in float and everything else full-integer.
+
+    For the graph that reads the image: the stem's 3-channel conv and the first depthwise conv are the
+    most quantisation-sensitive layers of EfficientNet-Lite0 (measured: int8 head -> float tail agrees
+    95.3 % with float, float head -> int8 tail 96.3 %), and the 3-channel conv gains nothing from int8
+    kernels. On the 600 held-out ImageNet samples this took the int8 chain from 94.3 % to 95.2 % top-1
+    agreement with float, with the head no slower."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(float_path))
+    tensors = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    names = [";".join(tensors[i] for i in op["outputs"]) for op in it._get_ops_details()
+             if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")][:n]
+    if not names:
+        return base
+    return base + "+float:^(?:" + "|".join(re.escape(nm) for nm in names) + ");$"
 
 
 def quantize_int8(
