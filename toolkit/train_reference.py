@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from calibration import thresholds as T
 from calibration.fashion_mnist import PREPROCESS, load_fashion_mnist, to_input
-from toolkit.exits import (EarlyExitModel, build_exits, collect_logits, cut_shapes, exit_flops,
+from toolkit.exits import (_json_default, EarlyExitModel, build_exits, collect_logits, cut_shapes, exit_flops,
                            save_exits, train_exits)
 from toolkit.models.small_cnn import STAGES, SmallCNN, stage_mflops
 
@@ -53,8 +53,10 @@ class Batches:
             yield self.x[j], self.y[j]
 
 
-def train_backbone(model: nn.Module, loader: Batches, epochs: int, lr: float, progress: bool = True) -> list[float]:
-    """Adam + one-cycle LR, cross-entropy. Returns mean loss per epoch."""
+def _one_cycle(model: nn.Module, loader: Batches, epochs: int, lr: float, loss_fn, desc: str,
+               progress: bool) -> list[float]:
+    """Adam + one-cycle LR over ``epochs``; ``loss_fn(model, x, y)`` gives the batch loss. Returns the mean
+    loss per epoch and leaves ``model`` in eval mode."""
     from tqdm import tqdm
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -63,9 +65,9 @@ def train_backbone(model: nn.Module, loader: Batches, epochs: int, lr: float, pr
     for ep in range(epochs):
         model.train()
         tot, n = 0.0, 0
-        it = tqdm(loader, desc=f"backbone epoch {ep + 1}/{epochs}", leave=False, disable=not progress)
+        it = tqdm(loader, desc=f"{desc} epoch {ep + 1}/{epochs}", leave=False, disable=not progress)
         for x, y in it:
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -78,32 +80,23 @@ def train_backbone(model: nn.Module, loader: Batches, epochs: int, lr: float, pr
     return hist
 
 
+def train_backbone(model: nn.Module, loader: Batches, epochs: int, lr: float, progress: bool = True) -> list[float]:
+    """Adam + one-cycle LR, cross-entropy. Returns mean loss per epoch."""
+    return _one_cycle(model, loader, epochs, lr, lambda m, x, y: F.cross_entropy(m(x), y), "backbone", progress)
+
+
 def train_joint(model: EarlyExitModel, loader: Batches, epochs: int, lr: float, progress: bool = True) -> dict:
-    """Joint training with the same one-cycle schedule as the backbone: wraps :func:`train_exits` one
-    epoch at a time so the LR can follow the schedule."""
-    # train_exits uses a constant LR; for from-scratch joint training the one-cycle schedule matters,
-    # so we step a shared optimiser here instead (same loss as train_exits(mode="joint")).
+    """Joint training (weighted sum of every exit's and the final output's cross-entropy) with the same
+    one-cycle schedule as the backbone; :func:`toolkit.exits.train_exits` keeps a constant LR, which
+    matters little for exits on a trained backbone but does for training from scratch."""
     from toolkit.exits import default_weights
-    from tqdm import tqdm
 
     w = default_weights(len(model.exit_names) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
-    hist = []
-    for ep in range(epochs):
-        model.train()
-        tot, n = 0.0, 0
-        for x, y in tqdm(loader, desc=f"joint epoch {ep + 1}/{epochs}", leave=False, disable=not progress):
-            out = model(x)
-            loss = sum(wk * F.cross_entropy(o, y) for wk, o in zip(w, out.values()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item() * len(x)
-            n += len(x)
-        hist.append(tot / n)
-    model.eval()
+
+    def loss(m, x, y):
+        return sum(wk * F.cross_entropy(o, y) for wk, o in zip(w, m(x).values()))
+
+    hist = _one_cycle(model, loader, epochs, lr, loss, "joint", progress)
     return {"mode": "joint", "loss": "ce", "epochs": epochs, "lr": lr, "weights": w, "history": hist,
             "schedule": "one-cycle"}
 
@@ -268,13 +261,7 @@ def _strip_curves(res: dict) -> dict:
 
 
 def _json(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
+    return str(o) if isinstance(o, Path) else _json_default(o)
 
 
 if __name__ == "__main__":
