@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.labels import LabelError, labels_table, synset_index
 from runtime.preprocess import PreprocessError, list_images, load_image, normalize
 
 SKIMAGE_PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"]
@@ -64,23 +65,22 @@ def skimage_photo_paths() -> list[Path]:
 def _folder_labels(root: Path, files: list[Path]) -> np.ndarray | None:
     syn = root / "synsets.txt"
     if syn.is_file():
-        wnid_to_index = {}
-        for line in syn.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 2:
-                wnid_to_index[parts[1]] = int(parts[0])
+        wnid_to_index = synset_index(syn)
         try:
             return np.array([wnid_to_index[f.name.split("_", 1)[0]] for f in files], np.int64)
         except KeyError as e:
             raise DataError(f"{root}: file prefix {e} not found in synsets.txt")
     labels = root / "labels.txt"
     if labels.is_file():
-        table = dict(line.split("\t")[:2] for line in labels.read_text().splitlines() if "\t" in line)
+        try:
+            table = labels_table(labels)
+        except LabelError as e:
+            raise DataError(str(e)) from e
         missing = [f.name for f in files if f.name not in table]
         if missing:
             raise DataError(f"{labels}: no label for {len(missing)} image(s), e.g. {missing[0]}; add "
                             f"'<file name><TAB><class index>' lines")
-        return np.array([int(table[f.name]) for f in files], np.int64)
+        return np.array([table[f.name] for f in files], np.int64)
     parents = sorted({f.parent.name for f in files})
     if len(parents) > 1 and all(f.parent.parent == root for f in files):
         index = {p: i for i, p in enumerate(parents)}
