@@ -50,21 +50,25 @@ def copy_support_files(out: Path, sample_files: list[Path]) -> None:
             shutil.copy(f, out / "samples" / Path(f).name)
 
 
-def write_array_samples(folder: Path, data, preprocess: dict, n: int = 8) -> None:
+def write_array_samples(folder: Path, data, preprocess: dict, n: int = 8) -> list[Path]:
     """Write up to ``n`` samples of ``data`` (float32 NCHW, preprocessed) back as 8-bit PNG files, inverting
-    the ``array`` preprocessing (scale, mean, std), so ``runtime run`` has real inputs to read."""
+    the ``array`` preprocessing (scale, mean, std), so ``runtime run`` has real inputs to read. Returns the
+    files written (none for image models)."""
     import numpy as np
     from PIL import Image
 
     if preprocess.get("kind") != "array":
-        return
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     mean = np.asarray(preprocess.get("mean", [0.0]), np.float32).reshape(-1, 1, 1)
     std = np.asarray(preprocess.get("std", [1.0]), np.float32).reshape(-1, 1, 1)
+    files = []
     for i, x in enumerate(data.x[:n]):
         u8 = np.clip(np.rint((x * std + mean) / preprocess.get("scale", 1.0)), 0, 255).astype(np.uint8)
         label = "" if data.y is None else f"_label{int(data.y[i])}"
-        Image.fromarray(u8[0] if u8.shape[0] == 1 else u8.transpose(1, 2, 0)).save(folder / f"sample{i}{label}.png")
+        files.append(folder / f"sample{i}{label}.png")
+        Image.fromarray(u8[0] if u8.shape[0] == 1 else u8.transpose(1, 2, 0)).save(files[-1])
+    return files
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

@@ -109,9 +109,13 @@ def inspect(model, weights, input_shape, preprocess, depth, as_json):
 @click.option("--verify-data", help="real inputs for verification (default: the calibration source, after "
                                     "the calibration samples)")
 @click.option("--verify-samples", default=32, show_default=True)
+@click.option("--samples", "n_samples", default=8, show_default=True,
+              help="verification inputs copied into the bundle's samples/ (labels go in the manifest)")
+@click.option("--no-profile-graph", is_flag=True,
+              help="leave out profile/model.fp32.onnx (the whole model, for per-layer latency in 'runtime bench')")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
 def export(model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
-           calib_method, int8_weights, verify_data, verify_samples, out):
+           calib_method, int8_weights, verify_data, verify_samples, n_samples, no_profile_graph, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
@@ -148,7 +152,9 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
     if int8_weights == "int8":  # u8s8 saturates 16-bit intermediates without VNNI unless ranges are reduced
         quant.update(weight_type="int8", reduce_range=True)
     report = export_bundle(src, ExportOptions(split=[s for s in split.split(",") if s], out=Path(out),
-                                              exits=exits, formats=fmts, int8=int8, quant=quant), calib_ds, verify_ds)
+                                              exits=exits, formats=fmts, int8=int8, quant=quant,
+                                              layer_profile_graph=not no_profile_graph, samples=n_samples),
+                           calib_ds, verify_ds)
     _print_export_summary(Path(out), report)
 
 

@@ -24,6 +24,7 @@ from .slicing import INPUT_NAME, OUTPUT_NAME, order_cuts, slice_model, tensor_na
 from .sources import ModelSource
 
 VERSION = "0.1.0"
+PROFILE_GRAPH = "profile/model.fp32.onnx"
 
 
 @dataclass
@@ -48,6 +49,10 @@ class ExportOptions:
     int8: bool = False
     quant: dict = field(default_factory=dict)  # QuantConfig fields for the ONNX quantiser
     progress: bool = True
+    # the whole model as one float graph with module-scoped node names, so `runtime bench` on the board can
+    # measure per-layer latency for `eetool plan --measurements` (costs one more fp32 graph in the bundle)
+    layer_profile_graph: bool = True
+    samples: int = 8  # verification inputs copied into samples/ (with their labels, when known)
 
 
 def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec]) -> tuple[list, object]:
@@ -147,9 +152,19 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
     if "onnx" not in opts.formats:
         _drop_format(out, manifest, "onnx")
 
-    copy_support_files(out, _sample_files(verify_data))
+    sample_files = _sample_files(verify_data, opts.samples)
+    copy_support_files(out, sample_files)
     if not verify_data.files:
-        write_array_samples(out / "samples", verify_data, source.preprocess)
+        sample_files = write_array_samples(out / "samples", verify_data, source.preprocess, opts.samples)
+    if verify_data.y is not None and sample_files:
+        # ground truth for the samples/ the bundle carries, so `runtime bench` can report accuracy
+        manifest["samples"] = {"labels": {Path(f).name: int(y) for f, y in zip(sample_files, verify_data.y)}}
+    if opts.layer_profile_graph:
+        from .layer_latency import export_whole_onnx
+
+        export_whole_onnx(model, tuple(source.input_shape), out / PROFILE_GRAPH)
+        manifest["layer_profile_graph"] = {"file": PROFILE_GRAPH, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                                           "dtype": "float32", "layout": "NCHW"}
     (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
     write_manifest(out, manifest)
     report.update(verify.verify_bundle(out, model, verify_data))
