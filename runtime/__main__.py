@@ -170,6 +170,12 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_report(args) -> int:
+    from .report import main as report_main
+
+    return report_main(args.args)
+
+
 def _common(p):
     p.add_argument("bundle")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
@@ -214,7 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _device_opts(p)
     p.add_argument("--server", help="HOST:PORT of a running edge server (default: start one on loopback)")
-    p.add_argument("--inputs", nargs="*", help="input files (default: the bundle's samples/)")
+    p.add_argument("--inputs", nargs="*", help="input files or folders of images (default: the bundle's samples/); "
+                                               "labels from synsets.txt / labels.txt beside them give accuracy")
+    p.add_argument("--max-inputs", type=int, help="keep this many inputs, spread evenly over those given")
+    p.add_argument("--include-calibration", action="store_true",
+                   help="also measure on inputs the bundle was calibrated on (left out by default)")
+    p.add_argument("--no-layer-profile", action="store_true",
+                   help="skip the per-layer latency profile (layers.json, for 'eetool plan --measurements')")
+    p.add_argument("--profile-runs", type=int, default=20, help="profiled runs of the whole model")
     p.add_argument("--repeat", type=int, default=3, help="passes over the inputs after warm-up")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bandwidths", default="1mbit,10mbit,100mbit", help="emulated links for latency vs bandwidth")
@@ -223,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true",
                    help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("report", help="one Markdown page from bench report folders and plan JSONs")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_report)
     return ap
 
 

@@ -36,14 +36,43 @@ def start_server(bundle_dir: str, extra: List[str]) -> tuple:
     return proc, line.strip().rsplit(" on ", 1)[1]
 
 
-def _inputs(args, bundle: Bundle) -> List[str]:
+def select_inputs(args, bundle: Bundle) -> tuple:
+    """The input files to measure on, and a note on how they were chosen: ``--inputs`` (files or folders
+    of images) or the bundle's ``samples/``; files the bundle was calibrated on are left out (unless
+    ``--include-calibration``) so accuracy is not measured on calibration data; ``--max-inputs N`` keeps
+    N spread evenly over the rest. Raises ValueError when nothing is left."""
+    from .preprocess import list_images
+
     if args.inputs:
-        return list(args.inputs)
-    samples = bundle.root / "samples"
-    files = sorted(str(p) for p in samples.iterdir()) if samples.is_dir() else []
+        files: List[str] = []
+        for a in args.inputs:
+            files.extend(str(f) for f in list_images(a)) if Path(a).is_dir() else files.append(str(a))
+        where = ", ".join(args.inputs)
+    else:
+        samples = bundle.root / "samples"
+        files = [str(p) for p in list_images(samples)] if samples.is_dir() else []
+        where = "the bundle's samples/"
     if not files:
-        raise ValueError("no inputs: give --inputs FILE... (the bundle has no samples/)")
-    return files
+        raise ValueError("no inputs: give --inputs FILE_OR_FOLDER... (the bundle has no samples/)")
+    calib = set((bundle.manifest.get("calibration") or {}).get("names") or [])
+    kept = files if args.include_calibration else [f for f in files if Path(f).name not in calib]
+    note = "%d inputs from %s" % (len(kept), where)
+    if not kept and not args.inputs:
+        # exported from a source too small to hold anything else (e.g. 'samples', 5 photos): measure on
+        # them anyway, and say that accuracy on them is optimistic
+        kept = files
+        note = "%d inputs from %s, all of them calibration samples (the export had no others): accuracy on " \
+               "them is optimistic" % (len(kept), where)
+    elif not kept:
+        raise ValueError("all %d inputs are calibration samples of this bundle; give other inputs or "
+                         "--include-calibration" % len(files))
+    elif len(kept) < len(files):
+        note += " (%d calibration samples left out)" % (len(files) - len(kept))
+    if args.max_inputs and len(kept) > args.max_inputs:
+        idx = np.unique(np.linspace(0, len(kept) - 1, args.max_inputs).round().astype(int))
+        kept = [kept[i] for i in idx]
+        note += ", %d spread evenly over them" % len(kept)
+    return kept, note
 
 
 def _run_pass(runner, xs, repeat: int) -> List:
@@ -94,36 +123,63 @@ def bare_onnxruntime_ms(bundle: Bundle, xs, threads, repeat: int) -> Dict[str, f
 
 def run_bench(args) -> int:
     from . import __main__ as cli
+    from . import report as R
     from .boards import load_board
     from .energy import meter_for_board
+    from .labels import labels_for
     from .preprocess import load_inputs
 
     bundle = Bundle.load(args.bundle)
     board = load_board(args.board or "host")
-    files = _inputs(args, bundle)
+    files, note = select_inputs(args, bundle)
+    labels = labels_for(files, bundle.manifest, bundle.root / "samples")
     t0 = time.perf_counter()
     xs = [load_inputs([f], bundle.manifest["preprocess"]) for f in files]
     preprocess_ms = (time.perf_counter() - t0) * 1e3 / len(files)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     proc = None
     if not args.server:
         proc, args.server = start_server(args.bundle, ["--backend", args.backend, "--precision", "fp32"])
     try:
-        report = _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files)
+        report = _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files, labels)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=10)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    report["inputs_note"] = note
+    if not args.no_layer_profile:
+        report["layer_profile"] = layer_profile(args, bundle, board, xs, files, out)
+    report["findings"] = R.findings(report)
+    R.write(out, report)  # plots first: the report lists the ones written
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
-    _plots(report, out)
-    print(render_markdown(report))
+    print(R.render_markdown(report))
     print("report written to %s" % out)
     return 0
 
 
-def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files=()) -> dict:
+def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path) -> dict:
+    """Per-layer latency of the whole model on this board (:func:`runtime.profile_layers.profile_onnx` on
+    the bundle's ``profile/model.fp32.onnx``), written to ``out/layers.json`` for ``eetool plan
+    --measurements``; a note when the bundle has no profile graph (exported with --no-profile-graph)."""
+    from . import profile_layers as P
+
+    spec = bundle.manifest.get("layer_profile_graph")
+    if not spec:
+        return {"skipped": "the bundle has no layer_profile_graph (exported with --no-profile-graph)"}
+    path = bundle.root / spec["file"]
+    bundle.verify([spec["file"]])
+    prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), args.threads,
+                          board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name)
+    images = [f for f in files if not str(f).endswith(".npy")][:8]
+    if images and bundle.manifest["preprocess"].get("kind") == "image":
+        prof["preprocess_ms"] = P.preprocess_ms(images, bundle.manifest["preprocess"])
+    P.save_profile(prof, out / "layers.json")
+    return {"file": "layers.json", "total_ms": prof["total_ms"], "source": prof["source"],
+            "modules": len(prof["cumulative_ms"])}
+
+
+def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files=(), labels=None) -> dict:
     runner, fmt, precision = cli.make_runner(args, bundle, board)
     threads = cli._threads(args, board)
     _run_pass(runner, xs[: max(1, args.warmup)], 1)
@@ -139,52 +195,79 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files
     n = len(results)
     report = {
         "bundle": str(bundle.root), "split": bundle.manifest["split"], "board": board.get("name"),
+        "model": (bundle.manifest.get("model") or {}).get("source"),
         "machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
         "precision": precision, "threads": threads, "codec": args.codec, "wire_dtype": args.wire_dtype,
         "requests": n, "inputs": len(xs), "preprocess_ms_mean": preprocess_ms,
+        "labelled_inputs": len(labels) if labels else 0,
         "stages_ms": _stage_table(results), "throughput_per_s": n / wall,
         "bytes_sent_mean": float(np.mean([r.bytes_sent for r in results])),
         "bytes_received_mean": float(np.mean([r.bytes_received for r in results])),
+        "device_mflops_mean": float(np.mean([device_mflops(bundle, r) for r in results])),
         "exit_rates": _exit_rates(results),
         "energy": {**energy.to_json(), "per_inference_j": energy.joules / n,
                    "idle_w_measured": idle_w, "label": "estimated" if energy.estimated else "measured"},
     }
+    if labels:
+        report["top1_accuracy"] = accuracy([r.top1 for r in results[-len(xs):]], labels)
     report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
     report["graph_latency"] = graph_latency(bundle, xs, args.repeat)
     report["input_file_bytes_mean"] = float(np.mean([os.path.getsize(f) for f in files]))
     if not getattr(args, "no_compare", False):
-        report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board)
-    report["findings"] = findings(report)
+        report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board, labels)
     if "onnx/fp32" in bundle.formats():
         report["runtime_vs_bare_onnxruntime"] = bare_onnxruntime_ms(bundle, xs, threads, args.repeat)
     return report
 
 
-def _timed_mode(infer, xs, repeat: int, meter) -> dict:
-    """Run ``infer(x) -> (top1, bytes_sent)`` over ``xs`` after one warm-up pass; wall ms per request,
-    bytes per request, device energy per inference, and the top-1 of the last pass."""
+def accuracy(top1: List[int], labels: List[int]) -> float:
+    """Fraction of ``top1`` equal to ``labels`` (same order and length)."""
+    return float(np.mean([int(a) == int(b) for a, b in zip(top1, labels)]))
+
+
+def device_mflops(bundle: Bundle, result) -> float:
+    """MFLOPs the device spent on one request: the segments and exit branches it ran (the stages timed in
+    ``result.ms``), plus the server segments when it ran the tail itself."""
+    spent = sum(s.get("mflops", 0.0) for s in bundle.segments if s["name"] in result.ms)
+    spent += sum(e.get("mflops", 0.0) for e in bundle.exits if e["name"] in result.ms)
+    if "local_tail" in result.ms:
+        spent += sum(s.get("mflops", 0.0) for s in bundle.server_segments)
+    return float(spent)
+
+
+def _timed_mode(infer, xs, repeat: int, meter, labels=None) -> dict:
+    """Run ``infer(x) -> (top1, bytes_sent, device MFLOPs)`` over ``xs`` after one warm-up pass; wall ms
+    per request, bytes per request, device MFLOPs and energy per inference, the top-1 of the last pass and,
+    with ``labels``, its accuracy."""
     for x in xs:
         infer(x)
-    ms, sent, top1 = [], [], []
+    ms, sent, mflops, top1 = [], [], [], []
     meter.start()
     for _ in range(repeat):
         top1 = []
         for x in xs:
             t0 = time.perf_counter()
-            t, b = infer(x)
+            t, b, f = infer(x)
             ms.append((time.perf_counter() - t0) * 1e3)
             sent.append(b)
+            mflops.append(f)
             top1.append(t)
     energy = meter.stop()
-    return {"latency_ms": percentiles(ms), "bytes_per_sample": float(np.mean(sent)), "top1": top1,
-            "energy_j_per_inference": energy.joules / len(ms), "energy_label": "estimated" if energy.estimated else "measured"}
+    out = {"latency_ms": percentiles(ms), "bytes_per_sample": float(np.mean(sent)),
+           "device_mflops": float(np.mean(mflops)), "top1": top1,
+           "energy_j_per_inference": energy.joules / len(ms),
+           "energy_label": "estimated" if energy.estimated else "measured"}
+    if labels:
+        out["top1_accuracy"] = accuracy(top1, labels)
+    return out
 
 
-def compare_modes(args, bundle, board, xs, cli, meter_for_board) -> dict:
+def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None) -> dict:
     """The survey's comparison on the same inputs (Matsubara, Levorato & Restuccia, sec. 2): local
     computing (LC, whole model on the device), edge computing (EC, the int8-quantised input sent to a
-    server running the whole model), split computing (SC) and SC with early exits (SC+EE, when the
-    bundle has exits). Latency is wall time per request from preprocessed input to result (ms)."""
+    server running the whole model), split computing (SC) and, when the bundle has exits, SC with early
+    exits (SC+EE) and LC with early exits (LC+EE). Latency is wall time per request from preprocessed
+    input to result (ms); device MFLOPs count the graphs the device ran; accuracy needs ``labels``."""
     from . import codec
     from .client import EdgeClient
     from .device import DeviceRunner
@@ -193,9 +276,14 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board) -> dict:
     precision = cli.pick_precision(bundle, fmt, args.precision)
     threads = cli._threads(args, board)
     meter = meter_for_board(board)
+    whole = sum(s.get("mflops", 0.0) for s in bundle.segments)
+
+    def run(runner):
+        return lambda x: (lambda r: (r.top1, r.bytes_sent, device_mflops(bundle, r)))(runner.infer(x))
+
     modes: Dict[str, dict] = {}
     lc = DeviceRunner(bundle, None, fmt, precision, threads, exits=False, local_tail=True)
-    modes["LC"] = _timed_mode(lambda x: (lc.infer(x).top1, 0), xs, args.repeat, meter)
+    modes["LC"] = _timed_mode(run(lc), xs, args.repeat, meter, labels)
     proc, address = start_server(args.bundle, ["--whole-model", "--backend", fmt, "--precision", "fp32"])
     try:
         host, port = address.rsplit(":", 1)
@@ -206,24 +294,27 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board) -> dict:
             q["zero_point"] = int(np.clip(round(-128 - float(x.min()) / q["scale"]), -128, 127))
             q["dtype"] = "int8"
             reply = client.infer({"input": codec.quantize(x, q["scale"], q["zero_point"], "int8")}, {"input": q})
-            return int(reply.logits[0].argmax()), reply.bytes_sent
+            return int(reply.logits[0].argmax()), reply.bytes_sent, 0.0
 
-        modes["EC"] = _timed_mode(offload, xs, args.repeat, meter)
+        modes["EC"] = _timed_mode(offload, xs, args.repeat, meter, labels)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     saved = args.no_exits
     args.no_exits = True
     sc, _, _ = cli.make_runner(args, bundle, board)
-    modes["SC"] = _timed_mode(lambda x: (lambda r: (r.top1, r.bytes_sent))(sc.infer(x)), xs, args.repeat, meter)
+    modes["SC"] = _timed_mode(run(sc), xs, args.repeat, meter, labels)
     if bundle.exits:
         args.no_exits = False
         see, _, _ = cli.make_runner(args, bundle, board)
-        modes["SC+EE"] = _timed_mode(lambda x: (lambda r: (r.top1, r.bytes_sent))(see.infer(x)), xs, args.repeat, meter)
+        modes["SC+EE"] = _timed_mode(run(see), xs, args.repeat, meter, labels)
+        lcee = DeviceRunner(bundle, None, fmt, precision, threads, exits=True, local_tail=True)
+        modes["LC+EE"] = _timed_mode(run(lcee), xs, args.repeat, meter, labels)
     args.no_exits = saved
     for m in modes.values():
         m["top1_agreement_with_LC"] = float(np.mean([a == b for a, b in zip(m["top1"], modes["LC"]["top1"])]))
-    return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True, "modes": modes}
+    return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True, "whole_model_mflops": whole,
+            "labelled_inputs": len(labels) if labels else 0, "modes": modes}
 
 
 def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2)) -> Dict[str, dict]:
@@ -252,33 +343,6 @@ def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2)) -> Dict[str, 
     return out
 
 
-def findings(r: dict) -> List[str]:
-    """The survey's qualitative claims, checked against this run's own numbers (true or not)."""
-    out = []
-    sent, jpeg = r["bytes_sent_mean"], r["input_file_bytes_mean"]
-    if sent:
-        out.append("bytes sent per request (%.0f B mean, int8 + %s, 0 when an exit fires) are %s than the input "
-                   "file (%.0f B mean)"
-                   % (sent, r["codec"], "smaller" if sent < jpeg else "NOT smaller", jpeg))
-    sweep = r.get("bandwidth_sweep") or []
-    if len(sweep) > 1:
-        lo, hi = sweep[0], sweep[-1]
-        out.append("end-to-end p50 falls from %.1f ms at %s to %.1f ms at %s: the network share %s with bandwidth"
-                   % (lo["total_ms"]["p50"], lo["bandwidth"], hi["total_ms"]["p50"], hi["bandwidth"],
-                      "shrinks" if hi["total_ms"]["p50"] < lo["total_ms"]["p50"] else "does NOT shrink"))
-    modes = (r.get("comparison") or {}).get("modes", {})
-    if modes:
-        best = min(modes, key=lambda m: modes[m]["latency_ms"]["p50"])
-        out.append("fastest mode on this link: %s (p50 %.1f ms)" % (best, modes[best]["latency_ms"]["p50"]))
-    if "SC+EE" in modes and "SC" in modes:
-        ee, sc = modes["SC+EE"], modes["SC"]
-        out.append("early exits: p50 %.1f ms vs %.1f ms without, %.0f vs %.0f B per request, top-1 agreement "
-                   "with LC %.1f %% vs %.1f %%" % (ee["latency_ms"]["p50"], sc["latency_ms"]["p50"],
-                                                   ee["bytes_per_sample"], sc["bytes_per_sample"],
-                                                   100 * ee["top1_agreement_with_LC"], 100 * sc["top1_agreement_with_LC"]))
-    return out
-
-
 def _exit_rates(results) -> Dict[str, float]:
     counts: Dict[str, int] = {}
     for r in results:
@@ -301,87 +365,3 @@ def _sweep(args, bundle, board, xs, cli) -> List[dict]:
     return rows
 
 
-def render_markdown(r: dict) -> str:
-    """The report as a Markdown page (numbers from this run only)."""
-    lines = ["# eetool bench: %s on %s (%s)" % (r["bundle"], r["board"], r["machine"]), "",
-             "split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d inputs" % (
-                 r["split"], r["backend"], r["precision"], r["threads"] or "default", r["codec"], r["wire_dtype"],
-                 r["requests"], r["inputs"]), "",
-             "| stage | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---:|---:|---:|---:|"]
-    for stage, p in r["stages_ms"].items():
-        lines.append("| %s | %.2f | %.2f | %.2f | %.2f |" % (stage, p["p50"], p["p90"], p["p99"], p["mean"]))
-    e = r["energy"]
-    lines += ["", "preprocessing %.2f ms/input; throughput %.1f req/s; bytes sent %.0f / received %.0f per request" % (
-        r["preprocess_ms_mean"], r["throughput_per_s"], r["bytes_sent_mean"], r["bytes_received_mean"]),
-        "", "exit rates: " + ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in r["exit_rates"].items()),
-        "", "energy (%s, %s): %.3f J per inference gross, mean %.2f W%s" % (
-            e["label"].upper(), e.get("source"), e["per_inference_j"], e.get("mean_w", 0.0),
-            ", net of idle %.3f J total" % e["net_joules"] if e.get("net_joules") is not None else "")]
-    if r.get("bandwidth_sweep"):
-        lines += ["", "| link | total p50 ms | bytes sent |", "|---|---:|---:|"]
-        for row in r["bandwidth_sweep"]:
-            lines.append("| %s, rtt %s | %.2f | %.0f |" % (row["bandwidth"], row["rtt"], row["total_ms"]["p50"],
-                                                          row["bytes_sent_mean"]))
-    if r.get("runtime_vs_bare_onnxruntime"):
-        o = r["runtime_vs_bare_onnxruntime"]
-        lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
-                  "sessions %.2f ms: overhead ratio %.3f" % (
-            o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
-    if r.get("findings"):
-        lines += ["", "## Findings (from this run)", ""] + ["- " + f for f in r["findings"]]
-    if r.get("graph_latency"):
-        segs = sorted({k for v in r["graph_latency"].values() for k in v if k != "error"})
-        lines += ["", "## Latency per graph (p50 ms, batch 1)", "",
-                  "| graphs @ threads | " + " | ".join(segs) + " |", "|---" + "|---:" * len(segs) + "|"]
-        for key, v in r["graph_latency"].items():
-            cells = [("%.2f" % v[sg]) if sg in v else "-" for sg in segs]
-            lines.append("| %s | %s |" % (key, " | ".join(cells)) if "error" not in v else "| %s | %s |" % (key, v["error"]))
-    if r.get("comparison"):
-        c = r["comparison"]
-        lines += ["", "## LC / EC / SC / SC+EE on the same inputs (%s; the edge server ran on this machine)" % c["backend"],
-                  "", "| mode | p50 ms | p90 ms | bytes / sample | device energy J / inference | top-1 agreement with LC |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name, m in c["modes"].items():
-            lines.append("| %s | %.2f | %.2f | %.0f | %.3f (%s) | %.1f %% |" % (
-                name, m["latency_ms"]["p50"], m["latency_ms"]["p90"], m["bytes_per_sample"],
-                m["energy_j_per_inference"], m["energy_label"], 100 * m["top1_agreement_with_LC"]))
-    return "\n".join(lines) + "\n"
-
-
-def _plots(r: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    stages = {k: v["mean"] for k, v in r["stages_ms"].items() if k != "total"}
-    fig, ax = plt.subplots(figsize=(6, 2.4))
-    left = 0.0
-    for name, ms in stages.items():
-        ax.barh([0], [ms], left=left, label=name)
-        left += ms
-    ax.set_yticks([])
-    ax.set_xlabel("mean latency per request (ms)")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.45))
-    ax.set_title("latency breakdown (%s, %s)" % (r["board"], r["backend"]))
-    fig.savefig(out / "latency_breakdown.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    if r.get("bandwidth_sweep"):
-        fig, ax = plt.subplots(figsize=(5, 3))
-        xs = [row["bandwidth"] for row in r["bandwidth_sweep"]]
-        ax.plot(xs, [row["total_ms"]["p50"] for row in r["bandwidth_sweep"]], marker="o")
-        ax.set_xlabel("emulated uplink")
-        ax.set_ylabel("end-to-end p50 (ms)")
-        ax.set_title("latency vs bandwidth")
-        fig.savefig(out / "latency_vs_bandwidth.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    if r.get("comparison"):
-        modes = r["comparison"]["modes"]
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar(list(modes), [m["latency_ms"]["p50"] for m in modes.values()], color="tab:blue")
-        ax.set_ylabel("p50 latency per request (ms)")
-        ax.set_title("LC / EC / SC / SC+EE (%s)" % r["board"])
-        fig.savefig(out / "comparison.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)

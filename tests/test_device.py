@@ -82,10 +82,30 @@ def test_runtime_cli_run_json(effnet_bundle, server):
 def test_bench_report(effnet_bundle, server, tmp_path):
     out, _ = effnet_bundle
     proc = subprocess.run([sys.executable, "-m", "runtime", "bench", str(out), "--board", "host", "--server", server,
-                           "--repeat", "1", "--warmup", "1", "--bandwidths", "1mbit,100mbit", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=str(out))
+                           "--repeat", "1", "--warmup", "1", "--bandwidths", "1mbit,100mbit", "--profile-runs", "3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "report.json").read_text())
+    # per-layer profile of the whole model on this board, in the format eetool plan --measurements reads
+    from runtime.profile_layers import load_profile
+    from toolkit.layer_latency import cumulative_for_rows, load_measurements
+
+    prof = load_profile(tmp_path / "layers.json")
+    assert report["layer_profile"]["file"] == "layers.json" and prof["board"] == "host"
+    assert 0 < prof["cumulative_ms"]["blocks.2"] < prof["cumulative_ms"]["blocks.5"] <= prof["total_ms"] * (1 + 1e-9)
+    fed = load_measurements(tmp_path)  # the bench folder itself is accepted
+    assert fed["cumulative_ms"] == prof["cumulative_ms"] and "measured on host" in fed["label"]
+    rows = [{"name": "blocks.2", "aliases": []}, {"name": "blocks.5", "aliases": []}]
+    assert [ms for ms, _ in cumulative_for_rows(fed, rows)] == [prof["cumulative_ms"]["blocks.2"],
+                                                                prof["cumulative_ms"]["blocks.5"]]
+    # ground truth travels with the bundle's samples when the export data had labels
+    labels = Bundle.load(out).manifest.get("samples", {}).get("labels")
+    assert report["labelled_inputs"] == (len(labels) if labels else 0)
+    for m in report["comparison"]["modes"].values():
+        assert ("top1_accuracy" in m) == bool(labels)
+        if labels:
+            assert m["top1_accuracy"] == pytest.approx(np.mean([
+                t == labels[name] for t, name in zip(m["top1"], sorted(labels))]))
     assert report["energy"]["label"] in ("estimated", "measured")
     assert report["energy"]["estimated"] == (report["energy"]["label"] == "estimated")
     assert {"seg0", "network", "server_tail", "total"} <= set(report["stages_ms"])
@@ -100,6 +120,9 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert set(modes) == {"LC", "EC", "SC"}  # no exits in this bundle
     assert modes["LC"]["bytes_per_sample"] == 0 < modes["SC"]["bytes_per_sample"] < modes["EC"]["bytes_per_sample"]
     assert modes["SC"]["top1_agreement_with_LC"] >= 0.5 and (tmp_path / "comparison.png").is_file()
+    segs = Bundle.load(out).segments
+    assert modes["LC"]["device_mflops"] == pytest.approx(sum(sg["mflops"] for sg in segs))
+    assert modes["SC"]["device_mflops"] == pytest.approx(segs[0]["mflops"]) and modes["EC"]["device_mflops"] == 0
 
 
 def test_device_side_runs_on_python38_with_only_numpy_and_onnxruntime(effnet_bundle, server):
@@ -127,3 +150,45 @@ def test_device_side_runs_on_python38_with_only_numpy_and_onnxruntime(effnet_bun
     assert [r["top1"] for r in a["results"]] == [r["top1"] for r in b["results"]]
     if have38:
         assert a["python"].startswith("3.8")
+
+
+def test_bench_inputs_leave_out_calibration_samples(effnet_bundle, calib_images, verify_images):
+    """Accuracy is never measured on the images the bundle was calibrated on: a folder or file list that
+    holds them loses them (and says so), unless asked; --max-inputs spreads over the rest."""
+    from argparse import Namespace
+
+    from runtime.bench import select_inputs
+
+    bundle = Bundle.load(effnet_bundle[0])
+    calib = set(bundle.manifest["calibration"]["names"])
+    files = [str(f) for f in calib_images.files + verify_images.files]
+    args = Namespace(inputs=files, include_calibration=False, max_inputs=None)
+    others = [f for f in files if f.rsplit("/", 1)[-1] not in calib]
+    if not others:  # a fresh clone: the built-in photos are all calibration samples
+        with pytest.raises(ValueError, match="calibration samples"):
+            select_inputs(args, bundle)
+        return
+    kept, note = select_inputs(args, bundle)
+    assert kept == others and "%d calibration samples left out" % (len(files) - len(others)) in note
+    args.include_calibration = True
+    assert select_inputs(args, bundle)[0] == files
+    args.max_inputs = 3
+    kept, note = select_inputs(args, bundle)
+    positions = [files.index(f) for f in kept]
+    assert len(kept) == 3 and positions == sorted(positions) and kept[0] == files[0] and kept[-1] == files[-1]
+    assert "3 spread evenly" in note
+
+
+def test_bench_keeps_own_samples_that_are_all_calibration_images(effnet_bundle):
+    """A bundle exported from a source too small for anything else (scikit-image's 5 photos) carries its
+    calibration images as samples: bench measures on them and flags the accuracy as optimistic."""
+    from argparse import Namespace
+
+    from runtime.bench import select_inputs
+
+    bundle = Bundle.load(effnet_bundle[0])
+    args = Namespace(inputs=None, include_calibration=False, max_inputs=None)
+    own = sorted(p.name for p in (bundle.root / "samples").iterdir())
+    bundle.manifest["calibration"]["names"] = own
+    kept, note = select_inputs(args, bundle)
+    assert [k.rsplit("/", 1)[-1] for k in kept] == own and "optimistic" in note

@@ -127,3 +127,41 @@ def test_latency_objective_and_budget(bundle_dir, tmp_path):
     assert r["accuracy"] >= r["final_accuracy"] - 0.005 - 1e-9
     with pytest.raises(ValueError, match="unreachable"):
         calibrate_thresholds(copy, val, pairs=["onnx/fp32"], latency={**lat, "budget_ms": 1e-6})
+
+
+def test_bench_compares_early_exits_on_labelled_samples(bundle_dir, tmp_path):
+    """`runtime bench` on the exit bundle: LC+EE and SC+EE beside LC and SC, accuracy from the labels the
+    bundle carries for its samples, device MFLOPs from the graphs each request ran, and the one-page
+    report's early-exit claim agreeing with those numbers."""
+    import json
+    import subprocess
+    import sys
+
+    out, _ = bundle_dir
+    calibrate_thresholds(out, read_dataset("fashion-mnist:train", PREPROCESS, offset=55000, limit=1000), delta=0.005)
+    bench = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "runtime", "bench", str(out), "--board", "host", "--repeat", "1",
+                           "--warmup", "1", "--bandwidths", "", "--profile-runs", "3", "--out", str(bench)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((bench / "report.json").read_text())
+    bundle = Bundle.load(out)
+    labels = bundle.manifest["samples"]["labels"]
+    assert r["labelled_inputs"] == len(labels) == 8
+    modes = r["comparison"]["modes"]
+    assert set(modes) == {"LC", "LC+EE", "EC", "SC", "SC+EE"}
+    truth = [labels[n] for n in sorted(labels)]
+    for m in modes.values():
+        assert m["top1_accuracy"] == pytest.approx(np.mean(np.array(m["top1"]) == truth))
+    whole = sum(s["mflops"] for s in bundle.segments)
+    assert modes["LC"]["device_mflops"] == pytest.approx(whole)
+    # a request that exits early runs less than the whole model; one that does not also ran the branches
+    assert modes["LC+EE"]["device_mflops"] < whole + sum(e["mflops"] for e in bundle.exits)
+    assert modes["SC+EE"]["bytes_per_sample"] <= modes["SC"]["bytes_per_sample"]
+    page = tmp_path / "page.md"
+    proc = subprocess.run([sys.executable, "-m", "runtime", "report", str(page), "--bench", str(bench)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cut = modes["LC+EE"]["device_mflops"] < modes["LC"]["device_mflops"]
+    assert ("early exits %s device compute: LC+EE" % ("cut" if cut else "do NOT cut")) in page.read_text()
+    assert "| LC+EE |" in page.read_text() and "bench/comparison.png" in page.read_text()

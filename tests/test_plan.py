@@ -219,3 +219,11 @@ def test_plan_cli_json_on_efficientnet(tmp_path, imagenet_source):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     prof = load_profile(saved)
     assert prof["board"] == "host" and {"blocks.2", "blocks.5"} <= set(prof["cumulative_ms"])
+    # the same plan on the bench report's page: one row per option, the claim follows the plan's choices
+    from runtime.report import plan_claim, render_summary
+
+    page = render_summary([], [report], "t")
+    assert all(("| %s |" % n) in page for n in names)
+    moves = len(set(report["best"].values())) > 1
+    assert plan_claim(report).startswith("the best split moves" if moves else "the best split does NOT move")
+

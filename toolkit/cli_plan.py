@@ -25,10 +25,11 @@ import click
 @click.option("--downlink", help="downlink bandwidth for the reply (default: same as the uplink)")
 @click.option("--rtt", default="0ms", show_default=True, help="network round trip added to every offloaded request")
 @click.option("--server-profile", default="host", show_default=True,
-              help="edge server: 'host' (measured on this machine), a board name (FLOPs estimate) or a layer-profile "
-                   "JSON measured on the server")
-@click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
-              help="layer profile measured on the board (python -m runtime.profile_layers); default: this host's "
+              help="edge server: 'host' (measured on this machine), a board name (FLOPs estimate), a layer-profile "
+                   "JSON measured on the server or a bench folder holding one")
+@click.option("--measurements", type=click.Path(exists=True),
+              help="layer profile measured on the board: the folder 'python -m runtime bench' wrote there (its "
+                   "layers.json) or a profile JSON (python -m runtime.profile_layers); default: this host's "
                    "measurement for --board host, else a FLOPs estimate")
 @click.option("--data", help="real inputs (image folder, .npy/.npz, samples; default: as eetool export)")
 @click.option("--samples", default=16, show_default=True, help="real inputs used to measure bytes on the wire")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from runtime.boards import load_board
-from runtime.profile_layers import SCHEMA, load_profile, preprocess_ms, profile_onnx
+from runtime.profile_layers import SCHEMA, ProfileError, load_profile, preprocess_ms, profile_onnx
 
 from .onnx_export import export_onnx
 from .slicing import INPUT_NAME, OUTPUT_NAME
@@ -70,7 +70,14 @@ def estimate_profile(table: dict, board: dict) -> dict:
 
 
 def load_measurements(path) -> dict:
-    """A layer-profile file from the board, labelled as such (raises ``ProfileError``)."""
+    """A layer profile measured on the board, labelled as such: a layer-profile JSON, or the folder a
+    ``runtime bench`` run wrote (its ``layers.json``). Raises ``ProfileError``."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "layers.json").is_file():
+            raise ProfileError(f"{path} holds no layers.json: run 'python -m runtime bench BUNDLE --out {path}' "
+                               f"on the board with a bundle that has profile/model.fp32.onnx (the default export)")
+        path = path / "layers.json"
     prof = load_profile(path)
     prof = dict(prof)
     prof["label"] = f"measured on {prof['board']} (file {Path(path).name})"

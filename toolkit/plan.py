@@ -546,7 +546,8 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
     else:
         device = LL.estimate_profile(table, board)
     sp = req.server_profile
-    if sp.endswith(".json") and Path(sp).is_file() and "cumulative_ms" in Path(sp).read_text():
+    if (Path(sp) / "layers.json").is_file() or (
+            sp.endswith(".json") and Path(sp).is_file() and "cumulative_ms" in Path(sp).read_text()):
         server = LL.load_measurements(sp)
     elif sp == "host":
         server = host_profile()

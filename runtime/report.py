@@ -1,0 +1,312 @@
+"""Bench reports as Markdown pages with PNG plots; every number comes from the run's own JSON.
+
+- :func:`render_markdown` / :func:`write`: one ``python -m runtime bench`` run (``report.json``) as
+  ``report.md`` plus plots.
+- :func:`render_summary` / ``python -m runtime report``: one page for a whole ``make bench`` run: each
+  bench report (e.g. the split bundle and an early-exit bundle), each ``eetool plan`` JSON, and the
+  qualitative claims of the split-computing / early-exit literature checked against those numbers
+  (Matsubara, Levorato & Restuccia, "Split Computing and Early Exiting for Deep Learning Applications";
+  Kang et al., Neurosurgeon, ASPLOS 2017; Scardapane et al., "Why Should We Add Early Exits to Neural
+  Networks?"). A claim the numbers do not support is printed as NOT holding, with the numbers.
+
+Units: ms, bytes per sample, MFLOPs, J per inference, Mbit/s. Python 3.8 compatible; matplotlib optional.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+MODE_ORDER = ["LC", "LC+EE", "EC", "SC", "SC+EE"]
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else "%.1f %%" % (100 * x)
+
+
+# --------------------------------------------------------------------------- one bench run
+def findings(r: dict) -> List[str]:
+    """The survey's qualitative claims checked against one bench report's own numbers (true or not)."""
+    out = []
+    sent, jpeg = r["bytes_sent_mean"], r["input_file_bytes_mean"]
+    if sent:
+        out.append("bytes sent per request (%.0f B mean, int8 + %s, 0 when an exit fires) are %s than the input "
+                   "file (%.0f B mean)" % (sent, r["codec"], "smaller" if sent < jpeg else "NOT smaller", jpeg))
+    sweep = r.get("bandwidth_sweep") or []
+    if len(sweep) > 1:
+        lo, hi = sweep[0], sweep[-1]
+        out.append("end-to-end p50 falls from %.1f ms at %s to %.1f ms at %s: the network share %s with bandwidth"
+                   % (lo["total_ms"]["p50"], lo["bandwidth"], hi["total_ms"]["p50"], hi["bandwidth"],
+                      "shrinks" if hi["total_ms"]["p50"] < lo["total_ms"]["p50"] else "does NOT shrink"))
+    modes = (r.get("comparison") or {}).get("modes", {})
+    if modes:
+        best = min(modes, key=lambda m: modes[m]["latency_ms"]["p50"])
+        out.append("fastest mode on this link: %s (p50 %.1f ms)" % (best, modes[best]["latency_ms"]["p50"]))
+    for ee, base in (("LC+EE", "LC"), ("SC+EE", "SC")):
+        if ee in modes and base in modes:
+            out.append(early_exit_claim(modes, ee, base))
+    return out
+
+
+def early_exit_claim(modes: Dict[str, dict], ee: str, base: str) -> str:
+    """Scardapane et al.'s claim for one pair of modes: early exits cut device compute (MFLOPs per
+    sample, from the graphs each request ran) at a small accuracy cost (labelled top-1, else agreement
+    with LC)."""
+    a, b = modes[ee], modes[base]
+    if "top1_accuracy" in a and "top1_accuracy" in b:
+        acc = "top-1 %.2f %% vs %.2f %% (%+.2f pt)" % (100 * a["top1_accuracy"], 100 * b["top1_accuracy"],
+                                                      100 * (a["top1_accuracy"] - b["top1_accuracy"]))
+    else:
+        acc = "top-1 agreement with LC %.1f %% vs %.1f %% (no labels)" % (
+            100 * a["top1_agreement_with_LC"], 100 * b["top1_agreement_with_LC"])
+    cut = a["device_mflops"] < b["device_mflops"]
+    return ("early exits %s device compute: %s %.2f MFLOPs/sample vs %s %.2f (%.2fx), p50 %.2f vs %.2f ms, "
+            "%.0f vs %.0f B sent; %s" % (
+                "cut" if cut else "do NOT cut", ee, a["device_mflops"], base, b["device_mflops"],
+                a["device_mflops"] / b["device_mflops"] if b["device_mflops"] else float("nan"),
+                a["latency_ms"]["p50"], b["latency_ms"]["p50"], a["bytes_per_sample"], b["bytes_per_sample"], acc))
+
+
+def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
+    """One bench report as Markdown (numbers from that run only); ``level`` is its title's heading level,
+    ``plots_prefix`` the path from the page to the report's PNGs."""
+    h = "#" * level
+    lines = ["%s eetool bench: %s on %s (%s)" % (h, r["bundle"], r["board"], r["machine"]), "",
+             "model %s, split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d "
+             "inputs" % (r.get("model") or "-", r["split"], r["backend"], r["precision"], r["threads"] or "default",
+                         r["codec"], r["wire_dtype"], r["requests"], r["inputs"])]
+    if r.get("inputs_note"):
+        lines += ["", "inputs: %s; %s" % (r["inputs_note"], "%d with ground-truth labels" % r["labelled_inputs"]
+                                          if r.get("labelled_inputs") else "no labels (accuracy not measured)")]
+    lines += ["", "| stage | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---:|---:|---:|---:|"]
+    for stage, p in r["stages_ms"].items():
+        lines.append("| %s | %.2f | %.2f | %.2f | %.2f |" % (stage, p["p50"], p["p90"], p["p99"], p["mean"]))
+    e = r["energy"]
+    lines += ["", "preprocessing %.2f ms/input; throughput %.1f req/s; bytes sent %.0f / received %.0f per request; "
+              "device %.2f MFLOPs per request" % (
+                  r["preprocess_ms_mean"], r["throughput_per_s"], r["bytes_sent_mean"], r["bytes_received_mean"],
+                  r.get("device_mflops_mean", 0.0)),
+              "", "exit rates: " + ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in r["exit_rates"].items())]
+    if r.get("top1_accuracy") is not None:
+        lines += ["", "top-1 accuracy of this configuration: %.2f %% on %d labelled inputs" % (
+            100 * r["top1_accuracy"], r["labelled_inputs"])]
+    lines += ["", "energy (%s, %s): %.3f J per inference gross, mean %.2f W%s" % (
+        e["label"].upper(), e.get("source"), e["per_inference_j"], e.get("mean_w", 0.0),
+        ", net of idle %.3f J total" % e["net_joules"] if e.get("net_joules") is not None else "")]
+    lp = r.get("layer_profile") or {}
+    if lp.get("file"):
+        lines += ["", "per-layer latency: %s, whole model %.2f ms, %d modules -> `%s` (feed back with "
+                  "`eetool plan MODEL --board %s --measurements THIS_FOLDER`)" % (
+                      lp["source"], lp["total_ms"], lp["modules"], lp["file"], r["board"])]
+    elif lp.get("skipped"):
+        lines += ["", "per-layer latency: not measured (%s)" % lp["skipped"]]
+    if r.get("bandwidth_sweep"):
+        lines += ["", "| link | total p50 ms | bytes sent |", "|---|---:|---:|"]
+        for row in r["bandwidth_sweep"]:
+            lines.append("| %s, rtt %s | %.2f | %.0f |" % (row["bandwidth"], row["rtt"], row["total_ms"]["p50"],
+                                                          row["bytes_sent_mean"]))
+    if r.get("runtime_vs_bare_onnxruntime"):
+        o = r["runtime_vs_bare_onnxruntime"]
+        lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
+                  "sessions %.2f ms: overhead ratio %.3f" % (
+                      o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
+    if r.get("findings"):
+        lines += ["", "%s# Findings (from this run)" % h, ""] + ["- " + f for f in r["findings"]]
+    if r.get("graph_latency"):
+        segs = sorted({k for v in r["graph_latency"].values() for k in v if k != "error"})
+        lines += ["", "%s# Latency per graph (p50 ms, batch 1)" % h, "",
+                  "| graphs @ threads | " + " | ".join(segs) + " |", "|---" + "|---:" * len(segs) + "|"]
+        for key, v in r["graph_latency"].items():
+            cells = [("%.2f" % v[sg]) if sg in v else "-" for sg in segs]
+            lines.append("| %s | %s |" % (key, " | ".join(cells)) if "error" not in v else "| %s | %s |" % (key, v["error"]))
+    if r.get("comparison"):
+        lines += [""] + comparison_table(r["comparison"], h)
+    for name in ("latency_breakdown.png", "latency_vs_bandwidth.png", "comparison.png"):
+        if r.get("plots") and name in r["plots"]:
+            lines += ["", "![%s](%s%s)" % (name[:-4].replace("_", " "), plots_prefix, name)]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(c: dict, h: str = "#") -> List[str]:
+    """LC / LC+EE / EC / SC / SC+EE as Markdown table lines."""
+    lines = ["%s# LC / EC / SC / SC+EE on the same inputs (%s; the edge server ran on this machine)" % (h, c["backend"]),
+             "", "| mode | p50 ms | p90 ms | bytes / sample | device MFLOPs / sample | device energy J / inference "
+                 "| top-1 accuracy | top-1 agreement with LC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in [m for m in MODE_ORDER if m in c["modes"]] + [m for m in c["modes"] if m not in MODE_ORDER]:
+        m = c["modes"][name]
+        lines.append("| %s | %.2f | %.2f | %.0f | %.2f | %.3f (%s) | %s | %.1f %% |" % (
+            name, m["latency_ms"]["p50"], m["latency_ms"]["p90"], m["bytes_per_sample"], m.get("device_mflops", 0.0),
+            m["energy_j_per_inference"], m["energy_label"], _pct(m.get("top1_accuracy")),
+            100 * m["top1_agreement_with_LC"]))
+    if c.get("labelled_inputs"):
+        lines += ["", "accuracy over %d inputs with ground-truth labels (last pass of each mode)" % c["labelled_inputs"]]
+    return lines
+
+
+def plots(r: dict, out: Path) -> List[str]:
+    """PNG plots of one bench report into ``out``; returns the file names written (none without
+    matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    stages = {k: v["mean"] for k, v in r["stages_ms"].items() if k != "total"}
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    left = 0.0
+    for name, ms in stages.items():
+        ax.barh([0], [ms], left=left, label=name)
+        left += ms
+    ax.set_yticks([])
+    ax.set_xlabel("mean latency per request (ms)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    ax.set_title("latency breakdown (%s, %s)" % (r["board"], r["backend"]))
+    fig.savefig(out / "latency_breakdown.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    written.append("latency_breakdown.png")
+    if r.get("bandwidth_sweep"):
+        fig, ax = plt.subplots(figsize=(5, 3))
+        xs = [row["bandwidth"] for row in r["bandwidth_sweep"]]
+        ax.plot(xs, [row["total_ms"]["p50"] for row in r["bandwidth_sweep"]], marker="o")
+        ax.set_xlabel("emulated uplink")
+        ax.set_ylabel("end-to-end p50 (ms)")
+        ax.set_title("latency vs bandwidth")
+        fig.savefig(out / "latency_vs_bandwidth.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append("latency_vs_bandwidth.png")
+    if r.get("comparison"):
+        modes = r["comparison"]["modes"]
+        names = [m for m in MODE_ORDER if m in modes]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        axes[0].bar(names, [modes[m]["latency_ms"]["p50"] for m in names], color="tab:blue")
+        axes[0].set_ylabel("p50 latency per request (ms)")
+        axes[1].bar(names, [modes[m].get("device_mflops", 0.0) for m in names], color="tab:orange")
+        axes[1].set_ylabel("device MFLOPs per request")
+        fig.suptitle("LC / EC / SC / SC+EE (%s)" % r["board"])
+        fig.savefig(out / "comparison.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append("comparison.png")
+    return written
+
+
+def write(out: Path, r: dict) -> None:
+    """Write the plots and ``report.md`` of one bench report into ``out``."""
+    r["plots"] = plots(r, Path(out))
+    (Path(out) / "report.md").write_text(render_markdown(r), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- one page for a whole run
+def plan_claim(plan: dict) -> str:
+    """Neurosurgeon's claim for one ``eetool plan --json`` result: the best split moves with bandwidth
+    (or, when one option wins at every bandwidth asked for, the plan's own reason)."""
+    best = plan["best"]
+    where = "; ".join("%s at %s" % (b, bw) for bw, b in best.items())
+    sweep = "; ".join("%s from %.3g to %.3g Mbit/s" % (b["best"], b["from_mbps"], b["to_mbps"])
+                      for b in plan.get("best_by_bandwidth", []))
+    if len(set(best.values())) > 1:
+        return "the best split moves with bandwidth (%s -> server %s, device %s): %s; over a sweep: %s" % (
+            plan["board"], plan["server_profile"], plan["device_label"], where, sweep)
+    why = [line for line in plan.get("explanation", []) if line.startswith(("why", "best over"))]
+    return "the best split does NOT move over the bandwidths asked (%s: %s); %s" % (
+        plan["board"], where, " ".join(why) or "no reason recorded")
+
+
+def feature_vs_jpeg_claim(plan: dict) -> Optional[str]:
+    """The survey's claim that an int8 split feature at a mid split is smaller than the JPEG input, from
+    the plan's bytes measured on real images: the split points in the middle third of the network (by
+    head MFLOPs) against full offload's JPEG frame."""
+    options = plan["options"]
+    jpeg = next((o for o in options if o["kind"] == "offload"), None)
+    splits = [o for o in options if o["kind"] == "split"]
+    if not jpeg or not splits:
+        return None
+    total = plan["total_mflops"]
+    mid = [o for o in splits if total / 3 <= o["info"].get("head_mflops", -1) <= 2 * total / 3] or splits
+    smaller = [o for o in mid if o["request_bytes"] < jpeg["request_bytes"]]
+    return ("int8 split features at mid splits are %s than the JPEG input (%s B framed): %s" % (
+        "smaller" if len(smaller) == len(mid) else ("smaller at %d of %d" % (len(smaller), len(mid))),
+        "{:,.0f}".format(jpeg["request_bytes"]),
+        ", ".join("%s %s B" % (o["name"], "{:,.0f}".format(o["request_bytes"])) for o in mid)))
+
+
+def plan_table(plan: dict, h: str = "##") -> List[str]:
+    """The plan as Markdown: one row per option, end-to-end (expected) ms per bandwidth, best in bold."""
+    bws = plan["bandwidths"]
+    lines = ["%s Split point plan: %s on %s, server %s" % (h, plan["model"], plan["board"], plan["server_profile"]),
+             "", "device latency: %s (%s); server latency: %s (%s); bytes measured on %d real inputs from %s, "
+                 "codec %s, rtt %g ms" % (plan["device_label"], plan["device_source"], plan["server_label"],
+                                          plan["server_source"], plan["samples"], plan["data"], plan["codec"],
+                                          plan["rtt_ms"]),
+             "", "| option | device ms | bytes / sample | server ms | " + " | ".join(
+                 "ms @ %g Mbit/s" % b["mbps"] for b in bws) + " |", "|---|---:|---:|---:|" + "---:|" * len(bws)]
+    for o in plan["options"]:
+        cells = []
+        for b in bws:
+            ms = b["rows"][o["name"]]["expected_ms"]
+            cells.append("**%.1f**" % ms if b["best"] == o["name"] else "%.1f" % ms)
+        lines.append("| %s | %.2f | %s | %s | %s |" % (
+            o["name"], o["device_ms"], "{:,.0f}".format(o["request_bytes"]),
+            "%.2f" % o["server_ms"] if o["server_ms"] else "-", " | ".join(cells)))
+    lines += [""] + ["- " + line for line in plan.get("explanation", [])]
+    if plan.get("plot"):
+        lines += ["", "![plan](%s)" % os.path.basename(plan["plot"])]
+    return lines
+
+
+def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], title: str) -> str:
+    """One Markdown page for a ``make bench`` run: claims first, then each plan and each bench report.
+    ``benches``: ``(relative directory, report.json dict)``; ``plans``: ``eetool plan --json`` dicts."""
+    claims = [plan_claim(p) for p in plans]
+    claims += [c for c in (feature_vs_jpeg_claim(p) for p in plans[:1]) if c]
+    for _, r in benches:
+        modes = (r.get("comparison") or {}).get("modes", {})
+        sent, jpeg = r["bytes_sent_mean"], r["input_file_bytes_mean"]
+        if "SC" in modes:
+            sc = modes["SC"]["bytes_per_sample"]
+            claims.append("%s at `%s`: %.0f B per SC request vs %.0f B mean input file: the split feature is %s" % (
+                r.get("model") or r["bundle"], r["split"], sc, jpeg, "smaller" if sc < jpeg else "NOT smaller"))
+        elif sent:
+            claims.append("%s: %.0f B sent vs %.0f B input file" % (r["bundle"], sent, jpeg))
+        for ee, base in (("LC+EE", "LC"), ("SC+EE", "SC")):
+            if ee in modes and base in modes:
+                claims.append("%s: %s" % (r.get("model") or r["bundle"], early_exit_claim(modes, ee, base)))
+    lines = ["# %s" % title, "", "Every number on this page was measured in this run (estimates are labelled "
+             "ESTIMATE with their source).", "", "## Claims checked against this run", ""]
+    lines += ["- " + c for c in claims]
+    for p in plans:
+        lines += [""] + plan_table(p)
+    for rel, r in benches:
+        lines += ["", render_markdown(r, level=2, plots_prefix=(rel.rstrip("/") + "/") if rel else "")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m runtime report OUT.md --bench DIR... [--plan plan.json...]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m runtime report",
+                                description="one Markdown page from bench report directories and plan JSONs")
+    p.add_argument("out", help="Markdown file to write")
+    p.add_argument("--bench", nargs="*", default=[], help="directories written by 'python -m runtime bench'")
+    p.add_argument("--plan", nargs="*", default=[], help="'eetool plan --json' outputs")
+    p.add_argument("--title", default="eetool bench")
+    a = p.parse_args(argv)
+    page = Path(a.out).resolve().parent
+    benches, plans = [], []
+    for d in a.bench:
+        f = Path(d) / "report.json"
+        if not f.is_file():
+            raise ValueError("%s: no report.json (run 'python -m runtime bench BUNDLE --out %s' first)" % (d, d))
+        benches.append((os.path.relpath(Path(d).resolve(), page), json.loads(f.read_text(encoding="utf-8"))))
+    for f in a.plan:
+        plans.append(json.loads(Path(f).read_text(encoding="utf-8")))
+    if not benches and not plans:
+        raise ValueError("nothing to report: give --bench DIR and/or --plan FILE")
+    Path(a.out).write_text(render_summary(benches, plans, a.title), encoding="utf-8")
+    print("report written to %s" % a.out)
+    return 0
