@@ -17,7 +17,7 @@ from runtime.profile_layers import (ProfileError, cumulative_from_nodes, load_pr
 from toolkit.cli_plan import plan
 from toolkit.layer_latency import cumulative_for_rows, estimate_profile, export_whole_onnx
 from toolkit.plan import (LOCAL, OFFLOAD, ExitCost, Option, PlanError, best_by_bandwidth, capture_cut_features, choose,
-                          exits_from_manifest, feature_wire_bytes, jpeg_wire_bytes, option_latency, parse_bandwidths, parse_exit_rates,
+                          exits_from_manifest, explain, feature_wire_bytes, jpeg_wire_bytes, option_latency, parse_bandwidths, parse_exit_rates,
                           transmit_ms)
 
 
@@ -69,6 +69,20 @@ def test_rtt_and_reply_shift_the_choice_to_local():
     assert r["tx_ms"] == pytest.approx(4.0 + 1.0 + 30.0) and r["total_ms"] == pytest.approx(52.0 + 35.0)
     # with a 60 ms round trip nothing beats local at 10 Mbit/s
     assert choose(opts, [10.0], rtt_ms=60.0)[0]["best"] == LOCAL
+
+
+def test_explain_names_why_local_wins_everywhere():
+    # a fast server but a 200 ms round trip: offloading computes faster, the link makes it lose
+    opts = _options()
+    sweep = best_by_bandwidth(opts, rtt_ms=200.0)
+    lines = explain(choose(opts, [1.0, 100.0], rtt_ms=200.0), sweep, opts, rtt_ms=200.0)
+    assert [s["best"] for s in sweep] == [LOCAL]
+    assert "200 ms round trip" in lines[-1] and "too cheap" in lines[-1]
+    # a server no faster than the device: splitting only adds work, whatever the link
+    same = [Option(OFFLOAD, "offload", -1, 0.0, 100.0, 100_000), Option("mid", "split", 0, 50.0, 50.0, 5_000),
+            Option(LOCAL, "local", 1, 100.0, 0.0)]
+    lines = explain(choose(same, [1.0, 100.0]), best_by_bandwidth(same), same)
+    assert "server is not faster than the device" in lines[-1]
 
 
 def test_expected_latency_with_exits():

@@ -430,9 +430,11 @@ def plot(options: list[Option], results: list[dict], path, title: str) -> None:
     plt.close(fig)
 
 
-def explain(results: list[dict], sweep: list[dict], options: list[Option] | None = None) -> list[str]:
+def explain(results: list[dict], sweep: list[dict], options: list[Option] | None = None,
+            rtt_ms: float = 0.0) -> list[str]:
     """Plain lines: the best option per bandwidth, and where along a 0.1..10^4 Mbit/s sweep it changes
-    (or why one option wins everywhere asked)."""
+    (or why one option wins everywhere asked: the server is no faster than the device, or the round trip
+    ``rtt_ms`` costs more than offloading saves)."""
     lines = [f"best at {_fmt_bw(r['mbps'])}: {r['best']} ({r['best_ms']:.1f} ms)" for r in results]
     lines.append("best over a bandwidth sweep: " + "; ".join(
         f"{s['best']} from {s['from_mbps']:.3g} to {s['to_mbps']:.3g} Mbit/s" for s in sweep))
@@ -444,12 +446,18 @@ def explain(results: list[dict], sweep: list[dict], options: list[Option] | None
         others = [o for o in options if o.kind != "local"]
         if others:
             o = min(others, key=lambda o: o.device_ms + o.encode_ms + o.server_ms)
-            lines.append(
-                f"why local wins at every bandwidth: even with a free link, the cheapest offloading option "
-                f"({o.name}: device {o.device_ms:.1f} + encode {o.encode_ms:.1f} + server {o.server_ms:.1f} = "
-                f"{o.device_ms + o.encode_ms + o.server_ms:.1f} ms) is no faster than running everything on the "
-                f"device ({local.device_ms:.1f} ms): the server is not faster than the device (same machine or "
-                f"same speed), so splitting only adds work and transmission")
+            compute = o.device_ms + o.encode_ms + o.server_ms
+            head = (f"why local wins at every bandwidth: even with a free link, the cheapest offloading option "
+                    f"({o.name}: device {o.device_ms:.1f} + encode {o.encode_ms:.1f} + server {o.server_ms:.1f} = "
+                    f"{compute:.1f} ms")
+            if compute >= local.device_ms:
+                lines.append(f"{head}) is no faster than running everything on the device ({local.device_ms:.1f} "
+                             f"ms): the server is not faster than the device (same machine or same speed), so "
+                             f"splitting only adds work and transmission")
+            else:
+                lines.append(f"{head}, plus the {rtt_ms:g} ms round trip) is no faster than running everything on "
+                             f"the device ({local.device_ms:.1f} ms): the model is too cheap on this device for the "
+                             f"round trip to pay off")
     return lines
 
 
@@ -587,7 +595,7 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
         "citation": "Kang et al., Neurosurgeon: Collaborative Intelligence Between the Cloud and Mobile Edge, ASPLOS 2017",
     }
     report = to_json(options, results, context, sweep, exits)
-    report["explanation"] = explain(results, sweep, options)
+    report["explanation"] = explain(results, sweep, options, req.rtt_ms)
     report["host_measurement"] = {k: v for k, v in host.items() if k != "label"} if host else None
     return options, results, exits, report
 
