@@ -169,8 +169,11 @@ def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path) -> di
         return {"skipped": "the bundle has no layer_profile_graph (exported with --no-profile-graph)"}
     path = bundle.root / spec["file"]
     bundle.verify([spec["file"]])
-    prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), args.threads,
-                          board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name)
+    try:
+        prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), args.threads,
+                              board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name)
+    except P.ProfileError as e:  # e.g. a LiteRT-only board without onnxruntime: the rest of the report stands
+        return {"skipped": str(e)}
     images = [f for f in files if not str(f).endswith(".npy")][:8]
     if images and bundle.manifest["preprocess"].get("kind") == "image":
         prof["preprocess_ms"] = P.preprocess_ms(images, bundle.manifest["preprocess"])

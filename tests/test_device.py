@@ -192,3 +192,25 @@ def test_bench_keeps_own_samples_that_are_all_calibration_images(effnet_bundle):
     bundle.manifest["calibration"]["names"] = own
     kept, note = select_inputs(args, bundle)
     assert [k.rsplit("/", 1)[-1] for k in kept] == own and "optimistic" in note
+
+
+def test_layer_profile_failure_leaves_the_report_standing(effnet_bundle, tmp_path, monkeypatch):
+    """A board that cannot profile (no onnxruntime beside LiteRT) gets the reason in the report, not a crash;
+    a bundle without the profile graph says how it was exported."""
+    from argparse import Namespace
+
+    from runtime import profile_layers
+    from runtime.bench import layer_profile
+
+    bundle = Bundle.load(effnet_bundle[0])
+    args = Namespace(profile_runs=1, warmup=0, threads=1)
+
+    def no_ort(*a, **k):
+        raise profile_layers.ProfileError("onnxruntime is not installed: pip install onnxruntime")
+
+    monkeypatch.setattr(profile_layers, "profile_onnx", no_ort)
+    got = layer_profile(args, bundle, {"name": "rpi4"}, [], [], tmp_path)
+    assert got == {"skipped": "onnxruntime is not installed: pip install onnxruntime"}
+    assert not (tmp_path / "layers.json").exists()
+    del bundle.manifest["layer_profile_graph"]
+    assert "--no-profile-graph" in layer_profile(args, bundle, {"name": "rpi4"}, [], [], tmp_path)["skipped"]
