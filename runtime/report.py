@@ -213,7 +213,7 @@ def plan_claim(plan: dict) -> str:
             plan["board"], plan["server_profile"], plan["device_label"], where, sweep)
     why = [line for line in plan.get("explanation", []) if line.startswith(("why", "best over"))]
     return "the best split does NOT move over the bandwidths asked (%s: %s); %s" % (
-        plan["board"], where, " ".join(why) or "no reason recorded")
+        plan["board"], where, "; ".join(why) or "no reason recorded")
 
 
 def feature_vs_jpeg_claim(plan: dict) -> Optional[str]:

@@ -1,21 +1,64 @@
 #!/usr/bin/env bash
-# Benchmarks (not tests), one run, every number from it: the bundle's runtime report on this board
-# (latency per stage, bytes, energy, bandwidth sweep, LC / EC / SC / SC+EE, overhead vs bare onnxruntime),
-# the int8 recipe and the TFLite float-vs-int8 comparisons on the ImageNet samples when they are present,
-# and the split planner. Usage: scripts/bench.sh OUT BOARD
+# Benchmarks (not tests). One run, every number from it, one page: $OUT/bench-$BOARD/report.md.
+#  1. EfficientNet-Lite0 split after blocks.5 (int8): the runtime's report on this board (latency per
+#     stage, bytes, energy, bandwidth sweep, LC / EC / SC, per-layer profile -> layers.json), on the
+#     labelled ImageNet samples beside the repo when present (calibration images left out), else the
+#     bundle's own samples;
+#  2. with Fashion-MNIST installed (apt-get install -y dataset-fashion-mnist): the reference CNN with two
+#     trained exits, thresholds calibrated on held-out training images, benched on 2000 labelled test
+#     images: LC / LC+EE / EC / SC / SC+EE;
+#  3. the split planner fed with step 1's per-layer profile (device = this board, and a target board
+#     whose device side is a labelled FLOPs estimate), then one Markdown page of it all;
+#  4. with the ImageNet samples: the int8 recipe and TFLite float-vs-int8 benchmarks (JSON beside it).
+# Usage: scripts/bench.sh OUT BOARD [PLAN_BOARD]
 set -euo pipefail
-OUT=${1:-out}; BOARD=${2:-host}
+OUT=${1:-out}; BOARD=${2:-host}; PLAN_BOARD=${3:-rpi4}
 BIN=.venv/bin
-BUNDLE="$OUT/efficientnet-lite0-blocks.5"
 REPORT="$OUT/bench-$BOARD"
-[ -f "$BUNDLE/manifest.json" ] || $BIN/eetool export efficientnet-lite0 --split blocks.5 --int8 -o "$BUNDLE"
-$BIN/python -m runtime bench "$BUNDLE" --board "$BOARD" --out "$REPORT"
-$BIN/eetool plan efficientnet-lite0 --board "$BOARD" --bandwidth 1,10,100mbit --plot "$REPORT/plan.png" \
-    --json > "$REPORT/plan.json"
-SAMPLES=../shared/data/imagenet-samples
+BUNDLES="$REPORT/bundles"
+SAMPLES=${EETOOL_IMAGENET_SAMPLES:-../shared/data/imagenet-samples}
+mkdir -p "$BUNDLES"
+BENCHES=()
+
+echo "== 1. EfficientNet-Lite0, split after blocks.5, int8"
+EFF="$BUNDLES/efficientnet-lite0-blocks.5"
+$BIN/eetool export efficientnet-lite0 --split blocks.5 --int8 -o "$EFF"
+INPUTS=()
+[ -d "$SAMPLES" ] && INPUTS=(--inputs "$SAMPLES" --max-inputs 64)
+$BIN/python -m runtime bench "$EFF" --board "$BOARD" --repeat 2 "${INPUTS[@]}" --out "$REPORT/efficientnet-lite0" >/dev/null
+BENCHES+=("$REPORT/efficientnet-lite0")
+
+if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; load_fashion_mnist('test')" 2>/dev/null; then
+  echo "== 2. Fashion-MNIST reference CNN with two early exits"
+  REF="$OUT/fashion-reference"
+  [ -f "$REF/backbone.pt" ] || $BIN/python -m toolkit.train_reference --out "$REF" --no-progress
+  FASH="$BUNDLES/fashion-cnn-stage2-exits"
+  $BIN/eetool export fashion-cnn --weights "$REF/backbone.pt" --exits "$REF" --split stage2 --int8 \
+      --calib fashion-mnist:train --verify-data fashion-mnist:test --verify-samples 2000 --samples 2000 -o "$FASH"
+  $BIN/eetool exits calibrate "$FASH" --data fashion-mnist:train --offset 55000 --delta 0.005
+  $BIN/python -m runtime bench "$FASH" --board "$BOARD" --repeat 2 --out "$REPORT/fashion-cnn-exits" >/dev/null
+  BENCHES+=("$REPORT/fashion-cnn-exits")
+else
+  echo "== 2. skipped: Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)"
+fi
+
+echo "== 3. split planner from this run's per-layer profile"
+PLANS=()
+for PB in $(echo "$BOARD $PLAN_BOARD" | tr ' ' '\n' | awk '!seen[$0]++'); do
+  MEAS=()
+  [ "$PB" = "$BOARD" ] && MEAS=(--measurements "$REPORT/efficientnet-lite0")
+  $BIN/eetool plan efficientnet-lite0 --board "$PB" --server-profile "$REPORT/efficientnet-lite0" "${MEAS[@]}" \
+      --bandwidth 1,10,100mbit --plot "$REPORT/plan-$PB.png" --json > "$REPORT/plan-$PB.json"
+  PLANS+=("$REPORT/plan-$PB.json")
+done
+
+$BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOARD" \
+    --bench "${BENCHES[@]}" --plan "${PLANS[@]}"
+
 if [ -d "$SAMPLES" ]; then
+  echo "== 4. int8 recipe and TFLite float-vs-int8 benchmarks"
   $BIN/python bench/int8_recipe.py --configs "u8u8-minmax (recipe = QuantConfig())" --latency \
       --out "$REPORT/int8_recipe.json"
   $BIN/python bench/tflite_latency.py --jpegs "$SAMPLES" --ncal 200 --out "$REPORT/tflite_latency.json"
 fi
-echo "reports in $REPORT"
+echo "report: $REPORT/report.md"

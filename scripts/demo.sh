@@ -31,5 +31,5 @@ for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break;
 (cd "$BUNDLE" && "$ROOT/$BIN/python" -m runtime run . --server 127.0.0.1:"$PORT" --board "$BOARD" samples/*)
 
 echo "== 5. measurement report: latency per stage, bytes, energy, latency vs bandwidth"
-"$BIN/python" -m runtime bench "$BUNDLE" --board "$BOARD" --server 127.0.0.1:"$PORT" --out "$OUT/bench-$BOARD"
-echo "bundle: $BUNDLE   report: $OUT/bench-$BOARD/report.md"
+"$BIN/python" -m runtime bench "$BUNDLE" --board "$BOARD" --server 127.0.0.1:"$PORT" --out "$OUT/demo-bench-$BOARD"
+echo "bundle: $BUNDLE   report: $OUT/demo-bench-$BOARD/report.md"
