@@ -6,6 +6,7 @@ OUT     ?= out
 BOARD   ?= host
 PORT    ?= 8470
 SPLIT   ?= blocks.5
+PLAN_BOARD ?= rpi4
 export OMP_NUM_THREADS ?= 2
 # aarch64 root filesystem, wheels and venvs for board-check: outside the clone, reused across clones
 export BOARD_CHECK_CACHE ?= /var/cache/eetool-board-check
@@ -28,7 +29,7 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not board" tests
 
 bench: install
-	bash scripts/bench.sh $(OUT) $(BOARD)
+	bash scripts/bench.sh $(OUT) $(BOARD) $(PLAN_BOARD)
 
 # Fashion-MNIST reference CNN with two trained exits (needs: apt-get install -y dataset-fashion-mnist).
 reference: install
