@@ -18,6 +18,10 @@ from typing import Optional
 from .bundle import Bundle, BundleError
 
 
+#: REQUEST tensor holding an encoded input file (``serve --whole-model --input-file``)
+FILE_TENSOR = "file"
+
+
 def pick_backend(bundle: Bundle, backend: str, board: Optional[dict]) -> str:
     """``onnx`` or ``tflite``: the asked one, or (``auto``) the board's preferred interpreter when the
     bundle has graphs for it and it imports, else onnx. Raises BundleError when the bundle lacks it."""
@@ -74,13 +78,22 @@ def cmd_serve(args) -> int:
     chain = Chain(bundle, "all" if args.whole_model else "server", fmt, precision, args.threads, with_exits=False)
     if not chain.segments or not bundle.server_segments:
         raise BundleError("the bundle has no server segments: the whole model runs on the device")
-    if args.whole_model:
-        inp = bundle.manifest["input"]
+    inp = bundle.manifest["input"]
+    if args.input_file and not args.whole_model:
+        raise ValueError("--input-file needs --whole-model (the server then decodes and runs everything)")
+    if args.input_file:
+        # EC as usually deployed: the device sends its image file as it is; the server decodes it
+        expected = {FILE_TENSOR: {"shape": [None], "dtype": "uint8"}}
+    elif args.whole_model:
         expected = {inp["name"]: {"shape": inp["shape"], "dtype": "float32"}}
     else:
         expected = {n: {"shape": bundle.tensor(n)["shape"], "dtype": "float32"} for n in bundle.wire_tensors}
 
     def tail(feeds):
+        if args.input_file:
+            from .preprocess import decode_image
+
+            feeds = {inp["name"]: decode_image(feeds[FILE_TENSOR], bundle.manifest["preprocess"], "request file")[None]}
         return {"logits": chain.run_segments(feeds)["logits"]}
 
     secret = args.secret or os.environ.get("EETOOL_SECRET")
@@ -89,7 +102,8 @@ def cmd_serve(args) -> int:
     server = EdgeServer(tail, expected, host=args.host, port=args.port, secret=secret,
                         max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)
     host, port = server.address
-    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, "whole model" if args.whole_model else "tail",
+    what = "whole model, input files" if args.input_file else ("whole model" if args.whole_model else "tail")
+    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what,
                                                      fmt, precision, host, port), flush=True)
     run_until_signal(server)
     return 0
@@ -208,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
     p.add_argument("--whole-model", action="store_true",
                    help="run the whole model on the server (edge computing: the device sends its input)")
+    p.add_argument("--input-file", action="store_true",
+                   help="with --whole-model: take the input image file's bytes (tensor 'file', uint8, 1-D: JPEG, "
+                        "PNG, ...) and decode + preprocess it on the server as the manifest says")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("run", help="run inputs on the device side")
     _common(p)

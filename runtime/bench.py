@@ -216,7 +216,7 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files
     report["graph_latency"] = graph_latency(bundle, xs, args.repeat)
     report["input_file_bytes_mean"] = float(np.mean([os.path.getsize(f) for f in files]))
     if not getattr(args, "no_compare", False):
-        report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board, labels)
+        report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board, labels, files)
     if "onnx/fp32" in bundle.formats():
         report["runtime_vs_bare_onnxruntime"] = bare_onnxruntime_ms(bundle, xs, threads, args.repeat)
     return report
@@ -264,58 +264,76 @@ def _timed_mode(infer, xs, repeat: int, meter, labels=None) -> dict:
     return out
 
 
-def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None) -> dict:
+def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, files=()) -> dict:
     """The survey's comparison on the same inputs (Matsubara, Levorato & Restuccia, sec. 2): local
-    computing (LC, whole model on the device), edge computing (EC, the int8-quantised input sent to a
-    server running the whole model), split computing (SC) and, when the bundle has exits, SC with early
-    exits (SC+EE) and LC with early exits (LC+EE). Latency is wall time per request from preprocessed
-    input to result (ms); device MFLOPs count the graphs the device ran; accuracy needs ``labels``."""
+    computing (LC, whole model on the device), edge computing (EC, the input sent to a server running the
+    whole model), split computing (SC) and, when the bundle has exits, SC with early exits (SC+EE) and LC
+    with early exits (LC+EE). Device MFLOPs count the graphs the device ran; accuracy needs ``labels``.
+
+    With image files as inputs every mode starts from the file's bytes in memory, so latency (ms) is file
+    to result: the device decodes and preprocesses for LC / SC, while for EC it sends the file as it is
+    and the server decodes it (``serve --whole-model --input-file``). With arrays (.npy) every mode
+    starts from the preprocessed input and EC sends it int8-quantised."""
     from . import codec
+    from .__main__ import FILE_TENSOR
     from .client import EdgeClient
     from .device import DeviceRunner
+    from .preprocess import IMAGE_SUFFIXES, decode_image
 
     fmt = cli.pick_backend(bundle, args.backend, board)
     precision = cli.pick_precision(bundle, fmt, args.precision)
     threads = cli._threads(args, board)
     meter = meter_for_board(board)
-    whole = sum(s.get("mflops", 0.0) for s in bundle.segments)
+    spec = bundle.manifest["preprocess"]
+    from_files = bool(files) and all(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files)
+    if from_files:
+        items = [Path(f).read_bytes() for f in files]
+        to_input = lambda b: decode_image(b, spec)[None]  # noqa: E731
+    else:
+        items, to_input = list(xs), (lambda x: x)
 
     def run(runner):
-        return lambda x: (lambda r: (r.top1, r.bytes_sent, device_mflops(bundle, r)))(runner.infer(x))
+        return lambda item: (lambda r: (r.top1, r.bytes_sent, device_mflops(bundle, r)))(runner.infer(to_input(item)))
 
     modes: Dict[str, dict] = {}
     lc = DeviceRunner(bundle, None, fmt, precision, threads, exits=False, local_tail=True)
-    modes["LC"] = _timed_mode(run(lc), xs, args.repeat, meter, labels)
-    proc, address = start_server(args.bundle, ["--whole-model", "--backend", fmt, "--precision", "fp32"])
+    modes["LC"] = _timed_mode(run(lc), items, args.repeat, meter, labels)
+    proc, address = start_server(args.bundle, ["--whole-model", "--backend", fmt, "--precision", "fp32"]
+                                 + (["--input-file"] if from_files else []))
     try:
         host, port = address.rsplit(":", 1)
         client = EdgeClient(host, int(port), codec=args.codec)
 
-        def offload(x):
-            q = {"scale": float(x.max() - x.min()) / 255.0 or 1.0}
-            q["zero_point"] = int(np.clip(round(-128 - float(x.min()) / q["scale"]), -128, 127))
-            q["dtype"] = "int8"
-            reply = client.infer({"input": codec.quantize(x, q["scale"], q["zero_point"], "int8")}, {"input": q})
+        def offload(item):
+            if from_files:
+                reply = client.infer({FILE_TENSOR: np.frombuffer(item, np.uint8)}, {})
+            else:
+                q = {"scale": float(item.max() - item.min()) / 255.0 or 1.0, "dtype": "int8"}
+                q["zero_point"] = int(np.clip(round(-128 - float(item.min()) / q["scale"]), -128, 127))
+                reply = client.infer({"input": codec.quantize(item, q["scale"], q["zero_point"], "int8")}, {"input": q})
             return int(reply.logits[0].argmax()), reply.bytes_sent, 0.0
 
-        modes["EC"] = _timed_mode(offload, xs, args.repeat, meter, labels)
+        modes["EC"] = _timed_mode(offload, items, args.repeat, meter, labels)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     saved = args.no_exits
     args.no_exits = True
     sc, _, _ = cli.make_runner(args, bundle, board)
-    modes["SC"] = _timed_mode(run(sc), xs, args.repeat, meter, labels)
+    modes["SC"] = _timed_mode(run(sc), items, args.repeat, meter, labels)
     if bundle.exits:
         args.no_exits = False
         see, _, _ = cli.make_runner(args, bundle, board)
-        modes["SC+EE"] = _timed_mode(run(see), xs, args.repeat, meter, labels)
+        modes["SC+EE"] = _timed_mode(run(see), items, args.repeat, meter, labels)
         lcee = DeviceRunner(bundle, None, fmt, precision, threads, exits=True, local_tail=True)
-        modes["LC+EE"] = _timed_mode(run(lcee), xs, args.repeat, meter, labels)
+        modes["LC+EE"] = _timed_mode(run(lcee), items, args.repeat, meter, labels)
     args.no_exits = saved
     for m in modes.values():
         m["top1_agreement_with_LC"] = float(np.mean([a == b for a, b in zip(m["top1"], modes["LC"]["top1"])]))
-    return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True, "whole_model_mflops": whole,
+    return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True,
+            "latency_from": "input file bytes (decode + preprocess included)" if from_files else "preprocessed input",
+            "ec_sends": "the input file as it is (server decodes)" if from_files else "the input, int8-quantised",
+            "whole_model_mflops": sum(sg.get("mflops", 0.0) for sg in bundle.segments),
             "labelled_inputs": len(labels) if labels else 0, "modes": modes}
 
 

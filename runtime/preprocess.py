@@ -53,6 +53,17 @@ def load_image(path, spec: dict) -> np.ndarray:
     return normalize(arr.transpose(2, 0, 1), spec)
 
 
+def decode_image(data: bytes, spec: dict, name: str = "image bytes") -> np.ndarray:
+    """An encoded image file held in memory (JPEG, PNG, ...) -> float32 ``(C, H, W)``, exactly as
+    :func:`load_image` does for a file. Raises PreprocessError naming ``name``."""
+    import io
+
+    try:
+        return load_image(io.BytesIO(bytes(data)), spec)
+    except PreprocessError as e:
+        raise PreprocessError("%s (%d B): %s" % (name, len(data), str(e).split(": ", 1)[-1]))
+
+
 def normalize(chw: np.ndarray, spec: dict) -> np.ndarray:
     """Apply ``scale``, ``mean``, ``std`` to a ``(C, H, W)`` or ``(N, C, H, W)`` array; float32 out."""
     x = chw.astype(np.float32) * np.float32(spec.get("scale", 1.0))

@@ -131,6 +131,8 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
 def comparison_table(c: dict, h: str = "#") -> List[str]:
     """LC / LC+EE / EC / SC / SC+EE as Markdown table lines."""
     lines = ["%s# LC / EC / SC / SC+EE on the same inputs (%s; the edge server ran on this machine)" % (h, c["backend"]),
+             "", "latency from %s; EC sends %s" % (c.get("latency_from", "preprocessed input"),
+                                                   c.get("ec_sends", "the input, int8-quantised")),
              "", "| mode | p50 ms | p90 ms | bytes / sample | device MFLOPs / sample | device energy J / inference "
                  "| top-1 accuracy | top-1 agreement with LC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -298,10 +298,15 @@ class EdgeServer:
             if np.dtype(exp["dtype"]).kind == "f" and s.scale is None and s.dtype not in ("float16", "float32"):
                 raise _RequestError("wrong_dtype", "tensor %r: expected %s (or int8/uint8 with scale and zero_point), got %s"
                                     % (name, exp["dtype"], s.dtype))
+            if np.dtype(exp["dtype"]).kind in "iu" and (s.dtype != exp["dtype"] or s.scale is not None):
+                raise _RequestError("wrong_dtype", "tensor %r: expected raw %s (no scale / zero point), got %s%s"
+                                    % (name, exp["dtype"], s.dtype, " quantised" if s.scale is not None else ""))
 
     def _to_inputs(self, msg: P.RequestMessage) -> Dict[str, np.ndarray]:
+        # integer inputs (e.g. an encoded image file's bytes) go to the tail as sent; float ones dequantised
         deq = msg.dequantized()
-        return {name: deq[name].astype(self.expected[name]["dtype"], copy=False) for name in self.expected}
+        return {name: msg.tensors[name] if np.dtype(exp["dtype"]).kind in "iu"
+                else deq[name].astype(exp["dtype"], copy=False) for name, exp in self.expected.items()}
 
     def _reply_tensors(self, outputs: Any) -> Dict[str, np.ndarray]:
         if not isinstance(outputs, Mapping) or not outputs:

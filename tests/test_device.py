@@ -214,3 +214,35 @@ def test_layer_profile_failure_leaves_the_report_standing(effnet_bundle, tmp_pat
     assert not (tmp_path / "layers.json").exists()
     del bundle.manifest["layer_profile_graph"]
     assert "--no-profile-graph" in layer_profile(args, bundle, {"name": "rpi4"}, [], [], tmp_path)["skipped"]
+
+
+def test_edge_computing_server_decodes_image_files(effnet_bundle, verify_images):
+    """EC as deployed: the device sends its JPEG/PNG file as it is, the server decodes it with the manifest's
+    preprocessing and runs the whole model; a file that is not an image gets an error reply and the server
+    keeps serving."""
+    from runtime.client import ServerError
+    from runtime.preprocess import load_image
+
+    out, _ = effnet_bundle
+    bundle = Bundle.load(out)
+    local = Chain(bundle, "all")
+    proc, address = start_server(str(out), ["--whole-model", "--input-file"])
+    try:
+        client = _client(address, codec="none")
+        files = verify_images.files[:3]
+        for f in files:
+            data = open(f, "rb").read()
+            reply = client.infer({"file": np.frombuffer(data, np.uint8)}, {})
+            want = local.run_segments({"input": load_image(f, bundle.manifest["preprocess"])[None]})["logits"]
+            assert reply.bytes_sent > len(data) and np.abs(reply.logits - want).max() < 1e-4
+        with pytest.raises(ServerError, match="request file"):
+            client.infer({"file": np.frombuffer(b"not an image at all", np.uint8)}, {})
+        with pytest.raises(ServerError, match="wrong_inputs"):
+            client.infer({"input": np.zeros((1, 3, 224, 224), np.float32)}, {})
+        with pytest.raises(ServerError, match="wrong_dtype"):
+            client.infer({"file": np.zeros(16, np.float32)}, {})
+        reply = client.infer({"file": np.frombuffer(open(files[0], "rb").read(), np.uint8)}, {})
+        assert reply.logits.shape == (1, 1000)  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
