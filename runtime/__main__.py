@@ -185,9 +185,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import main as report_main
+    from .report import run
 
-    return report_main(args.args)
+    return run(args)
 
 
 def _common(p):
@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("report", help="one Markdown page from bench report folders and plan JSONs")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    from .report import add_arguments
+
+    add_arguments(p)
     p.set_defaults(fn=cmd_report)
     return ap
 

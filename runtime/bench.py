@@ -36,24 +36,32 @@ def start_server(bundle_dir: str, extra: List[str]) -> tuple:
     return proc, line.strip().rsplit(" on ", 1)[1]
 
 
+#: files a bench run writes into --out (removed first, so none can be left over from an earlier run)
+OUTPUTS = ("report.json", "report.md", "layers.json", "latency_breakdown.png", "latency_vs_bandwidth.png",
+           "comparison.png")
+
+
 def select_inputs(args, bundle: Bundle) -> tuple:
     """The input files to measure on, and a note on how they were chosen: ``--inputs`` (files or folders
     of images) or the bundle's ``samples/``; files the bundle was calibrated on are left out (unless
     ``--include-calibration``) so accuracy is not measured on calibration data; ``--max-inputs N`` keeps
     N spread evenly over the rest. Raises ValueError when nothing is left."""
-    from .preprocess import list_images
+    from .preprocess import IMAGE_SUFFIXES, list_images
 
     if args.inputs:
         files: List[str] = []
         for a in args.inputs:
             files.extend(str(f) for f in list_images(a)) if Path(a).is_dir() else files.append(str(a))
+        files = list(dict.fromkeys(files))  # a file named twice is measured once
         where = ", ".join(args.inputs)
+        if not files:
+            raise ValueError("--inputs %s: no image files there (%s)" % (where, ", ".join(sorted(IMAGE_SUFFIXES))))
     else:
         samples = bundle.root / "samples"
         files = [str(p) for p in list_images(samples)] if samples.is_dir() else []
         where = "the bundle's samples/"
-    if not files:
-        raise ValueError("no inputs: give --inputs FILE_OR_FOLDER... (the bundle has no samples/)")
+        if not files:
+            raise ValueError("the bundle has no samples/ to measure on: give --inputs FILE_OR_FOLDER...")
     calib = set((bundle.manifest.get("calibration") or {}).get("names") or [])
     kept = files if args.include_calibration else [f for f in files if Path(f).name not in calib]
     note = "%d inputs from %s" % (len(kept), where)
@@ -67,7 +75,8 @@ def select_inputs(args, bundle: Bundle) -> tuple:
         raise ValueError("all %d inputs are calibration samples of this bundle; give other inputs or "
                          "--include-calibration" % len(files))
     elif len(kept) < len(files):
-        note += " (%d calibration samples left out)" % (len(files) - len(kept))
+        n = len(files) - len(kept)
+        note += " (%d calibration sample%s left out, matched by file name)" % (n, "" if n == 1 else "s")
     if args.max_inputs and len(kept) > args.max_inputs:
         idx = np.unique(np.linspace(0, len(kept) - 1, args.max_inputs).round().astype(int))
         kept = [kept[i] for i in idx]
@@ -89,7 +98,8 @@ def _stage_table(results) -> Dict[str, Dict[str, float]]:
         for k, v in r.ms.items():
             stages.setdefault(k, []).append(v)
         stages.setdefault("total", []).append(sum(r.ms.values()))
-    return {k: percentiles(v) for k, v in stages.items()}
+    total = stages.pop("total")  # last, whatever order the stages first appeared in
+    return {**{k: percentiles(v) for k, v in stages.items()}, "total": percentiles(total)}
 
 
 def bare_onnxruntime_ms(bundle: Bundle, xs, threads, repeat: int) -> Dict[str, float]:
@@ -129,15 +139,24 @@ def run_bench(args) -> int:
     from .labels import labels_for
     from .preprocess import load_inputs
 
+    if args.repeat < 1 or args.warmup < 0 or args.profile_runs < 1 or (args.max_inputs is not None and args.max_inputs < 1):
+        raise ValueError("--repeat, --profile-runs and --max-inputs must be >= 1, --warmup >= 0")
     bundle = Bundle.load(args.bundle)
     board = load_board(args.board or "host")
     files, note = select_inputs(args, bundle)
-    labels = labels_for(files, bundle.manifest, bundle.root / "samples")
+    labels, why = labels_for(files, bundle.manifest, bundle.root / "samples", explain=True)
+    if labels:
+        check_labels(labels, files, bundle)
+    else:
+        note += "; no accuracy: %s" % why
     t0 = time.perf_counter()
     xs = [load_inputs([f], bundle.manifest["preprocess"]) for f in files]
     preprocess_ms = (time.perf_counter() - t0) * 1e3 / len(files)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # an earlier run's files must not pass for this run's (plan reads layers.json)
+        (out / name).unlink(missing_ok=True)
+    remote = bool(args.server)
     proc = None
     if not args.server:
         proc, args.server = start_server(args.bundle, ["--backend", args.backend, "--precision", "fp32"])
@@ -148,6 +167,8 @@ def run_bench(args) -> int:
             proc.terminate()
             proc.wait(timeout=10)
     report["inputs_note"] = note
+    if report.get("comparison"):
+        report["comparison"]["sc_server"] = "%s (%s)" % (args.server, "given" if remote else "started on this machine")
     if not args.no_layer_profile:
         report["layer_profile"] = layer_profile(args, bundle, board, xs, files, out)
     report["findings"] = R.findings(report)
@@ -156,6 +177,16 @@ def run_bench(args) -> int:
     print(R.render_markdown(report))
     print("report written to %s" % out)
     return 0
+
+
+def check_labels(labels: List[int], files: List[str], bundle: Bundle) -> None:
+    """Refuse ground truth outside the model's classes ``0..C-1`` (C from the manifest's output shape):
+    it would only read as a low accuracy. Raises ValueError naming the first such file."""
+    classes = (bundle.manifest.get("output") or {}).get("shape", [None, None])[-1]
+    for f, y in zip(files, labels):
+        if y < 0 or (classes and y >= classes):
+            raise ValueError("%s: label %d is not a class of this model (0..%s); check its synsets.txt / labels.txt"
+                             % (f, y, (classes - 1) if classes else "?"))
 
 
 def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path) -> dict:
@@ -169,13 +200,16 @@ def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path) -> di
         return {"skipped": "the bundle has no layer_profile_graph (exported with --no-profile-graph)"}
     path = bundle.root / spec["file"]  # checksummed with every other file when the bundle was loaded
     try:
-        prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), args.threads,
+        from . import __main__ as cli
+
+        prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), cli._threads(args, board),
                               board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name)
     except P.ProfileError as e:  # e.g. a LiteRT-only board without onnxruntime: the rest of the report stands
         return {"skipped": str(e)}
     images = [f for f in files if not str(f).endswith(".npy")][:8]
     if images and bundle.manifest["preprocess"].get("kind") == "image":
         prof["preprocess_ms"] = P.preprocess_ms(images, bundle.manifest["preprocess"])
+    prof["model_source"] = (bundle.manifest.get("model") or {}).get("source")  # plan refuses another model's
     P.save_profile(prof, out / "layers.json")
     return {"file": "layers.json", "total_ms": prof["total_ms"], "source": prof["source"],
             "modules": len(prof["cumulative_ms"])}

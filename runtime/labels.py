@@ -20,10 +20,17 @@ class LabelError(ValueError):
     """A label file that cannot be used; the message names the file and the fix."""
 
 
+def _read(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelError("cannot read %s as UTF-8 text: %s" % (path, e))
+
+
 def synset_index(path) -> Dict[str, int]:
     """``{wnid: class index}`` from a ``synsets.txt`` (``<index>\\t<wnid>[\\t<name>]`` lines)."""
     out: Dict[str, int] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in _read(path).splitlines():
         parts = line.split("\t")
         if len(parts) >= 2 and parts[0].strip().isdigit():
             out[parts[1].strip()] = int(parts[0])
@@ -34,7 +41,7 @@ def labels_table(path) -> Dict[str, int]:
     """``{file name: class index}`` from a ``labels.txt`` (``<file name>\\t<index>`` lines). Raises
     LabelError on a line whose index is not an integer."""
     out: Dict[str, int] = {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read(path).splitlines(), 1):
         if "\t" not in line:
             continue
         name, value = line.split("\t")[:2]
@@ -60,10 +67,11 @@ def folder_label(path: Path, cache: Dict[Path, tuple]) -> Optional[int]:
     return None
 
 
-def labels_for(files: Sequence, manifest: Optional[dict] = None, samples_dir=None) -> Optional[List[int]]:
+def labels_for(files: Sequence, manifest: Optional[dict] = None, samples_dir=None, explain: bool = False):
     """Class index per file (see module doc), or None when any file has no label (accuracy then needs a
     labelled input set: an ImageNet-style folder with ``synsets.txt``, or a ``labels.txt``). The
-    manifest's ``samples.labels`` apply to files in ``samples_dir`` (the bundle's ``samples/``)."""
+    manifest's ``samples.labels`` apply to files in ``samples_dir`` (the bundle's ``samples/``). With
+    ``explain=True`` returns ``(labels or None, why not)``. Raises LabelError for an unreadable label file."""
     known = dict(((manifest or {}).get("samples") or {}).get("labels") or {})
     samples = Path(samples_dir).resolve() if samples_dir else None
     cache: Dict[Path, tuple] = {}
@@ -75,6 +83,13 @@ def labels_for(files: Sequence, manifest: Optional[dict] = None, samples_dir=Non
         else:
             label = folder_label(p, cache)
         if label is None:
-            return None
+            synsets, table = cache.get(p.parent, (None, None))
+            if synsets is not None:
+                why = "%s: its wnid prefix is not in synsets.txt there" % p
+            elif table is not None:
+                why = "%s has no line in labels.txt there (lines: <file name><TAB><class index>)" % p
+            else:
+                why = "%s has no label (no synsets.txt or labels.txt beside it, none in the manifest)" % p
+            return (None, why) if explain else None
         out.append(int(label))
-    return out
+    return (out, "") if explain else out

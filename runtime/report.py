@@ -72,7 +72,8 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
     """One bench report as Markdown (numbers from that run only); ``level`` is its title's heading level,
     ``plots_prefix`` the path from the page to the report's PNGs."""
     h = "#" * level
-    lines = ["%s eetool bench: %s on %s (%s)" % (h, r["bundle"], r["board"], r["machine"]), "",
+    lines = ["%s eetool bench: %s on %s (%s)%s" % (h, r["bundle"], r["board"], r["machine"],
+                                                   (" -> `%s/`" % plots_prefix.rstrip("/")) if plots_prefix else ""), "",
              "model %s, split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d "
              "inputs" % (r.get("model") or "-", r["split"], r["backend"], r["precision"], r["threads"] or "default",
                          r["codec"], r["wire_dtype"], r["requests"], r["inputs"])]
@@ -130,9 +131,10 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
 
 def comparison_table(c: dict, h: str = "#") -> List[str]:
     """LC / LC+EE / EC / SC / SC+EE as Markdown table lines."""
-    lines = ["%s# LC / EC / SC / SC+EE on the same inputs (%s; the edge server ran on this machine)" % (h, c["backend"]),
-             "", "latency from %s; EC sends %s" % (c.get("latency_from", "preprocessed input"),
-                                                   c.get("ec_sends", "the input, int8-quantised")),
+    lines = ["%s# LC / EC / SC / SC+EE on the same inputs (%s)" % (h, c["backend"]),
+             "", "latency from %s; EC sends %s to a whole-model server started on this machine; SC's server: %s"
+             % (c.get("latency_from", "preprocessed input"), c.get("ec_sends", "the input, int8-quantised"),
+                c.get("sc_server", "on this machine")),
              "", "| mode | p50 ms | p90 ms | bytes / sample | device MFLOPs / sample | device energy J / inference "
                  "| top-1 accuracy | top-1 agreement with LC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -273,12 +275,14 @@ def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], t
             claims.append("%s at `%s`: %.0f B per SC request vs %.0f B mean input file: the split feature is %s" % (
                 r.get("model") or r["bundle"], r["split"], sc, jpeg, "smaller" if sc < jpeg else "NOT smaller"))
         elif sent:
-            claims.append("%s: %.0f B sent vs %.0f B input file" % (r["bundle"], sent, jpeg))
+            claims.append("%s at `%s`: %.0f B sent per request vs %.0f B mean input file: %s" % (
+                r.get("model") or r["bundle"], r["split"], sent, jpeg, "smaller" if sent < jpeg else "NOT smaller"))
         for ee, base in (("LC+EE", "LC"), ("SC+EE", "SC")):
             if ee in modes and base in modes:
                 claims.append("%s: %s" % (r.get("model") or r["bundle"], early_exit_claim(modes, ee, base)))
-    lines = ["# %s" % title, "", "Every number on this page was measured in this run (estimates are labelled "
-             "ESTIMATE with their source).", "", "## Claims checked against this run", ""]
+    lines = ["# %s" % title, "", "Every number on this page comes from the bench reports and plans below, as they "
+             "were measured (estimates are labelled ESTIMATE with their source).", "", "## Claims checked against "
+             "these numbers", ""]
     lines += ["- " + c for c in claims]
     for p in plans:
         lines += [""] + plan_table(p)
@@ -287,26 +291,46 @@ def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], t
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m runtime report OUT.md --bench DIR... [--plan plan.json...]``."""
-    import argparse
+BENCH_KEYS = ("bundle", "split", "board", "machine", "stages_ms", "bytes_sent_mean", "input_file_bytes_mean")
+PLAN_KEYS = ("model", "board", "best", "options", "bandwidths", "total_mflops")
 
-    p = argparse.ArgumentParser(prog="python -m runtime report",
-                                description="one Markdown page from bench report directories and plan JSONs")
-    p.add_argument("out", help="Markdown file to write")
-    p.add_argument("--bench", nargs="*", default=[], help="directories written by 'python -m runtime bench'")
-    p.add_argument("--plan", nargs="*", default=[], help="'eetool plan --json' outputs")
+
+def _load(path, keys, what: str, made_by: str) -> dict:
+    """A JSON object with ``keys`` from ``path``; ValueError naming the file and what it should be."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError("%s: cannot read as JSON (%s)" % (path, e))
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise ValueError("%s is not %s (missing %s); it is written by %s" % (path, what, ", ".join(missing), made_by))
+    return obj
+
+
+def add_arguments(p) -> None:
+    """The ``report`` command's arguments (``python -m runtime report``)."""
+    p.add_argument("out", help="Markdown page to write")
+    p.add_argument("--bench", nargs="*", default=[], metavar="DIR",
+                   help="folders written by 'python -m runtime bench' (each holds report.json)")
+    p.add_argument("--plan", nargs="*", default=[], metavar="PLAN.json", help="'eetool plan --json' outputs")
     p.add_argument("--title", default="eetool bench")
-    a = p.parse_args(argv)
+
+
+def run(a) -> int:
+    """Write the page ``a.out`` from ``a.bench`` folders and ``a.plan`` files. Raises ValueError for input
+    that is missing or of the wrong kind."""
     page = Path(a.out).resolve().parent
+    if not page.is_dir():
+        raise ValueError("%s: folder %s does not exist" % (a.out, page))
     benches, plans = [], []
     for d in a.bench:
         f = Path(d) / "report.json"
         if not f.is_file():
             raise ValueError("%s: no report.json (run 'python -m runtime bench BUNDLE --out %s' first)" % (d, d))
-        benches.append((os.path.relpath(Path(d).resolve(), page), json.loads(f.read_text(encoding="utf-8"))))
+        r = _load(f, BENCH_KEYS, "a bench report", "python -m runtime bench")
+        benches.append((os.path.relpath(Path(d).resolve(), page), r))
     for f in a.plan:
-        plans.append(json.loads(Path(f).read_text(encoding="utf-8")))
+        plans.append(_load(f, PLAN_KEYS, "a plan", "eetool plan --json"))
     if not benches and not plans:
         raise ValueError("nothing to report: give --bench DIR and/or --plan FILE")
     Path(a.out).write_text(render_summary(benches, plans, a.title), encoding="utf-8")

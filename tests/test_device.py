@@ -95,6 +95,7 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert 0 < prof["cumulative_ms"]["blocks.2"] < prof["cumulative_ms"]["blocks.5"] <= prof["total_ms"] * (1 + 1e-9)
     fed = load_measurements(tmp_path)  # the bench folder itself is accepted
     assert fed["cumulative_ms"] == prof["cumulative_ms"] and "measured on host" in fed["label"]
+    assert prof["model_source"] == "efficientnet-lite0" and prof["input_shape"] == [1, 3, 224, 224]
     rows = [{"name": "blocks.2", "aliases": []}, {"name": "blocks.5", "aliases": []}]
     assert [ms for ms, _ in cumulative_for_rows(fed, rows)] == [prof["cumulative_ms"]["blocks.2"],
                                                                 prof["cumulative_ms"]["blocks.5"]]
@@ -246,3 +247,21 @@ def test_edge_computing_server_decodes_image_files(effnet_bundle, verify_images)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_bench_refuses_bad_counts_and_clears_stale_outputs(effnet_bundle, tmp_path):
+    """Counts below 1 are refused with the option named; a rerun into the same folder that does not
+    profile leaves no layers.json from before (plan would read it as this run's)."""
+    out, _ = effnet_bundle
+    stale = tmp_path / "layers.json"
+    stale.write_text("{}")
+    for bad in (["--repeat", "0"], ["--max-inputs", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "runtime", "bench", str(out), "--out", str(tmp_path)] + bad,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "must be >= 1" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "runtime", "bench", str(out), "--board", "host", "--repeat", "1",
+                           "--warmup", "0", "--bandwidths", "", "--no-compare", "--no-layer-profile",
+                           "--max-inputs", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists() and json.loads((tmp_path / "report.json").read_text())["requests"] == 2
+

@@ -241,3 +241,43 @@ def test_plan_cli_json_on_efficientnet(tmp_path, imagenet_source):
     moves = len(set(report["best"].values())) > 1
     assert plan_claim(report).startswith("the best split moves" if moves else "the best split does NOT move")
 
+
+def test_plan_refuses_measurements_of_another_model_or_machine(tmp_path, effnet):
+    """A layer profile names its model, input shape and CPU: plan refuses one from another model (module
+    names like pool.0 can coincide) or one measured on x86 but labelled rpi4, before reading any input."""
+    from toolkit.plan import PlanError, PlanRequest, make_plan
+
+    base = {"schema": "eetool.layer_profile/1", "source": "t", "total_ms": 2.0, "cumulative_ms": {"pool.0": 1.0}}
+    cases = [({**base, "board": "host", "input_shape": [1, 1, 28, 28]}, "host", "input"),
+             ({**base, "board": "host", "input_shape": [1, 3, 224, 224], "model_source": "fashion-cnn"}, "host",
+              "fashion-cnn"),
+             ({**base, "board": "rpi4", "machine": "x86_64"}, "rpi4", "measure on the board itself"),
+             ({**base, "board": "host"}, "rpi4", "--board host")]
+    for i, (prof, board, msg) in enumerate(cases):
+        f = tmp_path / f"p{i}.json"
+        f.write_text(json.dumps(prof))
+        with pytest.raises((PlanError, ProfileError), match=msg):
+            make_plan(effnet, PlanRequest(board=board, measurements=str(f), data="/nonexistent/never/read"))
+    with pytest.raises(ProfileError, match="no layers.json"):  # a bench folder without a profile
+        make_plan(effnet, PlanRequest(board="host", server_profile=str(tmp_path), data="/nonexistent"))
+
+
+def test_report_refuses_the_wrong_kind_of_json(tmp_path):
+    from argparse import Namespace
+
+    from runtime.report import run
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "report.json").write_text(json.dumps({"best": {}}))
+    (tmp_path / "plan.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    for a, msg in ((Namespace(out=str(tmp_path / "p.md"), bench=[str(bench)], plan=[], title="t"), "not a bench report"),
+                   (Namespace(out=str(tmp_path / "p.md"), bench=[], plan=[str(tmp_path / "plan.json")], title="t"),
+                    "not a plan"),
+                   (Namespace(out=str(tmp_path / "p.md"), bench=[], plan=[str(tmp_path / "broken.json")], title="t"),
+                    "broken.json: cannot read as JSON"),
+                   (Namespace(out=str(tmp_path / "no" / "p.md"), bench=[], plan=[], title="t"), "does not exist")):
+        with pytest.raises(ValueError, match=msg):
+            run(a)
+

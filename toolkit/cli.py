@@ -11,14 +11,19 @@ import click
 import numpy as np
 
 from calibration.readers import DataError, check_channels, read_dataset
+from runtime.boards import BoardError
 from runtime.bundle import Bundle, BundleError
+from runtime.codec import CodecError
+from runtime.profile_layers import ProfileError
 
 from .graph import SplitError
 from .onnx_export import ExportError
+from .plan import PlanError
 from .sources import ModelSourceError, resolve
 
 SHARED_IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
-USER_ERRORS = (SplitError, ExportError, ModelSourceError, DataError, BundleError, FileNotFoundError)
+USER_ERRORS = (SplitError, ExportError, ModelSourceError, DataError, BundleError, FileNotFoundError, PlanError,
+               ProfileError, BoardError, CodecError)
 
 
 def default_data(preprocess: dict) -> str:

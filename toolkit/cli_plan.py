@@ -88,14 +88,7 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
     except ValueError as e:
         raise click.BadParameter(str(e))
     say = None if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
-    from runtime.boards import BoardError
-    from runtime.codec import CodecError
-    from runtime.profile_layers import ProfileError
-
-    try:
-        options, results, exit_costs, report = make_plan(src, req, say)
-    except (PlanError, ProfileError, BoardError, CodecError) as e:
-        raise click.ClickException(str(e))
+    options, results, exit_costs, report = make_plan(src, req, say)  # user errors: one line, exit 2 (cli.py)
     if save_measurements:
         _save_host_measurement(report, src, req, save_measurements)
     if not no_plot:

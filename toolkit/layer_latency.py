@@ -14,6 +14,7 @@ MFLOPs (10^6 floating-point operations, 2 per multiply-add), GFLOP/s.
 """
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -76,13 +77,40 @@ def load_measurements(path) -> dict:
     if path.is_dir():
         if not (path / "layers.json").is_file():
             raise ProfileError(f"{path} holds no layers.json: run 'python -m runtime bench BUNDLE --out {path}' "
-                               f"on the board with a bundle that has profile/model.fp32.onnx (the default export)")
+                               f"on the board, without --no-layer-profile, on a bundle exported without "
+                               f"--no-profile-graph (its report.json says why a profile was skipped)")
         path = path / "layers.json"
     prof = load_profile(path)
     prof = dict(prof)
     prof["label"] = f"measured on {prof['board']} (file {Path(path).name})"
     prof["file"] = str(path)
     return prof
+
+
+def is_layer_profile(path: str) -> bool:
+    """Whether ``path`` (a ``--server-profile`` value) names a layer profile rather than a board: a bench
+    folder, or a JSON file whose object has ``cumulative_ms``. A folder or file that cannot be one raises
+    ProfileError with the reason (so it is not mistaken for a missing board profile)."""
+    p = Path(path)
+    if p.is_dir():
+        load_measurements(p)  # raises with the reason when it holds no usable layers.json
+        return True
+    if p.suffix == ".json" and p.is_file():
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ProfileError(f"cannot read {p}: {e}")
+        return isinstance(obj, dict) and "cumulative_ms" in obj
+    return False
+
+
+def check_architecture(profile: dict, board: dict) -> None:
+    """Refuse a profile whose recorded CPU architecture (``machine``) is not the board's (e.g. a bench run
+    on an x86 host with ``--board rpi4``): its times are not that board's. Raises ProfileError."""
+    machine, arch = profile.get("machine"), board.get("architecture")
+    if board.get("name") != "host" and machine and arch and machine != arch:  # "host" is whatever this is
+        raise ProfileError(f"the layer profile says board {profile['board']!r} but was measured on {machine}; "
+                           f"{board['name']} is {arch}: measure on the board itself")
 
 
 def cumulative_for_rows(profile: dict, rows: list[dict]) -> list[tuple[float, str]]:

@@ -519,6 +519,17 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
         deeper = max(a.count(".") + 1 for a in exit_ats)
         all_rows = split_table(src.model, src.input_shape, max(deeper, req.depth))["rows"]
 
+    # measurement files first: a wrong file fails before any input is read
+    device_file = _measured(req.measurements, src, "--measurements") if req.measurements else None
+    if device_file is not None and device_file["board"] != board["name"]:
+        raise PlanError(f"--measurements {req.measurements} was measured on {device_file['board']!r}, not on "
+                        f"--board {board['name']!r}: pass --board {device_file['board']}, or the bench folder "
+                        f"from a {board['name']} board")
+    if device_file is not None:
+        LL.check_architecture(device_file, board)
+    sp = req.server_profile
+    server_file = _measured(sp, src, "--server-profile") if LL.is_layer_profile(sp) else None
+
     from .cli import default_data
 
     data = req.data or default_data(src.preprocess)
@@ -544,19 +555,14 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
                                    src.preprocess, req.runs, req.warmup, req.threads)
         return host
 
-    if req.measurements:
-        device = LL.load_measurements(req.measurements)
-        if device["board"] != board["name"]:
-            raise PlanError(f"--measurements {req.measurements} was measured on {device['board']!r}, "
-                            f"not on --board {board['name']!r}")
+    if device_file is not None:
+        device = device_file
     elif board["name"] == "host":
         device = host_profile()
     else:
         device = LL.estimate_profile(table, board)
-    sp = req.server_profile
-    if (Path(sp) / "layers.json").is_file() or (
-            sp.endswith(".json") and Path(sp).is_file() and "cumulative_ms" in Path(sp).read_text()):
-        server = LL.load_measurements(sp)
+    if server_file is not None:
+        server = server_file
     elif sp == "host":
         server = host_profile()
     else:
@@ -598,6 +604,23 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
     report["explanation"] = explain(results, sweep, options, req.rtt_ms)
     report["host_measurement"] = {k: v for k, v in host.items() if k != "label"} if host else None
     return options, results, exits, report
+
+
+def _measured(path: str, src, option: str) -> dict:
+    """A layer profile for ``src`` from ``path`` (file or bench folder); refuses one measured on another
+    model (its recorded model name or input shape differ), which would otherwise pass whenever module
+    names happen to coincide."""
+    from . import layer_latency as LL
+
+    prof = LL.load_measurements(path)
+    shape = prof.get("input_shape")
+    if shape and [int(d) for d in shape[1:]] != [int(d) for d in src.input_shape[1:]]:
+        raise PlanError(f"{option} {path}: measured with input {shape}, but {src.name} takes "
+                        f"{list(src.input_shape)}: it profiles another model")
+    name = prof.get("model_source")
+    if name and name != src.name:
+        raise PlanError(f"{option} {path}: measured on model {name!r}, not {src.name!r}")
+    return prof
 
 
 def _num_classes(src) -> int:
