@@ -18,10 +18,6 @@ from typing import Optional
 from .bundle import Bundle, BundleError
 
 
-#: REQUEST tensor holding an encoded input file (``serve --whole-model --input-file``)
-FILE_TENSOR = "file"
-
-
 def pick_backend(bundle: Bundle, backend: str, board: Optional[dict]) -> str:
     """``onnx`` or ``tflite``: the asked one, or (``auto``) the board's preferred interpreter when the
     bundle has graphs for it and it imports, else onnx. Raises BundleError when the bundle lacks it."""
@@ -69,6 +65,7 @@ def _threads(args, board) -> Optional[int]:
 
 def cmd_serve(args) -> int:
     from .chain import Chain
+    from .protocol import FILE_TENSOR
     from .server import EdgeServer, run_until_signal
 
     bundle = Bundle.load(args.bundle)

@@ -170,7 +170,7 @@ def run_bench(args) -> int:
     if report.get("comparison"):
         report["comparison"]["sc_server"] = "%s (%s)" % (args.server, "given" if remote else "started on this machine")
     if not args.no_layer_profile:
-        report["layer_profile"] = layer_profile(args, bundle, board, xs, files, out)
+        report["layer_profile"] = layer_profile(args, bundle, board, xs, files, out, cli._threads(args, board))
     report["findings"] = R.findings(report)
     R.write(out, report)  # plots first: the report lists the ones written
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -189,7 +189,7 @@ def check_labels(labels: List[int], files: List[str], bundle: Bundle) -> None:
                              % (f, y, (classes - 1) if classes else "?"))
 
 
-def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path) -> dict:
+def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path, threads=None) -> dict:
     """Per-layer latency of the whole model on this board (:func:`runtime.profile_layers.profile_onnx` on
     the bundle's ``profile/model.fp32.onnx``), written to ``out/layers.json`` for ``eetool plan
     --measurements``; a note when the bundle has no profile graph (exported with --no-profile-graph)."""
@@ -200,9 +200,7 @@ def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path) -> di
         return {"skipped": "the bundle has no layer_profile_graph (exported with --no-profile-graph)"}
     path = bundle.root / spec["file"]  # checksummed with every other file when the bundle was loaded
     try:
-        from . import __main__ as cli
-
-        prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), cli._threads(args, board),
+        prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), threads,
                               board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name)
     except P.ProfileError as e:  # e.g. a LiteRT-only board without onnxruntime: the rest of the report stands
         return {"skipped": str(e)}
@@ -309,10 +307,10 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
     and the server decodes it (``serve --whole-model --input-file``). With arrays (.npy) every mode
     starts from the preprocessed input and EC sends it int8-quantised."""
     from . import codec
-    from .__main__ import FILE_TENSOR
     from .client import EdgeClient
     from .device import DeviceRunner
     from .preprocess import IMAGE_SUFFIXES, decode_image
+    from .protocol import FILE_TENSOR
 
     fmt = cli.pick_backend(bundle, args.backend, board)
     precision = cli.pick_precision(bundle, fmt, args.precision)

@@ -56,6 +56,8 @@ MESSAGE_TYPES: Dict[int, str] = {REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERR
 #: dtypes a peer may put on the wire (always little-endian).
 ALLOWED_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "int64", "float16", "float32")
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: REQUEST tensor holding an encoded input file, uint8 1-D (``serve --whole-model --input-file``)
+FILE_TENSOR = "file"
 DEFAULT_MAX_RAW_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 64
