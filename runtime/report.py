@@ -77,9 +77,9 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
              "model %s, split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d "
              "inputs" % (r.get("model") or "-", r["split"], r["backend"], r["precision"], r["threads"] or "default",
                          r["codec"], r["wire_dtype"], r["requests"], r["inputs"])]
-    if r.get("inputs_note"):
-        lines += ["", "inputs: %s; %s" % (r["inputs_note"], "%d with ground-truth labels" % r["labelled_inputs"]
-                                          if r.get("labelled_inputs") else "no labels (accuracy not measured)")]
+    if r.get("inputs_note"):  # the note says why when there is no accuracy
+        lines += ["", "inputs: %s%s" % (r["inputs_note"], "; %d with ground-truth labels" % r["labelled_inputs"]
+                                        if r.get("labelled_inputs") else "")]
     lines += ["", "| stage | p50 ms | p90 ms | p99 ms | mean ms |", "|---|---:|---:|---:|---:|"]
     for stage, p in r["stages_ms"].items():
         lines.append("| %s | %.2f | %.2f | %.2f | %.2f |" % (stage, p["p50"], p["p90"], p["p99"], p["mean"]))
