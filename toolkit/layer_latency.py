@@ -89,11 +89,10 @@ def load_measurements(path) -> dict:
 
 def is_layer_profile(path: str) -> bool:
     """Whether ``path`` (a ``--server-profile`` value) names a layer profile rather than a board: a bench
-    folder, or a JSON file whose object has ``cumulative_ms``. A folder or file that cannot be one raises
-    ProfileError with the reason (so it is not mistaken for a missing board profile)."""
+    folder (loading it then says what is missing), or a JSON file whose object has ``cumulative_ms``. An
+    unreadable JSON file raises ProfileError (so it is not mistaken for a missing board profile)."""
     p = Path(path)
     if p.is_dir():
-        load_measurements(p)  # raises with the reason when it holds no usable layers.json
         return True
     if p.suffix == ".json" and p.is_file():
         try:
