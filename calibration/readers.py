@@ -10,6 +10,11 @@
 - ``samples``: the colour photographs shipped inside scikit-image's wheel (no labels), so a fresh clone
   has real images without any download.
 
+Any of these may end in ``:fold=K/N``: only the samples at positions ``i % N == K`` of the source's order
+(interleaved, so every fold covers every class of a class-sorted folder). Disjoint folds keep training,
+calibration and evaluation images apart, e.g. ``imagenet-samples:fold=0/2`` to distil on and
+``imagenet-samples:fold=1/2`` to evaluate on.
+
 Every reader returns float32 NCHW arrays preprocessed with the manifest's ``preprocess`` spec and refuses
 garbage: empty folders, unreadable files, wrong channel counts and NaN/Inf inputs raise
 :class:`DataError`; fewer samples than asked is a warning that states the count used.
@@ -114,6 +119,16 @@ def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: 
     Raises DataError for an unknown form, an empty or unreadable source, NaN/Inf values; warns when fewer
     than ``limit`` samples exist and says how many are used."""
     exclude = set(exclude)
+    data, fold = parse_fold(data)
+    if fold is not None:
+        k, n = fold
+        ds = read_dataset(data, preprocess, None, 0, progress, False, exclude)
+        ds = ds.subset(np.arange(k, len(ds), n))
+        if not len(ds):
+            raise DataError(f"{data}: fold {k}/{n} is empty ({len(ds)} samples)")
+        ds.source = f"{data}:fold={k}/{n}"
+        keep = _select(ds.names, offset, limit, spread, set(), ds.source)
+        return ds.subset(keep)
     if data == "samples":
         files = skimage_photo_paths()
         keep = _select([f.name for f in files], offset, limit, spread, exclude, data)
@@ -145,6 +160,18 @@ def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: 
             raise DataError(f"{data}: unsupported data file; use a folder of images or .npy/.npz")
     check_finite(ds.x, ds.source)
     return ds
+
+
+def parse_fold(data: str) -> tuple[str, tuple[int, int] | None]:
+    """Split ``DATA:fold=K/N`` into ``(DATA, (K, N))``; ``(data, None)`` without the suffix. Raises DataError
+    unless ``0 <= K < N``."""
+    head, sep, spec = data.rpartition(":fold=")
+    if not sep:
+        return data, None
+    k, slash, n = spec.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        raise DataError(f"{data}: fold spec {spec!r}; write ':fold=K/N' with 0 <= K < N, e.g. ':fold=1/2'")
+    return head, (int(k), int(n))
 
 
 def _select(names: list[str], offset: int, limit: int | None, spread: bool, exclude: set, source: str) -> list[int]:
@@ -201,4 +228,4 @@ def check_channels(ds: Dataset, input_shape: tuple[int, ...]) -> None:
                         f"or check --preprocess / --input-shape")
 
 
-__all__ = ["Dataset", "DataError", "read_dataset", "read_images", "check_finite", "check_channels", "normalize"]
+__all__ = ["Dataset", "DataError", "read_dataset", "parse_fold", "read_images", "check_finite", "check_channels", "normalize"]

@@ -71,3 +71,16 @@ def test_fewer_samples_than_asked_warns_with_count():
 def test_fashion_mnist_reader_real_data():
     ds = read_dataset("fashion-mnist:test", FASHION, limit=10)
     assert ds.x.shape == (10, 1, 28, 28) and ds.y.tolist()[:3] == [9, 2, 1]
+
+
+
+def test_interleaved_folds_are_disjoint_and_cover_the_source(imagenet_source):
+    whole = read_dataset(imagenet_source, IMAGENET_PREPROCESS, limit=12)  # 5 on a fresh clone
+    n = len(whole) // 2 + len(whole) % 2
+    a = read_dataset(f"{imagenet_source}:fold=0/2", IMAGENET_PREPROCESS, limit=n)
+    b = read_dataset(f"{imagenet_source}:fold=1/2", IMAGENET_PREPROCESS, limit=len(whole) - n)
+    assert a.names == whole.names[0::2] and b.names == whole.names[1::2]
+    assert not set(a.names) & set(b.names)
+    assert a.source.endswith(":fold=0/2")
+    with pytest.raises(DataError, match="fold"):
+        read_dataset("samples:fold=2/2", IMAGENET_PREPROCESS)
