@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 # aarch64 root filesystem, wheels and venvs for board-check: outside the clone, reused across clones
 export BOARD_CHECK_CACHE ?= /var/cache/eetool-board-check
 
-.PHONY: install demo test bench reference board-check clean
+.PHONY: install fashion-mnist demo test bench reference board-check clean
 
 $(BIN)/eetool: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,18 +21,23 @@ $(BIN)/eetool: pyproject.toml
 
 install: $(BIN)/eetool
 
+# Debian's dataset-fashion-mnist, which the tests and the reference model need: installed when running as
+# root, else a stop with the command to run (scripts/fashion_mnist.sh; $$EETOOL_FASHION_MNIST: another folder).
+fashion-mnist: install
+	@bash scripts/fashion_mnist.sh $(BIN)/python
+
 # The main job end to end on the embedded default: real EfficientNet-Lite0, real images.
 demo: install
 	bash scripts/demo.sh $(OUT) $(SPLIT) $(BOARD) $(PORT)
 
-test: install
+test: install fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not board" tests
 
 bench: install
 	bash scripts/bench.sh $(OUT) $(BOARD) $(PLAN_BOARD)
 
-# Fashion-MNIST reference CNN with two trained exits (needs: apt-get install -y dataset-fashion-mnist).
-reference: install
+# Fashion-MNIST reference CNN with two trained exits.
+reference: install fashion-mnist
 	$(BIN)/python -m toolkit.train_reference --out $(OUT)/fashion-reference
 
 # The bundle's board side on real aarch64 binaries under qemu-user (root; docs/board-check.md).

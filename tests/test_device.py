@@ -38,7 +38,9 @@ def test_split_over_tcp_equals_local_chain(effnet_bundle, server, verify_images)
     tail = Chain(bundle, "server")
     q = bundle.tensor("blocks.5")["quant"]
     agree = 0
-    for i in range(8):
+    n = min(8, len(verify_images))  # 5 photos on a fresh clone, 16 ImageNet samples beside the repo
+    assert n >= 5
+    for i in range(n):
         x = verify_images.x[i:i + 1]
         values = local.run_segments({"input": x})
         r = exact.infer(x)
@@ -54,7 +56,7 @@ def test_split_over_tcp_equals_local_chain(effnet_bundle, server, verify_images)
         assert 0 < rq.bytes_sent < r.bytes_sent / 3  # int8 frame vs the float32 frame of the same feature
         assert {"seg0", "quantize", "encode", "network", "server_tail"} <= set(rq.ms)
         agree += rq.top1 == r.top1
-    assert agree >= 7
+    assert agree >= n - 1
 
 
 def test_unreachable_server_degrades_to_local_tail(effnet_bundle, verify_images):

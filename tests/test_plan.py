@@ -119,8 +119,10 @@ def test_parsers():
 # --------------------------------------------------------------------------- bytes measured on real images
 def test_wire_bytes_on_real_images(effnet, calib_images):
     x = calib_images.x[:8]
+    n = len(x)  # 5 photos on a fresh clone, 8 ImageNet samples beside the repo
+    assert n >= 5
     feats = capture_cut_features(effnet.model, x, ["blocks.2", "blocks.5"])
-    assert feats["blocks.5"].shape == (8, 80, 14, 14)
+    assert feats["blocks.5"].shape == (n, 80, 14, 14)
     with torch.no_grad():  # the captured tensor is the real head output
         head = effnet.model.blocks[:6](effnet.model.stem(torch.from_numpy(x[:2])))
     np.testing.assert_allclose(feats["blocks.5"][:2], head.numpy(), rtol=1e-4, atol=1e-4)
