@@ -98,11 +98,9 @@ def read_images(files: list[Path], preprocess: dict, source: str, labels: np.nda
     """Decode and preprocess image files; raises DataError naming the first unreadable file."""
     if preprocess.get("kind") != "image":
         raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.get('kind')!r}")
-    it = files
-    if progress:
-        from tqdm import tqdm
+    from runtime.progress import progress as bar
 
-        it = tqdm(files, desc="reading images", unit="img", leave=False)
+    it = bar(files, "reading images", "img", enabled=progress)
     try:
         x = np.stack([load_image(f, preprocess) for f in it])
     except PreprocessError as e:

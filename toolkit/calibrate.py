@@ -18,12 +18,12 @@ BATCH = 16
 def graph_inputs(out: Path, manifest: dict, x: np.ndarray, progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """Run the float ONNX segments in order on ``x`` (float32 NCHW) and return, per graph key prefix
     (segment or exit name), its inputs by tensor name: ``{"seg1": {"blocks.5": (N, 80, 14, 14)}, ...}``."""
-    from tqdm import tqdm
+    from runtime.progress import progress as bar
 
     sessions = [(s, OrtSession(out / manifest["graphs"][s["graphs"]["onnx/fp32"]]["file"])) for s in manifest["segments"]]
     collected: dict[str, list[np.ndarray]] = {}
     batches = range(0, len(x), BATCH)
-    for start in tqdm(batches, desc="calibration tensors", unit="batch", leave=False, disable=not progress):
+    for start in bar(batches, "calibration tensors", "batch", enabled=progress):
         values = {manifest["input"]["name"]: x[start: start + BATCH]}
         for spec, sess in sessions:
             for name in spec["inputs"]:
@@ -98,7 +98,7 @@ def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, prog
     with litert-torch and quantised with ai-edge-quantizer on the same real per-graph inputs as ONNX.
     A tail's input scale / zero point are pinned to its head's output ones, so the int8 split feature
     passes from head to tail without requantisation."""
-    from tqdm import tqdm
+    from runtime.progress import progress as bar
 
     summary = {}
     owners = [(next(s for s in manifest["segments"] if s["name"] == seg.name), seg.module,
@@ -107,7 +107,7 @@ def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, prog
         owner = next(x for x in manifest["exits"] if x["name"] == e.name)
         owners.append((owner, e.module, (values[owner["input"]],)))
     fixed: dict = {}  # int8 encoding of every tensor produced so far, by our name
-    for owner, module, args in tqdm(owners, desc="TFLite graphs", unit="graph", leave=False, disable=not progress):
+    for owner, module, args in bar(owners, "TFLite graphs", "graph", enabled=progress):
         _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed)
     return summary
 

@@ -14,7 +14,7 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
 
     Returns ``{"samples", "labelled", "chains": {pair: {"top1", "agreement_with_fp32", "exits": {...}}}}``;
     ``top1`` is present only when ``data`` has labels."""
-    from tqdm import tqdm
+    from runtime.progress import progress
 
     result: dict = {"samples": len(data), "labelled": data.y is not None, "source": data.source, "chains": {}}
     reference = None
@@ -22,7 +22,7 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
         fmt, precision = pair.split("/")
         chain = Chain(bundle, "all", fmt, precision)
         finals, exits = [], {}
-        for i in tqdm(range(0, len(data), batch), desc=f"eval {pair}", unit="batch", leave=False):
+        for i in progress(range(0, len(data), batch), f"eval {pair}", "batch"):
             values = chain.run_segments({"input": data.x[i:i + batch]})
             finals.append(values["logits"])
             for name, logits in chain.run_exits(values).items():

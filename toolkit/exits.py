@@ -246,7 +246,7 @@ def train_exits(model: EarlyExitModel, loader: Iterable, mode: str = "separate",
         weights: joint mode only, one per exit plus final (shallow to deep); default
             :func:`default_weights`.
         epochs, lr, weight_decay: optimiser schedule (Adam, constant lr).
-        progress: tqdm bar per epoch.
+        progress: report each epoch (runtime.progress: a bar on a terminal, one line otherwise).
 
     Returns:
         ``{"mode", "loss", "epochs", "lr", "weights", "history": [mean loss per epoch]}``.
@@ -272,18 +272,14 @@ def train_exits(model: EarlyExitModel, loader: Iterable, mode: str = "separate",
     params = [p for p in (model.branches if frozen else model).parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     history = []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
+    from runtime.progress import progress as bar
+
     for ep in range(epochs):
         model.train()
         if frozen:
             model.backbone.eval()  # frozen BN statistics and no dropout
         total, count = 0.0, 0
-        it = loader
-        if progress and tqdm is not None:
-            it = tqdm(loader, desc=f"exits {mode}/{loss} epoch {ep + 1}/{epochs}", leave=False)
+        it = bar(loader, f"exits {mode}/{loss} epoch {ep + 1}/{epochs}", "batch", enabled=progress)
         for batch in it:
             x, y = _split_batch(batch)
             if y is None and (loss == "ce" or not frozen):
@@ -304,8 +300,7 @@ def train_exits(model: EarlyExitModel, loader: Iterable, mode: str = "separate",
             opt.step()
             total += total_loss.item() * x.shape[0]
             count += x.shape[0]
-            if progress and tqdm is not None:
-                it.set_postfix(loss=f"{total / count:.4f}")
+            it.set_postfix(loss=f"{total / count:.4f}")
         history.append(total / max(count, 1))
     for p in model.backbone.parameters():
         p.requires_grad_(True)

@@ -117,9 +117,9 @@ class _CalibReader:
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         starts = range(0, self.n, self.batch_size)
         if self.progress:
-            from tqdm.auto import tqdm
+            from runtime.progress import progress
 
-            starts = tqdm(starts, desc=self.desc, unit="batch", leave=False)
+            starts = progress(starts, self.desc, "batch")
         for s in starts:
             yield {k: np.ascontiguousarray(v[s : s + self.batch_size]) for k, v in self.calib.items()}
 

@@ -57,7 +57,7 @@ def _one_cycle(model: nn.Module, loader: Batches, epochs: int, lr: float, loss_f
                progress: bool) -> list[float]:
     """Adam + one-cycle LR over ``epochs``; ``loss_fn(model, x, y)`` gives the batch loss. Returns the mean
     loss per epoch and leaves ``model`` in eval mode."""
-    from tqdm import tqdm
+    from runtime.progress import progress as bar
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
@@ -65,7 +65,7 @@ def _one_cycle(model: nn.Module, loader: Batches, epochs: int, lr: float, loss_f
     for ep in range(epochs):
         model.train()
         tot, n = 0.0, 0
-        it = tqdm(loader, desc=f"{desc} epoch {ep + 1}/{epochs}", leave=False, disable=not progress)
+        it = bar(loader, f"{desc} epoch {ep + 1}/{epochs}", "batch", enabled=progress)
         for x, y in it:
             loss = loss_fn(model, x, y)
             opt.zero_grad(set_to_none=True)
