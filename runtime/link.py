@@ -18,58 +18,92 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
-__all__ = ["LinkShaper", "parse_bandwidth", "parse_duration"]
+__all__ = ["LinkShaper", "parse_bandwidth", "parse_bandwidths", "format_bandwidth", "parse_duration",
+           "BANDWIDTH_GRAMMAR"]
 
-_BW_UNITS = {
-    # bits per second (tc-style "kbit", "mbit", plus the common "kbps"/"mbps" = kilo/mega BITS per s)
-    "bit": 1e-6, "bps": 1e-6, "b/s": 1e-6,
-    "kbit": 1e-3, "kbps": 1e-3, "kb/s": 1e-3, "kbit/s": 1e-3,
-    "mbit": 1.0, "mbps": 1.0, "mbit/s": 1.0,
-    "gbit": 1e3, "gbps": 1e3, "gbit/s": 1e3,
-    # bytes per second (spelled out to avoid the bit/byte ambiguity)
-    "byte/s": 8e-6, "kbyte/s": 8e-3, "mbyte/s": 8.0, "gbyte/s": 8e3,
-    "kib/s": 8 * 1024 / 1e6, "mib/s": 8 * 1024 * 1024 / 1e6,
-}
+# One bandwidth grammar for every option that takes a bandwidth (run / bench --bandwidth(s), eetool plan
+# --bandwidth / --downlink, eetool exits calibrate --bandwidth):
+#     NUMBER [PREFIX] UNIT [PER]     or a bare NUMBER (Mbit/s)
+#     PREFIX: k, M, G (decimal: 10^3, 10^6, 10^9; case-insensitive, since milli-bits make no sense)
+#             Ki, Mi, Gi (binary: 2^10, 2^20, 2^30)
+#     UNIT:   b or bit(s) = bit;  B or byte(s) = byte (8 bits)   -- "b" and "B" are case-sensitive
+#     PER:    /s or ps, optional
+# A prefix without a unit ("10m", "5G") is refused: it could be bits or bytes.
+_BW_RE = re.compile(r"\s*(?P<num>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+                    r"(?P<prefix>(?:[kKmMgG]i?)?)(?P<unit>(?i:bits?|bytes?)|b|B|)(?P<per>(?i:/s|ps)|)\s*")
+_BW_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2.0 ** 10, "mi": 2.0 ** 20, "gi": 2.0 ** 30}
 _DUR_UNITS = {"us": 1e-3, "µs": 1e-3, "usec": 1e-3, "ms": 1.0, "msec": 1.0, "s": 1e3, "sec": 1e3, "min": 60e3}
 _NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+BANDWIDTH_GRAMMAR = ("NUMBER[k|M|G][b|bit|B|byte][/s|ps]: b = bit, B = byte, k/M/G decimal (Ki/Mi/Gi binary), "
+                     "a bare number is Mbit/s; e.g. 10mbit, 10Mb/s, 1Gbps, 500kB/s, 10MBps")
 
 
 def parse_bandwidth(text: Union[str, float, int]) -> float:
-    """Parse a bandwidth such as ``"10mbit"``, ``"1.5mbps"``, ``"500kbit"``, ``"2 MB/s"``.
+    """Parse a bandwidth in the one grammar every eetool option uses (see README "Bandwidths").
 
-    Units (case-insensitive): bit, kbit, mbit, gbit and bps, kbps, mbps, gbps are **bits** per
-    second (SI, k = 1000). NOTE: Linux ``tc`` reads "mbps" as megaBYTES/s; here "mbps" means
-    megabits/s as in everyday networking. Bytes per second must be written byte/s, kbyte/s,
-    mbyte/s, KiB/s or MiB/s. A bare number is Mbit/s.
+    ``NUMBER [PREFIX] UNIT [/s|ps]``: ``b``/``bit``/``bits`` is a bit and ``B``/``byte``/``bytes`` a byte
+    (``b`` and ``B`` are case-sensitive; the spelled-out words are not); the prefixes ``k``, ``M``, ``G``
+    are decimal in either case (``Ki``, ``Mi``, ``Gi`` binary); ``/s`` or ``ps`` may follow. So ``10mbit``
+    = ``10Mb/s`` = ``10 Mbps`` = 10 Mbit/s, ``10MBps`` = ``10MB/s`` = 80 Mbit/s, ``500kB/s`` = 4 Mbit/s,
+    ``1Gb/s`` = 1000 Mbit/s. A bare number is Mbit/s; numbers pass through as Mbit/s. Linux ``tc`` reads
+    "mbps" as megabytes/s: here ``b`` is always a bit.
 
     Returns:
         Bandwidth in Mbit/s (float > 0).
 
     Raises:
-        ValueError: unparsable text, unknown unit, or a value <= 0 / not finite.
+        ValueError: unparsable text; a prefix without a unit (``10m``: bits or bytes?), with a suggested
+            spelling; a value <= 0 or not finite.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
-        m = re.fullmatch(_NUM + r"([A-Za-zµ/]*)\s*", str(text))
+        m = _BW_RE.fullmatch(str(text))
         if not m:
-            raise ValueError("cannot parse bandwidth %r (examples: '10mbit', '1.5mbps', '500kbit')" % (text,))
-        unit = m.group(2).lower()
-        if unit == "":
-            factor = 1.0
-        elif unit in ("mb/s", "gb/s", "mib", "kib"):
-            raise ValueError("ambiguous bandwidth unit %r in %r: write mbit / mbps for bits or mbyte/s for bytes"
-                             % (m.group(2), text))
-        elif unit in _BW_UNITS:
-            factor = _BW_UNITS[unit]
+            raise ValueError("cannot parse bandwidth %r; write %s" % (text, BANDWIDTH_GRAMMAR))
+        num, prefix, unit, per = m.group("num", "prefix", "unit", "per")
+        if not unit and (prefix or per):
+            if prefix:
+                p = {"k": "k", "m": "M", "g": "G", "ki": "Ki", "mi": "Mi", "gi": "Gi"}[prefix.lower()]
+                raise ValueError("ambiguous bandwidth %r: %s%s could be bits or bytes; write %s%sbit (%s Mbit/s) or "
+                                 "%s%sB/s (%s Mbit/s)" % (text, num, prefix, num, p, _g(float(num) * _BW_PREFIX[prefix.lower()] / 1e6),
+                                                          num, p, _g(float(num) * _BW_PREFIX[prefix.lower()] * 8 / 1e6)))
+            raise ValueError("cannot parse bandwidth %r: %r needs a unit before it; write %s" % (text, per, BANDWIDTH_GRAMMAR))
+        if not unit:
+            value = float(num)
         else:
-            raise ValueError("unknown bandwidth unit %r in %r; known: %s" % (m.group(2), text, ", ".join(sorted(_BW_UNITS))))
-        value = float(m.group(1)) * factor
+            bits = 8.0 if unit == "B" or unit.lower().startswith("byte") else 1.0
+            value = float(num) * _BW_PREFIX[prefix.lower()] * bits / 1e6
     if not (value > 0 and value != float("inf")):
         raise ValueError("bandwidth must be > 0 and finite, got %r" % (text,))
     return value
+
+
+def _g(x: float) -> str:
+    return "%g" % x
+
+
+def parse_bandwidths(text: str) -> List[float]:
+    """A comma-separated list of bandwidths in :func:`parse_bandwidth`'s grammar, in Mbit/s:
+    ``"1,10,100mbit"`` -> ``[1.0, 10.0, 100.0]``. The unit of the last item applies to bare numbers before it
+    (``"0.5,2MB/s"`` -> ``[4.0, 16.0]``). Raises ValueError for an empty list or any item that does not parse."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError("give at least one bandwidth, e.g. 1,10,100mbit")
+    m = _BW_RE.fullmatch(items[-1])
+    unit = items[-1][m.end("num"):].strip() if m else ""
+    return [parse_bandwidth(t + unit if unit and re.fullmatch(_NUM, t) else t) for t in items]
+
+
+def format_bandwidth(mbps: float) -> str:
+    """``10.0`` -> ``"10 Mbit/s"``; ``0.5`` -> ``"500 kbit/s"``; ``2000`` -> ``"2 Gbit/s"`` (decimal prefixes)."""
+    if mbps >= 1e3:
+        return "%g Gbit/s" % (mbps / 1e3)
+    if mbps < 1:
+        return "%g kbit/s" % (mbps * 1e3)
+    return "%g Mbit/s" % mbps
 
 
 def parse_duration(text: Union[str, float, int]) -> float:

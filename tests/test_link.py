@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from runtime import codec
-from runtime.link import LinkShaper, parse_bandwidth, parse_duration
+from runtime.link import LinkShaper, format_bandwidth, parse_bandwidth, parse_bandwidths, parse_duration
 
 
 class FakeClock(object):
@@ -24,19 +24,59 @@ class FakeClock(object):
         self.t += s
 
 
-@pytest.mark.parametrize("text,mbps", [
-    ("10mbit", 10.0), ("1.5mbps", 1.5), ("500kbit", 0.5), ("500kbps", 0.5), ("1gbit", 1000.0),
-    ("2 Mbit/s", 2.0), (" 10MBIT ", 10.0), ("8000bit", 0.008), ("100", 100.0), (25, 25.0), (2.5, 2.5),
-    ("1mbyte/s", 8.0), ("1e3kbit", 1.0), ("1MiB/s", 8.388608),
-])
+# The one bandwidth grammar of every option that takes a bandwidth (README "Bandwidths"):
+# NUMBER [k|M|G] [b|bit|B|byte] [/s|ps]; b = bit, B = byte, k/M/G decimal, a bare number is Mbit/s.
+BANDWIDTH_FORMS = [
+    # bits
+    ("10mbit", 10.0), ("10Mbit", 10.0), ("10 Mbit/s", 10.0), ("10Mb/s", 10.0), ("10Mbps", 10.0), ("10mbps", 10.0),
+    ("10mb", 10.0), ("1.5mbps", 1.5), ("500kbit", 0.5), ("500kbps", 0.5), ("500 kb/s", 0.5), ("1gbit", 1000.0),
+    ("1Gb/s", 1000.0), ("1Gbps", 1000.0), ("8000bit", 0.008), ("8000 bit/s", 0.008), ("8000bps", 0.008),
+    ("2 Mbits/s", 2.0), (" 10MBIT ", 10.0), ("1e3kbit", 1.0),
+    # bytes
+    ("10MBps", 80.0), ("10MB/s", 80.0), ("10MB", 80.0), ("10 MBps", 80.0), ("500kB/s", 4.0), ("500KB/s", 4.0),
+    ("1GB/s", 8000.0), ("1mbyte/s", 8.0), ("1 Mbytes/s", 8.0), ("125000B/s", 1.0), ("125000 bytes/s", 1.0),
+    # binary prefixes, spelled out
+    ("1MiB/s", 8.388608), ("1Mibit", 1.048576), ("1KiB/s", 0.008192),
+    # bare numbers are Mbit/s
+    ("100", 100.0), (25, 25.0), (2.5, 2.5),
+]
+
+
+@pytest.mark.parametrize("text,mbps", BANDWIDTH_FORMS)
 def test_parse_bandwidth(text, mbps):
     assert parse_bandwidth(text) == pytest.approx(mbps)
 
 
-@pytest.mark.parametrize("text", ["fast", "10 furlongs", "0mbit", "-1mbit", "", "10MB/s", "inf", "1..2mbit", True])
+@pytest.mark.parametrize("text,hint", [
+    ("10m", "10Mbit (10 Mbit/s) or 10MB/s (80 Mbit/s)"),  # a prefix without a unit: bits or bytes?
+    ("5G", "5Gbit (5000 Mbit/s) or 5GB/s (40000 Mbit/s)"),
+    ("500k", "500kbit (0.5 Mbit/s) or 500kB/s (4 Mbit/s)"),
+    ("10ps", "needs a unit"),
+])
+def test_ambiguous_bandwidths_are_refused_with_a_spelling(text, hint):
+    with pytest.raises(ValueError) as e:
+        parse_bandwidth(text)
+    assert hint in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["fast", "10 furlongs", "0mbit", "-1mbit", "", "inf", "1..2mbit", True,
+                                  "10 Mbit/sec", "10xbit"])
 def test_parse_bandwidth_rejects(text):
     with pytest.raises(ValueError):
         parse_bandwidth(text)
+
+
+def test_bandwidth_lists_share_the_grammar():
+    assert parse_bandwidths("1,10,100mbit") == pytest.approx([1.0, 10.0, 100.0])
+    assert parse_bandwidths("0.5,2MB/s") == pytest.approx([4.0, 16.0])  # the last item's unit for bare numbers
+    assert parse_bandwidths("1mbit, 10MBps,1Gb/s") == pytest.approx([1.0, 80.0, 1000.0])
+    assert parse_bandwidths("1,10") == pytest.approx([1.0, 10.0])
+    with pytest.raises(ValueError, match="could be bits or bytes"):
+        parse_bandwidths("1,10m")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_bandwidths(" , ")
+    assert format_bandwidth(80.0) == "80 Mbit/s" and format_bandwidth(0.5) == "500 kbit/s"
+    assert format_bandwidth(1000.0) == "1 Gbit/s"
 
 
 @pytest.mark.parametrize("text,ms", [("20ms", 20.0), ("0.5s", 500.0), ("150us", 0.15), ("150µs", 0.15),

@@ -106,6 +106,7 @@ def test_parsers():
     assert parse_bandwidths("1mbit,1gbit") == pytest.approx([1.0, 1000.0])
     with pytest.raises(PlanError):
         parse_bandwidths("fast")
+    assert parse_bandwidths("10MBps,500kB/s,1Gb/s") == pytest.approx([80.0, 4.0, 1000.0])  # runtime.link's grammar
     ex = parse_exit_rates('{"blocks.2": 0.3, "blocks.5": {"rate": 0.2, "mflops": 0.5}}')
     assert [(e["at"], e["rate"], e["mflops"]) for e in ex] == [("blocks.2", 0.3, 0.0), ("blocks.5", 0.2, 0.5)]
     with pytest.raises(PlanError):
@@ -283,3 +284,16 @@ def test_report_refuses_the_wrong_kind_of_json(tmp_path):
         with pytest.raises(ValueError, match=msg):
             run(a)
 
+
+
+def test_toolkit_commands_refuse_an_ambiguous_link_before_any_work(tmp_path):
+    """eetool plan / exits calibrate read the link first: '10m' is refused with both spellings before a
+    model or bundle is loaded (the bundle here is an empty folder)."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    for argv in (["plan", "efficientnet-lite0", "--bandwidth", "1,10m"],
+                 ["exits", "calibrate", str(tmp_path), "--board", "rpi4", "--bandwidth", "10m"]):
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 2 and "10Mbit (10 Mbit/s) or 10MB/s (80 Mbit/s)" in r.output, r.output

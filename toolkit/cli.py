@@ -309,16 +309,21 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, serv
 
     if not 0.0 <= delta <= 1.0:
         raise click.BadParameter(f"{delta} is outside [0, 1]", param_hint="--delta")
+    from runtime.link import parse_bandwidth, parse_duration
+
+    try:  # before any work: a typo in the link must not cost a calibration run
+        bandwidth_mbps, rtt_ms = parse_bandwidth(bandwidth), parse_duration(rtt)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--bandwidth / --rtt")
     b = Bundle.load(bundle)
     ds = read_dataset(data or default_data(b.manifest["preprocess"]).replace(":test", ":train"),
                       b.manifest["preprocess"], limit=limit, offset=offset)
     latency = None
     if board:
         from runtime.boards import load_board
-        from runtime.link import parse_bandwidth, parse_duration
 
         latency = {"board": load_board(board), "server": load_board(server_board),
-                   "bandwidth_mbps": parse_bandwidth(bandwidth), "rtt_ms": parse_duration(rtt), "budget_ms": budget_ms}
+                   "bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms, "budget_ms": budget_ms}
     results = calibrate_thresholds(bundle, ds, delta, rule, latency=latency)
     for pair, r in results.items():
         th = ", ".join("off" if t is None else f"{t:.4f}" for t in r["thresholds"])

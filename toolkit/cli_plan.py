@@ -21,7 +21,8 @@ import click
               help="input preprocessing (default: the model's)")
 @click.option("--board", default="host", show_default=True, help="device board profile (boards/NAME.json or a path)")
 @click.option("--bandwidth", "bandwidth", default="1,10,100mbit", show_default=True,
-              help="uplink bandwidths, comma-separated (bare numbers take the last item's unit; default unit Mbit/s)")
+              help="uplink bandwidths, comma-separated: b = bit, B = byte, k/M/G decimal, /s or ps optional "
+                   "(10mbit, 500kB/s, 1Gbps); bare numbers take the last item's unit, else Mbit/s")
 @click.option("--downlink", help="downlink bandwidth for the reply (default: same as the uplink)")
 @click.option("--rtt", default="0ms", show_default=True, help="network round trip added to every offloaded request")
 @click.option("--server-profile", default="host", show_default=True,
@@ -64,6 +65,11 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
     from .plan import PlanError, PlanRequest, exits_from_manifest, make_plan, parse_bandwidths, parse_exit_rates
     from .sources import resolve
 
+    try:  # the link first: a typo there must not cost a model load and measurements
+        bandwidths_mbps, rtt_ms = parse_bandwidths(bandwidth), parse_duration(rtt)
+        downlink_mbps = parse_bandwidth(downlink) if downlink else None
+    except ValueError as e:
+        raise click.BadParameter(str(e))
     src = resolve(model, weights, input_shape, preprocess)
     if export_onnx:
         from .layer_latency import export_whole_onnx
@@ -80,8 +86,8 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
         if exits_from:
             exits += exits_from_manifest(json.loads((Path(exits_from) / "manifest.json").read_text()))
         req = PlanRequest(
-            board=board, bandwidths_mbps=parse_bandwidths(bandwidth), rtt_ms=parse_duration(rtt),
-            downlink_mbps=parse_bandwidth(downlink) if downlink else None, server_profile=server_profile,
+            board=board, bandwidths_mbps=bandwidths_mbps, rtt_ms=rtt_ms,
+            downlink_mbps=downlink_mbps, server_profile=server_profile,
             measurements=measurements, data=data, samples=samples, codec=codec,
             candidates=[c for c in (candidates or "").split(",") if c] or None, depth=depth, runs=runs,
             warmup=warmup, threads=threads, exits=exits, hmac=hmac)

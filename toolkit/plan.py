@@ -347,26 +347,14 @@ def exit_costs(exits: list[dict], all_rows: list[dict], device: dict, device_pre
 
 
 def parse_bandwidths(text: str) -> list[float]:
-    """``"1,10,100mbit"`` -> ``[1.0, 10.0, 100.0]`` Mbit/s: a unit on the last item applies to bare numbers
-    before it; see :func:`runtime.link.parse_bandwidth` for the units."""
-    import re
+    """``"1,10,100mbit"`` -> ``[1.0, 10.0, 100.0]`` Mbit/s: :func:`runtime.link.parse_bandwidths` (the one
+    bandwidth grammar of every eetool option), its errors as PlanError."""
+    from runtime.link import parse_bandwidths as parse
 
-    from runtime.link import parse_bandwidth
-
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise PlanError("--bandwidth: give at least one bandwidth, e.g. 1,10,100mbit")
-    m = re.fullmatch(r"[0-9.eE+-]+\s*(.*)", items[-1])
-    unit = m.group(1) if m else ""
-    out = []
-    for t in items:
-        if unit and re.fullmatch(r"[0-9.eE+-]+", t):
-            t = t + unit
-        try:
-            out.append(parse_bandwidth(t))
-        except ValueError as e:
-            raise PlanError(f"--bandwidth: {e}")
-    return out
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise PlanError(f"--bandwidth: {e}") from None
 
 
 # --------------------------------------------------------------------------- output
