@@ -187,6 +187,29 @@ def cmd_report(args) -> int:
     return run(args)
 
 
+def _bandwidth(text: str) -> str:
+    """argparse type: a bandwidth in the one grammar (runtime.link.parse_bandwidth), refused at parse time."""
+    from .link import parse_bandwidth
+
+    try:
+        parse_bandwidth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
+def _bandwidths(text: str) -> str:
+    """argparse type: a comma-separated list of bandwidths ("" = none)."""
+    from .link import parse_bandwidths
+
+    try:
+        if text.strip():
+            parse_bandwidths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
 def _common(p):
     p.add_argument("bundle")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
@@ -200,7 +223,9 @@ def _device_opts(p):
     p.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "none"])
     p.add_argument("--wire-dtype", default="int8", choices=["int8", "float32"],
                    help="send the split tensor int8-quantised (default) or as float32")
-    p.add_argument("--bandwidth", help="emulate a link: e.g. 10mbit (token bucket on the send path)")
+    p.add_argument("--bandwidth", type=_bandwidth,
+                   help="emulate a link (token bucket on the send path): b = bit, B = byte, k/M/G decimal, /s or "
+                        "ps optional, e.g. 10mbit, 10Mb/s, 500kB/s; a bare number is Mbit/s")
     p.add_argument("--rtt", default="0ms", help="emulated round-trip time, e.g. 20ms")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
     p.add_argument("--threshold", action="append", metavar="EXIT=VALUE", help="override an exit threshold")
@@ -244,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-runs", type=int, default=20, help="profiled runs of the whole model")
     p.add_argument("--repeat", type=int, default=3, help="passes over the inputs after warm-up")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--bandwidths", default="1mbit,10mbit,100mbit", help="emulated links for latency vs bandwidth")
+    p.add_argument("--bandwidths", type=_bandwidths, default="1mbit,10mbit,100mbit",
+                   help="emulated links for latency vs bandwidth, comma-separated, as --bandwidth ('' = none)")
     p.add_argument("--energy-csv", help="power log (timestamp,watts) of an external USB meter")
     p.add_argument("--out", default="bench-report", help="report directory")
     p.add_argument("--no-compare", action="store_true",

@@ -404,14 +404,18 @@ def _exit_rates(results) -> Dict[str, float]:
 
 
 def _sweep(args, bundle, board, xs, cli) -> List[dict]:
-    """End-to-end p50 per emulated bandwidth (token-bucket shaping of the client's send path)."""
+    """End-to-end p50 per emulated bandwidth (token-bucket shaping of the client's send path); each row has
+    the link in Mbit/s (``mbps``) and as a label (``bandwidth``)."""
+    from .link import format_bandwidth, parse_bandwidths
+
     rows = []
     original = args.bandwidth
-    for bw in [b for b in (args.bandwidths or "").split(",") if b]:
-        args.bandwidth = bw
+    for mbps in parse_bandwidths(args.bandwidths) if (args.bandwidths or "").strip() else []:
+        args.bandwidth = mbps
         runner, _, _ = cli.make_runner(args, bundle, board)
         res = _run_pass(runner, xs, 1)
-        rows.append({"bandwidth": bw, "rtt": args.rtt, "total_ms": percentiles([sum(r.ms.values()) for r in res]),
+        rows.append({"bandwidth": format_bandwidth(mbps), "mbps": mbps, "rtt": args.rtt,
+                     "total_ms": percentiles([sum(r.ms.values()) for r in res]),
                      "bytes_sent_mean": float(np.mean([r.bytes_sent for r in res]))})
     args.bandwidth = original
     return rows

@@ -92,9 +92,9 @@ def parse_bandwidths(text: str) -> List[float]:
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
         raise ValueError("give at least one bandwidth, e.g. 1,10,100mbit")
-    m = _BW_RE.fullmatch(items[-1])
-    unit = items[-1][m.end("num"):].strip() if m else ""
-    return [parse_bandwidth(t + unit if unit and re.fullmatch(_NUM, t) else t) for t in items]
+    last = parse_bandwidth(items[-1])  # its own error first: its unit is lent to the bare numbers
+    unit = items[-1][_BW_RE.fullmatch(items[-1]).end("num"):].strip()
+    return [parse_bandwidth(t + unit if unit and re.fullmatch(_NUM, t) else t) for t in items[:-1]] + [last]
 
 
 def format_bandwidth(mbps: float) -> str:

@@ -175,9 +175,14 @@ def plots(r: dict, out: Path) -> List[str]:
     written.append("latency_breakdown.png")
     if r.get("bandwidth_sweep"):
         fig, ax = plt.subplots(figsize=(5, 3))
-        xs = [row["bandwidth"] for row in r["bandwidth_sweep"]]
-        ax.plot(xs, [row["total_ms"]["p50"] for row in r["bandwidth_sweep"]], marker="o")
-        ax.set_xlabel("emulated uplink")
+        rows = r["bandwidth_sweep"]
+        if all("mbps" in row for row in rows):  # a numeric, log-scaled axis
+            ax.plot([row["mbps"] for row in rows], [row["total_ms"]["p50"] for row in rows], marker="o")
+            ax.set_xscale("log")
+            ax.set_xlabel("emulated uplink (Mbit/s)")
+        else:  # a report written before the sweep carried Mbit/s
+            ax.plot([row["bandwidth"] for row in rows], [row["total_ms"]["p50"] for row in rows], marker="o")
+            ax.set_xlabel("emulated uplink")
         ax.set_ylabel("end-to-end p50 (ms)")
         ax.set_title("latency vs bandwidth")
         fig.savefig(out / "latency_vs_bandwidth.png", dpi=120, bbox_inches="tight")

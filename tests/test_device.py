@@ -112,7 +112,8 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert report["energy"]["label"] in ("estimated", "measured")
     assert report["energy"]["estimated"] == (report["energy"]["label"] == "estimated")
     assert {"seg0", "network", "server_tail", "total"} <= set(report["stages_ms"])
-    assert [row["bandwidth"] for row in report["bandwidth_sweep"]] == ["1mbit", "100mbit"]
+    assert [row["mbps"] for row in report["bandwidth_sweep"]] == [1.0, 100.0]
+    assert [row["bandwidth"] for row in report["bandwidth_sweep"]] == ["1 Mbit/s", "100 Mbit/s"]
     assert report["runtime_vs_bare_onnxruntime"]["overhead_ratio"] > 0
     assert (tmp_path / "report.md").read_text().startswith("# eetool bench")
     assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000

@@ -168,3 +168,20 @@ def test_client_with_shaper_over_loopback_uses_the_model():
     finally:
         srv.shutdown()
         th.join(5)
+
+
+def test_runtime_cli_reads_bandwidths_with_the_same_grammar(capsys):
+    """run / bench take --bandwidth and --bandwidths in the same grammar and refuse an ambiguous one while
+    parsing the command line, before a bundle is even looked at."""
+    from runtime.__main__ import build_parser, main
+
+    args = build_parser().parse_args(["run", "B", "--server", "h:1", "--bandwidth", "10MBps", "x.jpg"])
+    assert LinkShaper.from_strings(args.bandwidth, args.rtt).bandwidth_mbps == pytest.approx(80.0)
+    args = build_parser().parse_args(["bench", "B", "--bandwidths", "500kB/s,1Gb/s"])
+    assert parse_bandwidths(args.bandwidths) == pytest.approx([4.0, 1000.0])
+    for argv in (["run", "/no/such/bundle", "--bandwidth", "10m", "x.jpg"], ["bench", "/no/such/bundle", "--bandwidths", "1,10m"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "10Mbit (10 Mbit/s) or 10MB/s (80 Mbit/s)" in err and "no such" not in err
