@@ -72,7 +72,10 @@ def cmd_serve(args) -> int:
     fmt = pick_backend(bundle, args.backend, None)
     precision = pick_precision(bundle, fmt, args.precision)
     # --whole-model: edge computing (EC), the device offloads its input and the server runs everything
-    chain = Chain(bundle, "all" if args.whole_model else "server", fmt, precision, args.threads, with_exits=False)
+    # an edge server keeps onnxruntime's default (spinning on: it serves many clients) unless told
+    spin = None if args.spinning is None else args.spinning == "on"
+    chain = Chain(bundle, "all" if args.whole_model else "server", fmt, precision, args.threads, with_exits=False,
+                  allow_spinning=spin)
     if not chain.segments or not bundle.server_segments:
         raise BundleError("the bundle has no server segments: the whole model runs on the device")
     inp = bundle.manifest["input"]
@@ -108,6 +111,7 @@ def cmd_serve(args) -> int:
 
 def make_runner(args, bundle: Bundle, board: Optional[dict]):
     """A DeviceRunner (and its client) from the ``run``/``bench`` options."""
+    from .boards import allow_spinning
     from .client import EdgeClient
     from .device import DeviceRunner
     from .link import LinkShaper
@@ -130,7 +134,8 @@ def make_runner(args, bundle: Bundle, board: Optional[dict]):
         except ValueError:
             raise ValueError("--threshold %r: expected EXIT=VALUE with VALUE in [0, 1], e.g. exit0=0.8" % item)
     runner = DeviceRunner(bundle, client, fmt, precision, _threads(args, board), thresholds,
-                          exits=not args.no_exits, wire_dtype=args.wire_dtype, local_tail=args.local_tail)
+                          exits=not args.no_exits, wire_dtype=args.wire_dtype, local_tail=args.local_tail,
+                          allow_spinning=allow_spinning(board, args.spinning))
     return runner, fmt, precision
 
 
@@ -215,6 +220,10 @@ def _common(p):
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"])
     p.add_argument("--threads", type=int, help="intra-op threads (default: board profile / backend default)")
+    p.add_argument("--spinning", choices=["on", "off"],
+                   help="onnxruntime worker threads spin-wait between inferences (on) or sleep (off); default: "
+                        "the board profile's backend.allow_spinning (off on every board) for run / bench, "
+                        "onnxruntime's default (on) for serve")
     p.add_argument("--secret", help="shared secret for HMAC frame authentication (or $EETOOL_SECRET)")
 
 

@@ -16,25 +16,46 @@ class BackendError(RuntimeError):
     """An inference package is missing, or a graph's tensors do not match the names asked for."""
 
 
+#: onnxruntime session config keys for the worker threads' spin-wait between runs (intra-op and inter-op pools)
+SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+
+
+def session_options(threads: Optional[int] = None, allow_spinning: Optional[bool] = None):
+    """The ``onnxruntime.SessionOptions`` of every runtime session (the runtime's own and the bare sessions
+    the bench compares it with): ``threads`` intra-op threads and one inter-op thread (``None``:
+    onnxruntime's defaults); ``allow_spinning`` False sets both :data:`SPIN_KEYS` to ``"0"`` so idle worker
+    threads sleep instead of spin-waiting between inferences (less CPU time and energy per inference at a
+    low request rate, slightly later wake-up), True sets ``"1"``, None keeps onnxruntime's default
+    (spinning on). Raises BackendError when onnxruntime is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendError("onnxruntime is not installed: pip install onnxruntime") from e
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    if allow_spinning is not None:
+        for key in SPIN_KEYS:
+            opts.add_session_config_entry(key, "1" if allow_spinning else "0")
+    opts.log_severity_level = 3
+    return opts
+
+
 class OrtSession:
     """onnxruntime session on the CPU execution provider.
 
-    ``threads``: intra-op threads (``None`` = onnxruntime's default, one per core). Inputs and outputs
-    are float32 NCHW arrays with the batch first, keyed by tensor name.
+    ``threads``: intra-op threads (``None`` = onnxruntime's default, one per core); ``allow_spinning``:
+    see :func:`session_options`. Inputs and outputs are float32 NCHW arrays with the batch first, keyed
+    by tensor name. ``options`` is the SessionOptions it was created with.
     """
 
-    def __init__(self, path, threads: Optional[int] = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise BackendError("onnxruntime is not installed: pip install onnxruntime") from e
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+    def __init__(self, path, threads: Optional[int] = None, allow_spinning: Optional[bool] = None):
+        import onnxruntime as ort
+
+        self.options = session_options(threads, allow_spinning)
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), sess_options=self.options, providers=["CPUExecutionProvider"])
         self.input_names: List[str] = [i.name for i in self.session.get_inputs()]
         self.output_names: List[str] = [o.name for o in self.session.get_outputs()]
 
@@ -50,11 +71,13 @@ class OrtSession:
         return dict(zip(self.output_names, values))
 
 
-def open_session(path, fmt: str, threads: Optional[int] = None, name_map: Optional[Dict[str, str]] = None):
+def open_session(path, fmt: str, threads: Optional[int] = None, name_map: Optional[Dict[str, str]] = None,
+                 allow_spinning: Optional[bool] = None):
     """Open ``path`` with the backend for ``fmt`` (``onnx`` or ``tflite``). ``name_map`` maps our tensor
-    names to the graph's own (TFLite signature) names. Raises BackendError for an unknown format."""
+    names to the graph's own (TFLite signature) names; ``allow_spinning`` applies to onnxruntime (see
+    :func:`session_options`; LiteRT has no such setting). Raises BackendError for an unknown format."""
     if fmt == "onnx":
-        return OrtSession(path, threads)
+        return OrtSession(path, threads, allow_spinning)
     if fmt == "tflite":
         from .backend_litert import LiteRTSession
 

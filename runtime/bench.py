@@ -84,6 +84,16 @@ def select_inputs(args, bundle: Bundle) -> tuple:
     return kept, note
 
 
+def timed(fn, clock=time.perf_counter, cpu_clock=time.process_time):
+    """Run ``fn()`` and return ``(its result, wall seconds, CPU seconds)``. CPU time is the whole process's
+    (``time.process_time``: user + system time of every thread, onnxruntime's workers included, and the
+    energy meter's sampling thread when one runs), so a worker spin-waiting between inferences shows up
+    here and not in the latency."""
+    t0, c0 = clock(), cpu_clock()
+    out = fn()
+    return out, clock() - t0, cpu_clock() - c0
+
+
 def _run_pass(runner, xs, repeat: int) -> List:
     out = []
     for _ in range(repeat):
@@ -102,33 +112,70 @@ def _stage_table(results) -> Dict[str, Dict[str, float]]:
     return {**{k: percentiles(v) for k, v in stages.items()}, "total": percentiles(total)}
 
 
-def bare_onnxruntime_ms(bundle: Bundle, xs, threads, repeat: int) -> Dict[str, float]:
-    """Whole model (all segments, float ONNX) run as bare onnxruntime sessions vs the runtime's Chain, on
-    the same inputs in one run: returns p50 ms of each and their ratio."""
+def interleaved_pairs(run_a, run_b, items, repeat: int, warmup: int = 1, clock=time.perf_counter) -> List[tuple]:
+    """Time ``run_a(x)`` and ``run_b(x)`` back to back on every item of ``items``, ``repeat`` passes, after
+    ``warmup`` untimed passes of both: one pair per item and pass, A then B in even pairs and B then A in
+    odd ones (AB BA AB ...), so neither side always runs first (warm caches, threads just woken, clock
+    boost). Returns ``[(a_ms, b_ms), ...]`` in the order measured."""
+    for _ in range(warmup):
+        for x in items:
+            run_a(x)
+            run_b(x)
+    pairs = []
+    for _ in range(repeat):
+        for x in items:
+            ms = [0.0, 0.0]
+            for side in ((0, 1) if len(pairs) % 2 == 0 else (1, 0)):
+                t0 = clock()
+                (run_a if side == 0 else run_b)(x)
+                ms[side] = (clock() - t0) * 1e3
+            pairs.append((ms[0], ms[1]))
+    return pairs
+
+
+def ratio_summary(pairs: List[tuple]) -> Dict[str, float]:
+    """Per-pair ratios a/b of :func:`interleaved_pairs`: their median and interquartile range (the spread
+    the noise leaves), next to each side's median ms."""
+    ratios = [a / b for a, b in pairs if b > 0]
+    q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+    return {"pairs": len(pairs), "ratio_median": med, "ratio_iqr": [q1, q3],
+            "a_p50_ms": float(np.median([a for a, _ in pairs])), "b_p50_ms": float(np.median([b for _, b in pairs]))}
+
+
+def runtime_overhead(bundle: Bundle, xs, threads, repeat: int, warmup: int = 1, allow_spinning=None) -> Dict:
+    """The runtime's overhead on the whole model (every segment, float ONNX): its :class:`Chain` against
+    bare onnxruntime sessions of the same graphs with the same session options (threads, spinning; see
+    :func:`runtime.backends.session_options`), warmed up alike and timed interleaved on the same inputs
+    (:func:`interleaved_pairs`). The ratio chain / bare is taken per pair and summarised by its median and
+    IQR (:func:`ratio_summary`); the chain does everything the bare sessions do and more, so a ratio below
+    1 beyond the IQR means the measurement is unfair, and the report says so."""
     import onnxruntime as ort
 
+    from .backends import session_options
     from .chain import Chain
 
-    chain = Chain(bundle, "all", "onnx", "fp32", threads, with_exits=False)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    bare = [(s["inputs"], ort.InferenceSession(str(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))), opts,
+    chain = Chain(bundle, "all", "onnx", "fp32", threads, with_exits=False, allow_spinning=allow_spinning)
+    bare = [(s["inputs"], ort.InferenceSession(str(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))),
+                                               session_options(threads, allow_spinning),
                                                providers=["CPUExecutionProvider"])) for s in bundle.segments]
-    t_chain, t_bare = [], []
-    for _ in range(repeat):
-        for x in xs:
-            t0 = time.perf_counter()
-            chain.run_segments({"input": x})
-            t_chain.append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            values = {"input": x}
-            for inputs, sess in bare:
-                names = [o.name for o in sess.get_outputs()]
-                values.update(zip(names, sess.run(names, {n: values[n] for n in inputs})))
-            t_bare.append((time.perf_counter() - t0) * 1e3)
-    c, b = float(np.median(t_chain)), float(np.median(t_bare))
-    return {"runtime_chain_p50_ms": c, "bare_onnxruntime_p50_ms": b, "overhead_ratio": c / b}
+    name = bundle.manifest["input"]["name"]
+
+    def run_chain(x):
+        chain.run_segments({name: x})
+
+    def run_bare(x):
+        values = {name: x}
+        for inputs, sess in bare:
+            names = [o.name for o in sess.get_outputs()]
+            values.update(zip(names, sess.run(names, {n: values[n] for n in inputs})))
+
+    pairs = interleaved_pairs(run_chain, run_bare, xs, repeat, warmup)
+    r = ratio_summary(pairs)
+    return {"runtime_chain_p50_ms": r["a_p50_ms"], "bare_onnxruntime_p50_ms": r["b_p50_ms"],
+            "overhead_ratio": r["ratio_median"], "overhead_ratio_iqr": r["ratio_iqr"], "pairs": r["pairs"],
+            "order": "interleaved, A/B order alternating per pair", "warmup_passes": warmup, "threads": threads,
+            "allow_spinning": allow_spinning, "pairs_ms": [[round(a, 4), round(b, 4)] for a, b in pairs],
+            "below_1_beyond_noise": r["ratio_iqr"][1] < 1.0}
 
 
 def run_bench(args) -> int:
@@ -200,8 +247,11 @@ def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path, threa
         return {"skipped": "the bundle has no layer_profile_graph (exported with --no-profile-graph)"}
     path = bundle.root / spec["file"]  # checksummed with every other file when the bundle was loaded
     try:
+        from .boards import allow_spinning
+
         prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), threads,
-                              board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name)
+                              board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name,
+                              allow_spinning=allow_spinning(board, getattr(args, "spinning", None)))
     except P.ProfileError as e:  # e.g. a LiteRT-only board without onnxruntime: the rest of the report stands
         return {"skipped": str(e)}
     images = [f for f in files if not str(f).endswith(".npy")][:8]
@@ -214,17 +264,18 @@ def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path, threa
 
 
 def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files=(), labels=None) -> dict:
+    from .boards import allow_spinning
+
     runner, fmt, precision = cli.make_runner(args, bundle, board)
     threads = cli._threads(args, board)
+    spinning = allow_spinning(board, args.spinning)
     _run_pass(runner, xs[: max(1, args.warmup)], 1)
     meter = meter_for_board(board, **({"csv_path": args.energy_csv} if args.energy_csv else {}))
     idle_w = None
     if not meter.estimated:
         idle_w = meter.measure_idle(1.0)
     meter.start()
-    t0 = time.perf_counter()
-    results = _run_pass(runner, xs, args.repeat)
-    wall = time.perf_counter() - t0
+    results, wall, cpu = timed(lambda: _run_pass(runner, xs, args.repeat))
     energy = meter.stop()
     n = len(results)
     report = {
@@ -232,9 +283,11 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files
         "model": (bundle.manifest.get("model") or {}).get("source"),
         "machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
         "precision": precision, "threads": threads, "codec": args.codec, "wire_dtype": args.wire_dtype,
+        "allow_spinning": spinning,
         "requests": n, "inputs": len(xs), "preprocess_ms_mean": preprocess_ms,
         "labelled_inputs": len(labels) if labels else 0,
         "stages_ms": _stage_table(results), "throughput_per_s": n / wall,
+        "cpu_ms_per_inference": cpu * 1e3 / n, "cpu_cores_busy": cpu / wall if wall > 0 else None,
         "bytes_sent_mean": float(np.mean([r.bytes_sent for r in results])),
         "bytes_received_mean": float(np.mean([r.bytes_received for r in results])),
         "device_mflops_mean": float(np.mean([device_mflops(bundle, r) for r in results])),
@@ -245,12 +298,13 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files
     if labels:
         report["top1_accuracy"] = accuracy([r.top1 for r in results[-len(xs):]], labels)
     report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
-    report["graph_latency"] = graph_latency(bundle, xs, args.repeat)
+    report["graph_latency"] = graph_latency(bundle, xs, args.repeat, allow_spinning=spinning)
     report["input_file_bytes_mean"] = float(np.mean([os.path.getsize(f) for f in files]))
     if not getattr(args, "no_compare", False):
         report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board, labels, files)
     if "onnx/fp32" in bundle.formats():
-        report["runtime_vs_bare_onnxruntime"] = bare_onnxruntime_ms(bundle, xs, threads, args.repeat)
+        report["runtime_vs_bare_onnxruntime"] = runtime_overhead(bundle, xs, threads, args.repeat, max(1, args.warmup),
+                                                                 allow_spinning=spinning)
     return report
 
 
@@ -271,24 +325,29 @@ def device_mflops(bundle: Bundle, result) -> float:
 
 def _timed_mode(infer, xs, repeat: int, meter, labels=None) -> dict:
     """Run ``infer(x) -> (top1, bytes_sent, device MFLOPs)`` over ``xs`` after one warm-up pass; wall ms
-    per request, bytes per request, device MFLOPs and energy per inference, the top-1 of the last pass and,
-    with ``labels``, its accuracy."""
+    per request, this process's CPU ms per request (:func:`timed`), bytes per request, device MFLOPs and
+    energy per inference, the top-1 of the last pass and, with ``labels``, its accuracy."""
     for x in xs:
         infer(x)
     ms, sent, mflops, top1 = [], [], [], []
+
+    def passes():
+        nonlocal top1
+        for _ in range(repeat):
+            top1 = []
+            for x in xs:
+                t0 = time.perf_counter()
+                t, b, f = infer(x)
+                ms.append((time.perf_counter() - t0) * 1e3)
+                sent.append(b)
+                mflops.append(f)
+                top1.append(t)
+
     meter.start()
-    for _ in range(repeat):
-        top1 = []
-        for x in xs:
-            t0 = time.perf_counter()
-            t, b, f = infer(x)
-            ms.append((time.perf_counter() - t0) * 1e3)
-            sent.append(b)
-            mflops.append(f)
-            top1.append(t)
+    _, _, cpu = timed(passes)
     energy = meter.stop()
-    out = {"latency_ms": percentiles(ms), "bytes_per_sample": float(np.mean(sent)),
-           "device_mflops": float(np.mean(mflops)), "top1": top1,
+    out = {"latency_ms": percentiles(ms), "cpu_ms_per_inference": cpu * 1e3 / len(ms),
+           "bytes_per_sample": float(np.mean(sent)), "device_mflops": float(np.mean(mflops)), "top1": top1,
            "energy_j_per_inference": energy.joules / len(ms),
            "energy_label": "estimated" if energy.estimated else "measured"}
     if labels:
@@ -312,9 +371,12 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
     from .preprocess import IMAGE_SUFFIXES, decode_image
     from .protocol import FILE_TENSOR
 
+    from .boards import allow_spinning
+
     fmt = cli.pick_backend(bundle, args.backend, board)
     precision = cli.pick_precision(bundle, fmt, args.precision)
     threads = cli._threads(args, board)
+    spin = allow_spinning(board, args.spinning)
     meter = meter_for_board(board)
     spec = bundle.manifest["preprocess"]
     from_files = bool(files) and all(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files)
@@ -328,7 +390,7 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
         return lambda item: (lambda r: (r.top1, r.bytes_sent, device_mflops(bundle, r)))(runner.infer(to_input(item)))
 
     modes: Dict[str, dict] = {}
-    lc = DeviceRunner(bundle, None, fmt, precision, threads, exits=False, local_tail=True)
+    lc = DeviceRunner(bundle, None, fmt, precision, threads, exits=False, local_tail=True, allow_spinning=spin)
     modes["LC"] = _timed_mode(run(lc), items, args.repeat, meter, labels)
     proc, address = start_server(args.bundle, ["--whole-model", "--backend", fmt, "--precision", "fp32"]
                                  + (["--input-file"] if from_files else []))
@@ -357,7 +419,7 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
         args.no_exits = False
         see, _, _ = cli.make_runner(args, bundle, board)
         modes["SC+EE"] = _timed_mode(run(see), items, args.repeat, meter, labels)
-        lcee = DeviceRunner(bundle, None, fmt, precision, threads, exits=True, local_tail=True)
+        lcee = DeviceRunner(bundle, None, fmt, precision, threads, exits=True, local_tail=True, allow_spinning=spin)
         modes["LC+EE"] = _timed_mode(run(lcee), items, args.repeat, meter, labels)
     args.no_exits = saved
     for m in modes.values():
@@ -369,7 +431,7 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
             "labelled_inputs": len(labels) if labels else 0, "modes": modes}
 
 
-def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2)) -> Dict[str, dict]:
+def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2), allow_spinning=None) -> Dict[str, dict]:
     """p50 ms per segment graph for every format/precision the bundle has (float vs int8, onnxruntime vs
     LiteRT) at 1 and 2 threads, batch 1, on the same inputs: ``{"onnx/int8@2": {"seg0": ms, ...}}``."""
     from .chain import Chain
@@ -379,7 +441,7 @@ def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2)) -> Dict[str, 
         fmt, precision = pair.split("/")
         for t in threads:
             try:
-                chain = Chain(bundle, "all", fmt, precision, t, with_exits=False)
+                chain = Chain(bundle, "all", fmt, precision, t, with_exits=False, allow_spinning=allow_spinning)
             except Exception as e:  # e.g. no LiteRT interpreter installed on this board
                 out["%s@%d" % (pair, t)] = {"error": str(e)}
                 continue

@@ -9,7 +9,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-__all__ = ["BoardError", "ENERGY_SENSORS", "BACKENDS", "default_boards_dir", "list_boards", "load_board", "validate_board"]
+__all__ = ["BoardError", "ENERGY_SENSORS", "BACKENDS", "default_boards_dir", "list_boards", "load_board", "validate_board",
+           "allow_spinning"]
 
 SCHEMA = "eetool.board/1"
 ENERGY_SENSORS = ("none", "ina3221", "pmic", "rapl")
@@ -82,6 +83,7 @@ def validate_board(profile: Dict[str, Any], where: str = "board") -> Dict[str, A
         need(be.get("preferred") in BACKENDS, "backend.preferred must be one of %s" % list(BACKENDS))
         th = be.get("threads")
         need(th is None or (isinstance(th, int) and not isinstance(th, bool) and th > 0), "backend.threads must be a positive int or null")
+        need(isinstance(be.get("allow_spinning", False), bool), "backend.allow_spinning must be true or false")
     else:
         errs.append("backend must be an object")
     src = profile.get("sources")
@@ -131,3 +133,15 @@ def load_board(name_or_path: str, boards_dir: Optional[str] = None) -> Dict[str,
     if by_name and profile["name"] != text:
         raise BoardError("%s: field name %r does not match the file name %r" % (path, profile["name"], text))
     return profile
+
+
+# ----------------------------------------------------------------------------------- runtime settings
+def allow_spinning(board: Optional[Dict[str, Any]], override: Optional[str] = None) -> bool:
+    """Whether onnxruntime's idle worker threads may spin-wait (``--spinning on|off`` wins, else the
+    profile's ``backend.allow_spinning``, else False: on a board, spinning between inferences burns CPU
+    time and energy for a slightly earlier wake-up). Raises BoardError for another ``override``."""
+    if override is not None:
+        if override not in ("on", "off"):
+            raise BoardError("--spinning %r: expected on or off" % override)
+        return override == "on"
+    return bool(((board or {}).get("backend") or {}).get("allow_spinning", False))

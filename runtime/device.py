@@ -67,16 +67,20 @@ class DeviceRunner:
     ``fmt``/``precision`` pick the graphs (``onnx``/``tflite``, ``fp32``/``int8``); ``thresholds``
     overrides the manifest's per-exit thresholds (name -> value in [0, 1]); ``exits=False`` disables
     early exiting; ``local_tail=True`` also loads the server segments to fall back on when the server is
-    unreachable. Raises BundleError for a missing graph and ValueError for a threshold outside [0, 1]."""
+    unreachable; ``threads`` / ``allow_spinning`` configure the sessions
+    (:func:`runtime.backends.session_options`). Raises BundleError for a missing graph and ValueError for a
+    threshold outside [0, 1]."""
 
     def __init__(self, bundle: Bundle, client=None, fmt: str = "onnx", precision: str = "fp32",
                  threads: Optional[int] = None, thresholds: Optional[Dict[str, float]] = None,
-                 exits: bool = True, wire_dtype: str = "int8", local_tail: bool = False):
+                 exits: bool = True, wire_dtype: str = "int8", local_tail: bool = False,
+                 allow_spinning: Optional[bool] = None):
         self.bundle = bundle
         self.client = client
         self.wire_dtype = wire_dtype
-        self.chain = Chain(bundle, "device", fmt, precision, threads, with_exits=exits)
-        self.tail = Chain(bundle, "server", fmt, precision, threads, with_exits=False) if local_tail else None
+        self.chain = Chain(bundle, "device", fmt, precision, threads, with_exits=exits, allow_spinning=allow_spinning)
+        self.tail = Chain(bundle, "server", fmt, precision, threads, with_exits=False,
+                          allow_spinning=allow_spinning) if local_tail else None
         pair = "%s/%s" % (fmt, precision)
         # per-graph thresholds when calibrated on those graphs (int8 confidences differ from float ones)
         self.thresholds = {e["name"]: e.get("thresholds", {}).get(pair, e.get("threshold")) for e in bundle.exits}

@@ -174,21 +174,21 @@ def parse_profile(events: List[Dict[str, Any]], warmup: int) -> Dict[str, Any]:
             "runs": len(measured)}
 
 
-def _session(ort, path: Path, threads: Optional[int], level, profile_prefix: Optional[str] = None):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+def _session(ort, path: Path, threads: Optional[int], level, profile_prefix: Optional[str] = None,
+             allow_spinning: Optional[bool] = None):
+    from .backends import session_options
+
+    opts = session_options(threads, allow_spinning)  # as the runtime's own sessions
     opts.graph_optimization_level = level
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def profile_onnx(model_path, inputs: Sequence[np.ndarray], runs: int = 20, warmup: int = 3,
-                 threads: Optional[int] = None, board: str = "host", source_note: str = "") -> Dict[str, Any]:
+                 threads: Optional[int] = None, board: str = "host", source_note: str = "",
+                 allow_spinning: Optional[bool] = None) -> Dict[str, Any]:
     """Profile ``model_path`` (a whole-model ONNX graph with one input) at batch 1 on ``inputs`` (float32
     arrays of the input shape, batch 1 each; cycled) and return the layer-profile dict (module docstring).
 
@@ -198,8 +198,9 @@ def profile_onnx(model_path, inputs: Sequence[np.ndarray], runs: int = 20, warmu
     and gives where that time goes. ``cumulative_ms`` is the unfused graph's cumulative share scaled to
     the deployed ``total_ms`` (fusion would otherwise name a fused Conv+ReLU after the ReLU and hide the
     Conv's module). ``runs`` measured runs after ``warmup`` runs, in each session; ``threads``:
-    onnxruntime intra-op threads (None: its default). Raises ProfileError when onnxruntime is missing or
-    the graph has several inputs."""
+    onnxruntime intra-op threads (None: its default); ``allow_spinning``: as
+    :func:`runtime.backends.session_options`. Raises ProfileError when onnxruntime is missing or the graph
+    has several inputs."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -210,7 +211,7 @@ def profile_onnx(model_path, inputs: Sequence[np.ndarray], runs: int = 20, warmu
         raise ProfileError("runs must be >= 1 and warmup >= 0")
     path = Path(model_path)
     level = ort.GraphOptimizationLevel
-    deployed = _session(ort, path, threads, level.ORT_ENABLE_ALL)
+    deployed = _session(ort, path, threads, level.ORT_ENABLE_ALL, allow_spinning=allow_spinning)
     if len(deployed.get_inputs()) != 1:
         raise ProfileError("%s has %d inputs; profile a single-input whole-model graph" % (path, len(deployed.get_inputs())))
     name = deployed.get_inputs()[0].name
@@ -227,7 +228,7 @@ def profile_onnx(model_path, inputs: Sequence[np.ndarray], runs: int = 20, warmu
             wall.append((time.perf_counter() - t0) * 1e3)
     del deployed
     with tempfile.TemporaryDirectory() as tmp:
-        sess = _session(ort, path, threads, level.ORT_ENABLE_BASIC, os.path.join(tmp, "ort"))
+        sess = _session(ort, path, threads, level.ORT_ENABLE_BASIC, os.path.join(tmp, "ort"), allow_spinning)
         for k in range(warmup + runs):
             sess.run(None, feeds[k % len(feeds)])
         trace = sess.end_profiling()

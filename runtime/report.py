@@ -87,8 +87,13 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
     lines += ["", "preprocessing %.2f ms/input; throughput %.1f req/s; bytes sent %.0f / received %.0f per request; "
               "device %.2f MFLOPs per request" % (
                   r["preprocess_ms_mean"], r["throughput_per_s"], r["bytes_sent_mean"], r["bytes_received_mean"],
-                  r.get("device_mflops_mean", 0.0)),
-              "", "exit rates: " + ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in r["exit_rates"].items())]
+                  r.get("device_mflops_mean", 0.0))]
+    if r.get("cpu_ms_per_inference") is not None:
+        lines += ["", "CPU time %.2f ms per inference next to %.2f ms total p50 latency (this process, all threads; "
+                  "%.2f cores busy on average; onnxruntime spinning %s, %s threads)" % (
+                      r["cpu_ms_per_inference"], r["stages_ms"]["total"]["p50"], r.get("cpu_cores_busy") or 0.0,
+                      "on" if r.get("allow_spinning") else "off", r.get("threads") or "default")]
+    lines += ["", "exit rates: " + ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in r["exit_rates"].items())]
     if r.get("top1_accuracy") is not None:
         lines += ["", "top-1 accuracy of this configuration: %.2f %% on %d labelled inputs" % (
             100 * r["top1_accuracy"], r["labelled_inputs"])]
@@ -109,9 +114,7 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
                                                           row["bytes_sent_mean"]))
     if r.get("runtime_vs_bare_onnxruntime"):
         o = r["runtime_vs_bare_onnxruntime"]
-        lines += ["", "whole model, fp32 ONNX, on this machine: runtime chain p50 %.2f ms vs bare onnxruntime "
-                  "sessions %.2f ms: overhead ratio %.3f" % (
-                      o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"], o["overhead_ratio"])]
+        lines += ["", overhead_line(o)]
     if r.get("findings"):
         lines += ["", "%s# Findings (from this run)" % h, ""] + ["- " + f for f in r["findings"]]
     if r.get("graph_latency"):
@@ -129,19 +132,37 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def overhead_line(o: dict) -> str:
+    """The runtime-vs-bare-onnxruntime line: median per-pair ratio and its IQR, and a warning when the
+    runtime looks faster than the sessions it wraps beyond that spread (an unfair measurement)."""
+    if "overhead_ratio_iqr" not in o:  # a report from before the interleaved measurement
+        return "whole model, fp32 ONNX: runtime chain p50 %.2f ms vs bare onnxruntime sessions %.2f ms" % (
+            o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"])
+    lo, hi = o["overhead_ratio_iqr"]
+    line = ("whole model, fp32 ONNX, on this machine: runtime chain / bare onnxruntime sessions, same session "
+            "options, %d interleaved pairs: median ratio %.3f (IQR %.3f-%.3f); p50 %.2f ms vs %.2f ms" % (
+                o["pairs"], o["overhead_ratio"], lo, hi, o["runtime_chain_p50_ms"], o["bare_onnxruntime_p50_ms"]))
+    if o.get("below_1_beyond_noise"):
+        line += (" -- WARNING: below 1 beyond the spread; the runtime cannot be faster than the sessions it "
+                 "wraps, so this machine was too noisy for the comparison (rerun with more --repeat)")
+    return line
+
+
 def comparison_table(c: dict, h: str = "#") -> List[str]:
     """LC / LC+EE / EC / SC / SC+EE as Markdown table lines."""
     lines = ["%s# LC / EC / SC / SC+EE on the same inputs (%s)" % (h, c["backend"]),
              "", "latency from %s; EC sends %s to a whole-model server started on this machine; SC's server: %s"
              % (c.get("latency_from", "preprocessed input"), c.get("ec_sends", "the input, int8-quantised"),
                 c.get("sc_server", "on this machine")),
-             "", "| mode | p50 ms | p90 ms | bytes / sample | device MFLOPs / sample | device energy J / inference "
-                 "| top-1 accuracy | top-1 agreement with LC |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| mode | p50 ms | p90 ms | device CPU ms / sample | bytes / sample | device MFLOPs / sample "
+                 "| device energy J / inference | top-1 accuracy | top-1 agreement with LC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in [m for m in MODE_ORDER if m in c["modes"]] + [m for m in c["modes"] if m not in MODE_ORDER]:
         m = c["modes"][name]
-        lines.append("| %s | %.2f | %.2f | %.0f | %.2f | %.3f (%s) | %s | %.1f %% |" % (
-            name, m["latency_ms"]["p50"], m["latency_ms"]["p90"], m["bytes_per_sample"], m.get("device_mflops", 0.0),
+        cpu = m.get("cpu_ms_per_inference")
+        lines.append("| %s | %.2f | %.2f | %s | %.0f | %.2f | %.3f (%s) | %s | %.1f %% |" % (
+            name, m["latency_ms"]["p50"], m["latency_ms"]["p90"], "-" if cpu is None else "%.2f" % cpu,
+            m["bytes_per_sample"], m.get("device_mflops", 0.0),
             m["energy_j_per_inference"], m["energy_label"], _pct(m.get("top1_accuracy")),
             100 * m["top1_agreement_with_LC"]))
     if c.get("labelled_inputs"):

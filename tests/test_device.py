@@ -114,7 +114,16 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert {"seg0", "network", "server_tail", "total"} <= set(report["stages_ms"])
     assert [row["mbps"] for row in report["bandwidth_sweep"]] == [1.0, 100.0]
     assert [row["bandwidth"] for row in report["bandwidth_sweep"]] == ["1 Mbit/s", "100 Mbit/s"]
-    assert report["runtime_vs_bare_onnxruntime"]["overhead_ratio"] > 0
+    o = report["runtime_vs_bare_onnxruntime"]
+    assert o["pairs"] == report["inputs"] == len(o["pairs_ms"])  # --repeat 1: one interleaved pair per input
+    assert o["overhead_ratio"] == pytest.approx(np.median([a / b for a, b in o["pairs_ms"]]), rel=1e-3)
+    assert o["allow_spinning"] is False and o["threads"] == report["threads"]
+    # CPU time next to latency: the run's and every mode's; host's profile turns spinning off
+    assert report["allow_spinning"] is False and report["cpu_ms_per_inference"] > 0
+    assert all(m["cpu_ms_per_inference"] > 0 for m in report["comparison"]["modes"].values())
+    md = (tmp_path / "report.md").read_text()
+    assert "CPU time %.2f ms per inference" % report["cpu_ms_per_inference"] in md and "spinning off" in md
+    assert "%d interleaved pairs: median ratio %.3f" % (o["pairs"], o["overhead_ratio"]) in md
     assert (tmp_path / "report.md").read_text().startswith("# eetool bench")
     assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
     assert set(report["graph_latency"]) == {"onnx/fp32@1", "onnx/fp32@2"}
