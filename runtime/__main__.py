@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidths", type=_bandwidths, default="1mbit,10mbit,100mbit",
                    help="emulated links for latency vs bandwidth, comma-separated, as --bandwidth ('' = none)")
     p.add_argument("--energy-csv", help="power log (timestamp,watts) of an external USB meter")
+    p.add_argument("--energy-rails", metavar="RAIL[,RAIL...]",
+                   help="sensor rails to sum for energy (Jetson INA3221, e.g. VDD_CPU_CV,VDD_GPU_SOC; Pi 5 PMIC), "
+                        "'sum' for every readable rail; default: the total-input rail when there is one, else the "
+                        "sum of the readable rails (unreadable channels are left out and named in the report)")
     p.add_argument("--out", default="bench-report", help="report directory")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")

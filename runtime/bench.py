@@ -182,14 +182,20 @@ def run_bench(args) -> int:
     from . import __main__ as cli
     from . import report as R
     from .boards import load_board
-    from .energy import meter_for_board
+    from .energy import meter_for_board, parse_rails
     from .labels import labels_for
     from .preprocess import load_inputs
 
     if args.repeat < 1 or args.warmup < 0 or args.profile_runs < 1 or (args.max_inputs is not None and args.max_inputs < 1):
         raise ValueError("--repeat, --profile-runs and --max-inputs must be >= 1, --warmup >= 0")
-    bundle = Bundle.load(args.bundle)
     board = load_board(args.board or "host")
+    rails = parse_rails(args.energy_rails)
+
+    def meters(b, **kw):  # every meter of this run reads the rails asked for
+        return meter_for_board(b, **(dict(kw, rails=rails) if rails else kw))
+
+    meters(board, **({"csv_path": args.energy_csv} if args.energy_csv else {}))  # refuse bad --energy-rails now
+    bundle = Bundle.load(args.bundle)
     files, note = select_inputs(args, bundle)
     labels, why = labels_for(files, bundle.manifest, bundle.root / "samples", explain=True)
     if labels:
@@ -208,7 +214,7 @@ def run_bench(args) -> int:
     if not args.server:
         proc, args.server = start_server(args.bundle, ["--backend", args.backend, "--precision", "fp32"])
     try:
-        report = _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files, labels)
+        report = _measure(args, bundle, board, xs, preprocess_ms, meters, cli, files, labels)
     finally:
         if proc is not None:
             proc.terminate()

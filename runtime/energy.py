@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 __all__ = [
     "EnergyReading", "EnergyError", "SensorUnavailable", "EnergyMeter", "SampledEnergyMeter", "CsvEnergyMeter",
     "Ina3221Sensor", "PmicSensor", "RaplSensor", "EstimateSensor", "integrate_trapezoid", "parse_pmic_adc",
-    "meter_for_board", "MIN_HZ",
+    "meter_for_board", "parse_rails", "MIN_HZ",
 ]
 
 MIN_HZ = 10.0
@@ -67,6 +67,9 @@ class EnergyReading:
         idle_w: idle power subtracted for the net figure (W), or None.
         idle_source: "measured", "profile", "given" or None.
         net_joules: joules - idle_w * duration_s (J; may be slightly negative from noise), or None.
+        rails: the sensor rails summed into the figure (INA3221 / PMIC), or None.
+        rails_skipped: rail -> why it was left out (present but unreadable, e.g. a disabled INA3221
+            channel), or None.
     """
 
     joules: float
@@ -79,6 +82,8 @@ class EnergyReading:
     idle_w: Optional[float] = None
     idle_source: Optional[str] = None
     net_joules: Optional[float] = None
+    rails: Optional[List[str]] = None
+    rails_skipped: Optional[Dict[str, str]] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -105,6 +110,21 @@ def _read_float(path: str) -> float:
         return float(fh.read().strip())
 
 
+def _label(path: str, default: str) -> str:
+    """A channel's label file, or ``default`` when it is absent, empty or unreadable."""
+    try:
+        return _read_text(path) or default
+    except OSError:
+        return default
+
+
+def _reason(exc: BaseException) -> str:
+    """Short reason for an unreadable sensor file: ``"[Errno 5] Input/output error"`` style."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return "[Errno %s] %s" % (exc.errno, exc.strerror)
+    return str(exc) or type(exc).__name__
+
+
 def _read_text(path: str) -> str:
     with open(path, "r") as fh:
         return fh.read().strip()
@@ -127,41 +147,80 @@ class _Sensor(object):
         raise NotImplementedError
 
 
+def parse_rails(text: Optional[str]) -> Optional[List[str]]:
+    """``--energy-rails`` value -> rail names: ``"VDD_CPU_CV,VDD_GPU_SOC"`` -> ``["VDD_CPU_CV", "VDD_GPU_SOC"]``;
+    None, ``""`` or ``"auto"`` -> None (the sensor's default choice); ``"sum"`` -> ``["sum"]`` (every
+    readable rail)."""
+    if text is None or not str(text).strip() or str(text).strip() == "auto":
+        return None
+    return [r.strip() for r in str(text).split(",") if r.strip()]
+
+
 class Ina3221Sensor(_Sensor):
     """Jetson INA3221 power monitor (instantaneous W).
 
+    Every channel is probed once: a channel that is present but unreadable (a disabled or unconnected
+    INA3221 channel, as on the AGX Orin's second monitor at 1-0041, reads fail with EIO / ENODATA) is
+    left out and named in :attr:`skipped` and in the description, instead of losing the whole sensor.
+
     Args:
         root: filesystem root that contains ``sys/`` (default "/"; tests pass a tmp dir).
-        rail: "auto" (the total-input rail VDD_IN / POM_5V_IN if present, else the sum of all
-            rails), "sum" (all rails), or a rail name.
+        rail: "auto" (the total-input rail VDD_IN / POM_5V_IN if present and readable, else the sum of
+            every readable rail), "sum" (every readable rail), a rail name, or a list of rail names
+            (summed).
+
+    Attributes:
+        selected: rail names summed by :meth:`read`.
+        skipped: rail name -> reason, for channels found but unreadable.
 
     Raises:
-        SensorUnavailable: no INA3221 channel found / readable, or the rail does not exist.
+        SensorUnavailable: no INA3221 channel found or none readable; a rail asked for by name that does
+            not exist (the message lists the rails) or cannot be read.
     """
 
     IIO_GLOB = "sys/bus/i2c/drivers/ina3221x/*/iio:device*"
     HWMON_GLOBS = ("sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*",)
 
-    def __init__(self, root: str = "/", rail: str = "auto"):
+    def __init__(self, root: str = "/", rail: Any = "auto"):
         self.root = root
         self.channels = self.discover(root)  # list of (rail name, reader)
         if not self.channels:
             raise SensorUnavailable("no INA3221 channels under %s (looked for %s and %s)"
                                     % (root, self.IIO_GLOB, ", ".join(self.HWMON_GLOBS)))
+        self.skipped: Dict[str, str] = {}
+        readable = []
+        for name, reader in self.channels:
+            try:
+                reader()
+                readable.append(name)
+            except (OSError, ValueError) as exc:
+                self.skipped[name] = _reason(exc)
         names = [n for n, _ in self.channels]
-        if rail == "auto":
-            total = [n for n in names if n.upper() in TOTAL_RAILS]
-            self.selected = total[:1] if total else names
-        elif rail == "sum":
-            self.selected = names
-        elif rail in names:
-            self.selected = [rail]
+        wanted = [rail] if isinstance(rail, str) else list(rail)
+        if wanted == ["auto"]:
+            total = [n for n in readable if n.upper() in TOTAL_RAILS]
+            self.selected = total[:1] if total else readable
+        elif wanted == ["sum"]:
+            self.selected = readable
         else:
-            raise SensorUnavailable("INA3221 rail %r not found; rails: %s" % (rail, names))
+            unknown = [r for r in wanted if r not in names]
+            if unknown:
+                raise SensorUnavailable("INA3221 rail %s not found; rails: %s" % (", ".join(unknown), ", ".join(names)))
+            bad = ["%s (%s)" % (r, self.skipped[r]) for r in wanted if r in self.skipped]
+            if bad:
+                raise SensorUnavailable("INA3221 rail %s present but unreadable; readable rails: %s"
+                                        % (", ".join(bad), ", ".join(readable) or "none"))
+            self.selected = wanted
+        if not self.selected:
+            raise SensorUnavailable("no readable INA3221 channel: %s" % ", ".join(
+                "%s (%s)" % kv for kv in self.skipped.items()))
         self._readers = [r for n, r in self.channels if n in self.selected]
         self.read()  # probe: raises SensorUnavailable if unreadable
+        self.rails = list(self.selected)
         self.source = "ina3221:" + "+".join(self.selected)
-        self.description = "Jetson INA3221 %s (rails available: %s)" % ("+".join(self.selected), ", ".join(names))
+        self.description = "Jetson INA3221 %s (rails available: %s%s)" % (
+            "+".join(self.selected), ", ".join(readable),
+            "; unreadable, left out: " + ", ".join(sorted(self.skipped)) if self.skipped else "")
 
     @classmethod
     def discover(cls, root: str = "/") -> List[Tuple[str, Callable[[], float]]]:
@@ -175,7 +234,7 @@ class Ina3221Sensor(_Sensor):
                     continue
                 n = m.group(1)
                 name_file = os.path.join(dev, "rail_name_%s" % n)
-                name = _read_text(name_file) if os.path.exists(name_file) else "%s:ch%s" % (os.path.basename(os.path.dirname(dev)), n)
+                name = _label(name_file, "%s:ch%s" % (os.path.basename(os.path.dirname(dev)), n))
                 key = (os.path.realpath(dev), n)
                 if key in seen:
                     continue
@@ -193,7 +252,7 @@ class Ina3221Sensor(_Sensor):
                     lfile = os.path.join(dev, "in%s_label" % n)
                     if not os.path.exists(lfile):
                         lfile = os.path.join(dev, "curr%s_label" % n)
-                    name = _read_text(lfile) if os.path.exists(lfile) else "%s:ch%s" % (os.path.basename(dev), n)
+                    name = _label(lfile, "%s:ch%s" % (os.path.basename(os.path.dirname(os.path.dirname(dev))), n))
                     key = (os.path.realpath(dev), n)
                     if key in seen:
                         continue
@@ -250,11 +309,21 @@ class PmicSensor(_Sensor):
 
     source = "pmic"
 
-    def __init__(self, vcgencmd: str = "vcgencmd", timeout_s: float = 2.0):
+    def __init__(self, vcgencmd: str = "vcgencmd", timeout_s: float = 2.0, rails: Optional[List[str]] = None):
         self.vcgencmd = vcgencmd
         self.timeout_s = float(timeout_s)
-        rails = self.read_rails()
-        self.description = "Raspberry Pi 5 PMIC, sum of %d rails (vcgencmd pmic_read_adc)" % len(rails)
+        found = self.read_rails()
+        if rails and rails != ["sum"]:
+            unknown = [r for r in rails if r not in found]
+            if unknown:
+                raise SensorUnavailable("PMIC rail %s not found; rails: %s" % (", ".join(unknown), ", ".join(sorted(found))))
+            self.selected: Optional[List[str]] = list(rails)
+        else:
+            self.selected = None  # every rail
+        self.rails = self.selected or sorted(found)
+        self.skipped: Dict[str, str] = {}
+        self.description = "Raspberry Pi 5 PMIC, %s (vcgencmd pmic_read_adc)" % (
+            "+".join(self.selected) if self.selected else "sum of %d rails" % len(found))
 
     def read_rails(self) -> Dict[str, float]:
         """rail -> W from one vcgencmd call."""
@@ -272,7 +341,8 @@ class PmicSensor(_Sensor):
         return rails
 
     def read(self) -> float:
-        return float(sum(self.read_rails().values()))
+        rails = self.read_rails()
+        return float(sum(rails[r] for r in self.selected) if self.selected else sum(rails.values()))
 
 
 class RaplSensor(_Sensor):
@@ -559,6 +629,8 @@ class SampledEnergyMeter(EnergyMeter):
         desc = getattr(self.sensor, "description", self.source)
         desc = "%s at %.0f Hz" % (desc, self.hz)
         self.reading = self._finish(joules, duration, len(samples), desc)
+        self.reading.rails = getattr(self.sensor, "rails", None)
+        self.reading.rails_skipped = getattr(self.sensor, "skipped", None) or None
         return self.reading
 
 
@@ -681,6 +753,9 @@ def meter_for_board(profile: Dict[str, Any], **overrides: Any) -> EnergyMeter:
             proc_root: root for /proc/stat (default "/").
             vcgencmd: vcgencmd executable (default "vcgencmd").
             rail: INA3221 rail selection ("auto", "sum" or a name).
+            rails: rail names to sum (INA3221 or PMIC; ``--energy-rails``, see :func:`parse_rails`); a
+                sensor that has no rails, or rails it cannot read, raise instead of falling back to an
+                estimate, since the user asked for those rails.
             hz: sampling rate (default 20, >= 10).
             idle_w: idle power measured beforehand (W); default: the profile's power.idle_w.
             clock: clock override for the meter.
@@ -690,10 +765,11 @@ def meter_for_board(profile: Dict[str, Any], **overrides: Any) -> EnergyMeter:
         ``meter.note`` says why a fallback happened.
 
     Raises:
-        ValueError: unknown sensor kind or unknown override.
-        SensorUnavailable: sensor "estimate" impossible (no /proc/stat and no psutil).
+        ValueError: unknown sensor kind or unknown override; ``rails`` for a sensor without rails.
+        SensorUnavailable: sensor "estimate" impossible (no /proc/stat and no psutil); ``rails`` asked for
+            that the sensor does not have or cannot read.
     """
-    known = {"sensor", "csv_path", "root", "proc_root", "vcgencmd", "rail", "hz", "idle_w", "clock"}
+    known = {"sensor", "csv_path", "root", "proc_root", "vcgencmd", "rail", "rails", "hz", "idle_w", "clock"}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError("unknown meter_for_board options %s; known: %s" % (sorted(unknown), sorted(known)))
@@ -712,6 +788,10 @@ def meter_for_board(profile: Dict[str, Any], **overrides: Any) -> EnergyMeter:
     if "clock" in overrides:
         kw["clock"] = overrides["clock"]
 
+    rails = overrides.get("rails")
+    if rails and kind not in ("ina3221", "pmic"):
+        raise ValueError("--energy-rails %s: board %s's energy source is %r, which has no rails to choose "
+                         "(rails exist on the Jetson INA3221 and the Raspberry Pi 5 PMIC)" % (",".join(rails), name, kind))
     if kind == "csv":
         if not overrides.get("csv_path"):
             raise ValueError("sensor 'csv' needs csv_path")
@@ -720,9 +800,9 @@ def meter_for_board(profile: Dict[str, Any], **overrides: Any) -> EnergyMeter:
     sensor: Optional[_Sensor] = None
     try:
         if kind == "ina3221":
-            sensor = Ina3221Sensor(root=root, rail=overrides.get("rail", "auto"))
+            sensor = Ina3221Sensor(root=root, rail=rails or overrides.get("rail", "auto"))
         elif kind == "pmic":
-            sensor = PmicSensor(vcgencmd=overrides.get("vcgencmd", "vcgencmd"))
+            sensor = PmicSensor(vcgencmd=overrides.get("vcgencmd", "vcgencmd"), rails=rails)
         elif kind == "rapl":
             sensor = RaplSensor(root=root)
         elif kind in ("none", "estimate"):
@@ -730,6 +810,8 @@ def meter_for_board(profile: Dict[str, Any], **overrides: Any) -> EnergyMeter:
         else:
             raise ValueError("unknown energy sensor kind %r (known: ina3221, pmic, rapl, csv, estimate, none)" % kind)
     except SensorUnavailable as exc:
+        if rails:  # the user chose rails: an estimate would not be what was asked for
+            raise
         reason = "%s sensor unavailable: %s" % (kind, exc)
     if sensor is not None:
         return SampledEnergyMeter(sensor, hz=hz, idle_w=idle_w, idle_source=idle_src, **kw)

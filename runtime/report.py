@@ -100,6 +100,9 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
     lines += ["", "energy (%s, %s): %.3f J per inference gross, mean %.2f W%s" % (
         e["label"].upper(), e.get("source"), e["per_inference_j"], e.get("mean_w", 0.0),
         ", net of idle %.3f J total" % e["net_joules"] if e.get("net_joules") is not None else "")]
+    if e.get("rails_skipped"):
+        lines += ["", "energy rails left out (present but unreadable): %s" % ", ".join(
+            "%s (%s)" % kv for kv in sorted(e["rails_skipped"].items()))]
     lp = r.get("layer_profile") or {}
     if lp.get("file"):
         lines += ["", "per-layer latency: %s, whole model %.2f ms, %d modules -> `%s` (feed back with "

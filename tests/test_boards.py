@@ -10,7 +10,7 @@ import pytest
 from runtime import boards as B
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ["host", "jetson-nano", "jetson-orin-nano", "rpi3", "rpi4", "rpi5"]
+NAMES = ["host", "jetson-agx-orin", "jetson-nano", "jetson-orin-nano", "rpi3", "rpi4", "rpi5"]
 
 
 def test_all_profiles_present_and_valid():
@@ -29,6 +29,7 @@ def test_all_profiles_present_and_valid():
     ("rpi5", "Cortex-A76", 4, "pmic", "litert"),
     ("jetson-nano", "Cortex-A57", 4, "ina3221", "onnxruntime"),
     ("jetson-orin-nano", "Cortex-A78AE", 6, "ina3221", "onnxruntime"),
+    ("jetson-agx-orin", "Cortex-A78AE", 12, "ina3221", "onnxruntime"),
     ("host", None, None, "rapl", "onnxruntime"),
 ])
 def test_profile_contents(name, model, cores, sensor, backend):

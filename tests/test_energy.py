@@ -93,6 +93,89 @@ def test_ina3221_without_total_rail_sums(tmp_path):
     assert "+" in s.source
 
 
+def agx_orin_tree(root):
+    """Jetson AGX Orin: two INA3221 monitors via hwmon. 1-0040 carries VDD_GPU_SOC, VDD_CPU_CV and
+    VIN_SYS_5V0; on 1-0041 only channel 2 (VDDQ_VDD2_1V8AO) is connected: channel 1 has no label and
+    channel 3 is labelled but both fail to read (a directory stands in for the EIO of a disabled channel)."""
+    a = os.path.join(root, "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1")
+    for n, (name, mv, ma) in enumerate([("VDD_GPU_SOC", 5000, 400), ("VDD_CPU_CV", 5000, 600),
+                                        ("VIN_SYS_5V0", 5000, 500)], start=1):
+        write(os.path.join(a, "in%d_label" % n), name)
+        write(os.path.join(a, "in%d_input" % n), mv)
+        write(os.path.join(a, "curr%d_input" % n), ma)
+    b = os.path.join(root, "sys/bus/i2c/drivers/ina3221/1-0041/hwmon/hwmon2")
+    write(os.path.join(b, "in2_label"), "VDDQ_VDD2_1V8AO")
+    write(os.path.join(b, "in2_input"), 1800)
+    write(os.path.join(b, "curr2_input"), 500)
+    write(os.path.join(b, "in3_label"), "NC")
+    for n in (1, 3):
+        os.makedirs(os.path.join(b, "curr%d_input" % n))  # present, unreadable
+        os.makedirs(os.path.join(b, "in%d_input" % n))
+    return a, b
+
+
+def test_ina3221_skips_unreadable_channels_and_names_them(tmp_path):
+    root = str(tmp_path)
+    agx_orin_tree(root)
+    s = E.Ina3221Sensor(root=root)
+    assert s.selected == ["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0", "VDDQ_VDD2_1V8AO"]  # no total rail: the sum
+    assert sorted(s.skipped) == ["1-0041:ch1", "NC"] and "Errno" in s.skipped["NC"]
+    assert s.read() == pytest.approx(2.0 + 3.0 + 2.5 + 0.9)
+    meter = E.meter_for_board(load_board("jetson-agx-orin"), root=root, hz=50)
+    r = run_meter(meter)
+    assert not r.estimated and r.label.startswith("measured ") and "unreadable, left out: 1-0041:ch1, NC" in r.label
+    assert r.mean_w == pytest.approx(8.4) and r.rails == s.selected
+    assert sorted(r.rails_skipped) == ["1-0041:ch1", "NC"] and sorted(r.to_json()["rails_skipped"]) == ["1-0041:ch1", "NC"]
+
+
+def test_energy_rails_choose_what_is_summed(tmp_path):
+    root = str(tmp_path)
+    agx_orin_tree(root)
+    board = load_board("jetson-agx-orin")
+    assert E.parse_rails("VDD_CPU_CV, VDD_GPU_SOC") == ["VDD_CPU_CV", "VDD_GPU_SOC"]
+    assert E.parse_rails("auto") is None and E.parse_rails(None) is None and E.parse_rails("sum") == ["sum"]
+    meter = E.meter_for_board(board, root=root, hz=50, rails=["VDD_CPU_CV", "VDD_GPU_SOC"])
+    r = run_meter(meter)
+    assert r.source == "ina3221:VDD_CPU_CV+VDD_GPU_SOC" and r.mean_w == pytest.approx(5.0)
+    # rails asked for by name never fall back to an estimate: a clear error instead
+    with pytest.raises(E.SensorUnavailable, match="NC .*present but unreadable; readable rails: VDD_GPU_SOC"):
+        E.meter_for_board(board, root=root, rails=["NC"])
+    with pytest.raises(E.SensorUnavailable, match="VDD_NOPE not found; rails: VDD_GPU_SOC"):
+        E.meter_for_board(board, root=root, rails=["VDD_NOPE"])
+    with pytest.raises(ValueError, match="has no rails to choose"):
+        E.meter_for_board(load_board("rpi4"), rails=["VDD_IN"])
+
+
+def test_ina3221_with_every_channel_unreadable_is_unavailable(tmp_path):
+    b = os.path.join(str(tmp_path), "sys/bus/i2c/drivers/ina3221/1-0041/hwmon/hwmon2")
+    for n in (1, 3):
+        os.makedirs(os.path.join(b, "curr%d_input" % n))
+        os.makedirs(os.path.join(b, "in%d_input" % n))
+    with pytest.raises(E.SensorUnavailable, match="no readable INA3221 channel: 1-0041:ch1"):
+        E.Ina3221Sensor(root=str(tmp_path))
+
+
+def test_bench_energy_rails_refused_before_work_where_there_are_none():
+    """--energy-rails on a board whose energy source has no rails: refused before the bundle is read."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "runtime", "bench", "/no/such/bundle", "--board", "host",
+                           "--energy-rails", "VDD_IN"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "--energy-rails VDD_IN" in err and "no rails to choose" in err
+
+
+def test_pmic_rails_choose_what_is_summed(tmp_path):
+    exe = fake_vcgencmd(tmp_path)
+    s = E.PmicSensor(vcgencmd=exe, rails=["VDD_CORE"])
+    assert s.read() == pytest.approx(2.0 * 0.8) and s.rails == ["VDD_CORE"]
+    with pytest.raises(E.SensorUnavailable, match="PMIC rail VDD_GPU not found"):
+        E.PmicSensor(vcgencmd=exe, rails=["VDD_GPU"])
+
+
 def test_ina3221_absent_falls_back_to_labelled_estimate(tmp_path):
     proc = fake_proc(tmp_path)
     meter = E.meter_for_board(load_board("jetson-nano"), root=str(tmp_path), proc_root=proc)

@@ -24,6 +24,7 @@ BOARD_REQUIREMENTS = {
     # JetPack 5 ships Python 3.8: last numpy / onnxruntime releases for 3.8; LiteRT falls back to tflite-runtime.
     "jetson-nano": ["numpy==1.24.4", "onnxruntime==1.16.3", "zstandard==0.23.0", "lz4==4.3.3", "pillow==10.4.0"],
     "jetson-orin-nano": ["numpy==1.24.4", "onnxruntime==1.19.2", "zstandard==0.23.0", "lz4==4.3.3", "pillow==10.4.0"],
+    "jetson-agx-orin": ["numpy==1.24.4", "onnxruntime==1.19.2", "zstandard==0.23.0", "lz4==4.3.3", "pillow==10.4.0"],
     "host": ["numpy==2.4.6", "onnxruntime==1.32.0", "ai-edge-litert==2.3.0", "zstandard==0.25.0", "lz4==4.4.5",
              "pillow==13.0.0"],
 }
