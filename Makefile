@@ -33,8 +33,10 @@ demo: install
 test: install fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not board" tests
 
+# BOARD must be this machine (checked before any work; FORCE_BOARD=1 to override the detection);
+# PLAN_BOARD is planned for from this machine's measurements.
 bench: install
-	bash scripts/bench.sh $(OUT) $(BOARD) $(PLAN_BOARD)
+	bash scripts/bench.sh $(OUT) $(BOARD) $(PLAN_BOARD) $(if $(FORCE_BOARD),--force-board)
 
 # Fashion-MNIST reference CNN with two trained exits.
 reference: install fashion-mnist

@@ -140,10 +140,14 @@ def make_runner(args, bundle: Bundle, board: Optional[dict]):
 
 
 def cmd_run(args) -> int:
+    from .boards import board_mismatch
     from .preprocess import load_inputs
 
     bundle = Bundle.load(args.bundle)
     board = _board(args.board)
+    why = board_mismatch(board) if board else None
+    if why:  # run only takes threads and the backend from the profile: say so, do not refuse
+        print("warning: %s; its settings (threads, backend) are used as given" % why, file=sys.stderr)
     runner, fmt, precision = make_runner(args, bundle, board)
     results = []
     for path in args.inputs:
@@ -285,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sensor rails to sum for energy (Jetson INA3221, e.g. VDD_CPU_CV,VDD_GPU_SOC; Pi 5 PMIC), "
                         "'sum' for every readable rail; default: the total-input rail when there is one, else the "
                         "sum of the readable rails (unreadable channels are left out and named in the report)")
+    p.add_argument("--force-board", action="store_true",
+                   help="measure under --board even though this machine does not look like that board "
+                        "(architecture / CPU / board model differ)")
     p.add_argument("--out", default="bench-report", help="report directory")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")

@@ -181,14 +181,24 @@ def runtime_overhead(bundle: Bundle, xs, threads, repeat: int, warmup: int = 1, 
 def run_bench(args) -> int:
     from . import __main__ as cli
     from . import report as R
-    from .boards import load_board
+    from .boards import board_mismatch, check_board, load_board, matching_boards
     from .energy import meter_for_board, parse_rails
     from .labels import labels_for
     from .preprocess import load_inputs
 
     if args.repeat < 1 or args.warmup < 0 or args.profile_runs < 1 or (args.max_inputs is not None and args.max_inputs < 1):
         raise ValueError("--repeat, --profile-runs and --max-inputs must be >= 1, --warmup >= 0")
+    # before any work: the report must describe the machine that runs it, under its own name
     board = load_board(args.board or "host")
+    name = board["name"]
+    if board_mismatch(board):
+        own = matching_boards()
+        check_board(board, force=args.force_board, advice=(
+            "To measure a %s, run the bench on it: copy the bundle there (scp -r %s USER@BOARD:) and run `make "
+            "bench BOARD=%s` in it (or `python -m runtime bench . --board %s`).%s" % (
+                name, os.path.abspath(args.bundle), name, name,
+                " To measure this machine, use its own profile: `make bench BOARD=%s` (--board %s)." % (own[0], own[0])
+                if own else "")))
     rails = parse_rails(args.energy_rails)
 
     def meters(b, **kw):  # every meter of this run reads the rails asked for
@@ -220,6 +230,8 @@ def run_bench(args) -> int:
             proc.terminate()
             proc.wait(timeout=10)
     report["inputs_note"] = note
+    if args.force_board:
+        report["board_forced"] = board_mismatch(board)  # None when this machine does look like the board
     if report.get("comparison"):
         report["comparison"]["sc_server"] = "%s (%s)" % (args.server, "given" if remote else "started on this machine")
     if not args.no_layer_profile:

@@ -77,6 +77,10 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
              "model %s, split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d "
              "inputs" % (r.get("model") or "-", r["split"], r["backend"], r["precision"], r["threads"] or "default",
                          r["codec"], r["wire_dtype"], r["requests"], r["inputs"])]
+    if r.get("board_forced"):
+        lines += ["", "WARNING: run with --force-board on a machine that does not look like %s (%s): latency is "
+                  "this machine's, and energy comes from its sensor or, without one, the %s power model" % (
+                      r["board"], r["board_forced"], r["board"])]
     if r.get("inputs_note"):  # the note says why when there is no accuracy
         lines += ["", "inputs: %s%s" % (r["inputs_note"], "; %d with ground-truth labels" % r["labelled_inputs"]
                                         if r.get("labelled_inputs") else "")]

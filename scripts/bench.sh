@@ -10,13 +10,21 @@
 #  3. the split planner fed with step 1's per-layer profile (device = this board, and a target board
 #     whose device side is a labelled FLOPs estimate), then one Markdown page of it all;
 #  4. with the ImageNet samples: the int8 recipe and TFLite float-vs-int8 benchmarks (JSON beside it).
-# Usage: scripts/bench.sh OUT BOARD [PLAN_BOARD]
+# Every number describes the machine that runs this script: BOARD must be this machine's profile (checked
+# first, before any work; FORCE_BOARD=1 overrides the CPU / board-model detection, never the architecture).
+# To plan for another board from here, use PLAN_BOARD.
+# Usage: scripts/bench.sh OUT BOARD [PLAN_BOARD] [--force-board]
 set -euo pipefail
-OUT=${1:-out}; BOARD=${2:-host}; PLAN_BOARD=${3:-rpi4}
+OUT=${1:-out}; BOARD=${2:-host}; PLAN_BOARD=${3:-rpi4}; FORCE=${4:-}
 BIN=.venv/bin
 REPORT="$OUT/bench-$BOARD"
 BUNDLES="$REPORT/bundles"
 SAMPLES=${EETOOL_IMAGENET_SAMPLES:-../shared/data/imagenet-samples}
+$BIN/python -m runtime.boards check "$BOARD" ${FORCE:+--force} --advice "make bench measures the machine it runs on. \
+To measure a $BOARD, run the bench on it: export a bundle here (eetool export efficientnet-lite0 --split blocks.5 \
+--int8 -o out/b5), copy it to the $BOARD (scp -r out/b5 USER@BOARD:) and run \`make bench BOARD=$BOARD\` in it. \
+To plan for a $BOARD from this machine: \`make bench PLAN_BOARD=$BOARD\` (this machine measured as host, the \
+$BOARD's device side a FLOPs estimate from boards/$BOARD.json)." || exit 2
 mkdir -p "$BUNDLES"
 BENCHES=()
 
@@ -25,7 +33,7 @@ EFF="$BUNDLES/efficientnet-lite0-blocks.5"
 $BIN/eetool export efficientnet-lite0 --split blocks.5 --int8 -o "$EFF"
 INPUTS=()
 [ -d "$SAMPLES" ] && INPUTS=(--inputs "$SAMPLES" --max-inputs 64)
-$BIN/python -m runtime bench "$EFF" --board "$BOARD" --repeat 2 "${INPUTS[@]}" --out "$REPORT/efficientnet-lite0" >/dev/null
+$BIN/python -m runtime bench "$EFF" --board "$BOARD" $FORCE --repeat 2 "${INPUTS[@]}" --out "$REPORT/efficientnet-lite0" >/dev/null
 BENCHES+=("$REPORT/efficientnet-lite0")
 
 if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; load_fashion_mnist('test')" 2>/dev/null; then
@@ -36,7 +44,7 @@ if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; loa
   $BIN/eetool export fashion-cnn --weights "$REF/backbone.pt" --exits "$REF" --split stage2 --int8 \
       --calib fashion-mnist:train --verify-data fashion-mnist:test --verify-samples 2000 --samples 2000 -o "$FASH"
   $BIN/eetool exits calibrate "$FASH" --data fashion-mnist:train --offset 55000 --delta 0.005
-  $BIN/python -m runtime bench "$FASH" --board "$BOARD" --repeat 2 --out "$REPORT/fashion-cnn-exits" >/dev/null
+  $BIN/python -m runtime bench "$FASH" --board "$BOARD" $FORCE --repeat 2 --out "$REPORT/fashion-cnn-exits" >/dev/null
   BENCHES+=("$REPORT/fashion-cnn-exits")
 else
   echo "== 2. skipped: Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)"

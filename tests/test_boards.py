@@ -98,3 +98,96 @@ def test_boards_found_from_a_copied_bundle(tmp_path):
     assert out.returncode == 0, out.stderr.decode()
     d, name = json.loads(out.stdout.decode())
     assert d == str(bundle / "boards") and name == "rpi5"
+
+
+# ----------------------------------------------------------------------------- is this machine the board?
+PI3 = {"architecture": "aarch64", "cpu_parts": ["0xd03"], "cpu_name": "", "device_tree_model": "Raspberry Pi 3 Model B Rev 1.2"}
+PI4 = {"architecture": "aarch64", "cpu_parts": ["0xd08"], "cpu_name": "", "device_tree_model": "Raspberry Pi 4 Model B Rev 1.4"}
+ORIN_NANO = {"architecture": "aarch64", "cpu_parts": ["0xd42"], "cpu_name": "",
+             "device_tree_model": "NVIDIA Jetson Orin Nano Developer Kit"}
+AGX_ORIN = dict(ORIN_NANO, device_tree_model="NVIDIA Jetson AGX Orin Developer Kit")
+X86 = {"architecture": "x86_64", "cpu_parts": [], "cpu_name": "AMD EPYC", "device_tree_model": ""}
+BARE_ARM = {"architecture": "aarch64", "cpu_parts": [], "cpu_name": "", "device_tree_model": ""}
+
+
+@pytest.mark.parametrize("machine,boards", [
+    (PI3, ["rpi3"]), (PI4, ["rpi4"]), (ORIN_NANO, ["jetson-orin-nano"]), (AGX_ORIN, ["jetson-agx-orin"]),
+    (X86, ["host"]),
+    # nothing readable but the architecture: every aarch64 profile may be it
+    (BARE_ARM, ["jetson-agx-orin", "jetson-nano", "jetson-orin-nano", "rpi3", "rpi4", "rpi5"]),
+])
+def test_which_profiles_describe_a_machine(machine, boards):
+    assert B.matching_boards(machine) == boards
+
+
+def test_mismatch_says_what_differs():
+    assert "architecture aarch64, this machine is x86_64" in B.board_mismatch(B.load_board("rpi3"), X86)
+    why = B.board_mismatch(B.load_board("rpi3"), PI4)
+    assert "CPU Cortex-A53, this machine has Cortex-A72" in why
+    why = B.board_mismatch(B.load_board("jetson-agx-orin"), ORIN_NANO)
+    assert "board model 'AGX Orin'" in why and "Orin Nano" in why
+    assert B.board_mismatch(B.load_board("host"), PI3).startswith("board profile 'host'")
+
+
+def test_check_board_refuses_with_advice_and_force_overrides_detection_not_architecture():
+    with pytest.raises(B.BoardMismatch) as e:
+        B.check_board(B.load_board("rpi3"), advice="run it on the Pi", machine=PI4)
+    msg = str(e.value)
+    assert "run it on the Pi" in msg and "Profiles that match this machine: rpi4" in msg and "--force-board" in msg
+    B.check_board(B.load_board("rpi3"), force=True, machine=PI4)  # the user knows better than the CPU part
+    with pytest.raises(B.BoardMismatch) as e:
+        B.check_board(B.load_board("rpi3"), force=True, machine=X86)
+    assert "--force-board" not in str(e.value)  # no latency measured on x86 can be a Pi's
+    B.check_board(B.load_board("rpi3"), machine=PI3)
+
+
+def test_this_machine_reads_cpuinfo_and_device_tree(tmp_path):
+    (tmp_path / "proc" / "device-tree").mkdir(parents=True)
+    (tmp_path / "proc" / "cpuinfo").write_text("processor\t: 0\nCPU part\t: 0xd08\n\nprocessor\t: 1\n"
+                                               "CPU part\t: 0xd08\n")
+    (tmp_path / "proc" / "device-tree" / "model").write_bytes(b"Raspberry Pi 4 Model B Rev 1.4\x00")
+    m = B.this_machine(str(tmp_path))
+    assert m["cpu_parts"] == ["0xd08"] and m["device_tree_model"] == "Raspberry Pi 4 Model B Rev 1.4"
+    assert B.matching_boards(dict(m, architecture="aarch64")) == ["rpi4"]  # the architecture is platform.machine()
+    (tmp_path / "proc" / "device-tree" / "model").unlink()  # no device tree: the cpuinfo Model line
+    (tmp_path / "proc" / "cpuinfo").write_text("CPU part\t: 0xd03\nModel\t\t: Raspberry Pi 3 Model B Plus Rev 1.3\n")
+    m = B.this_machine(str(tmp_path))
+    assert m["device_tree_model"] == "Raspberry Pi 3 Model B Plus Rev 1.3"
+    assert B.matching_boards(dict(m, architecture="aarch64")) == ["rpi3"]
+    (tmp_path / "proc" / "cpuinfo").write_text("model\t\t: 49\nmodel name\t: AMD EPYC\n")  # x86's "model" is a number
+    assert B.this_machine(str(tmp_path))["device_tree_model"] == "" and B.this_machine(str(tmp_path))["cpu_name"] == "AMD EPYC"
+
+
+def _other_board():
+    """A profile whose architecture this machine does not have."""
+    import platform
+
+    return "rpi3" if platform.machine() in ("x86_64", "AMD64") else "host"
+
+
+def test_bench_refuses_another_board_before_any_work():
+    """The refusal comes first: the bundle (here a path that does not exist) is not even looked at."""
+    board = _other_board()
+    proc = subprocess.run([sys.executable, "-m", "runtime", "bench", "/no/such/bundle", "--board", board],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "does not describe this machine" in proc.stderr and "make bench BOARD=%s" % board in proc.stderr
+    assert "no such" not in proc.stderr.lower()
+
+
+def _make(args, cwd, tmp_path):
+    env = dict(os.environ)
+    env.pop("MAKEFLAGS", None)
+    return subprocess.run(["make", "-s"] + args, cwd=str(cwd), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+
+
+def test_repo_make_bench_for_another_board_refuses_at_once(tmp_path):
+    board = _other_board()
+    venv = sys.prefix
+    out = tmp_path / "out"
+    p = _make(["bench", "BOARD=%s" % board, "OUT=%s" % out, "VENV=%s" % venv, "-o", "%s/bin/eetool" % venv],
+              REPO, tmp_path)
+    assert p.returncode != 0
+    assert "make bench PLAN_BOARD=%s" % board in p.stderr and "make bench BOARD=%s` in it" % board in p.stderr
+    assert not out.exists()  # refused before any export or measurement

@@ -277,3 +277,28 @@ def test_bench_refuses_bad_counts_and_clears_stale_outputs(effnet_bundle, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert not stale.exists() and json.loads((tmp_path / "report.json").read_text())["requests"] == 2
 
+
+def _other_board():
+    """A board profile whose architecture this machine does not have."""
+    import platform
+
+    return "rpi3" if platform.machine() in ("x86_64", "AMD64") else "host"
+
+
+def test_bundle_make_bench_for_another_board_refuses_at_once(effnet_bundle, tmp_path):
+    """The bundle's own `make bench BOARD=X` on a machine that is not an X: refused before any work, with
+    what to run instead; FORCE_BOARD cannot make another CPU architecture the board."""
+    import os
+
+    board = _other_board()
+    bundle, _ = effnet_bundle
+    out = tmp_path / "report"
+    env = dict(os.environ)
+    env.pop("MAKEFLAGS", None)
+    for force in ([], ["FORCE_BOARD=1"]):
+        p = subprocess.run(["make", "-s", "bench", "BOARD=%s" % board, "PYTHON=%s" % sys.executable,
+                            "ARGS=--out %s" % out] + force, cwd=str(bundle), env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+        assert p.returncode != 0 and "does not describe this machine" in p.stderr
+        assert "scp -r %s" % bundle in p.stderr and "make bench BOARD=host" in p.stderr
+        assert not out.exists()

@@ -5,6 +5,8 @@ PYTHON ?= python3
 SERVER ?= 127.0.0.1:8470
 PORT ?= 8470
 ARGS ?=
+# FORCE_BOARD=1: bench under BOARD even though this machine does not look like it
+FORCE_BOARD ?=
 
 .PHONY: install serve run bench
 install:
@@ -17,4 +19,4 @@ run:
 	$(PYTHON) -m runtime run . --server $(SERVER) --board $(BOARD) $(ARGS) samples/*
 
 bench:
-	$(PYTHON) -m runtime bench . --board $(BOARD) $(ARGS)
+	$(PYTHON) -m runtime bench . --board $(BOARD) $(if $(FORCE_BOARD),--force-board) $(ARGS)
