@@ -1,0 +1,782 @@
+"""The bundle manifest (``manifest.json``): the one contract between the toolkit, which writes bundles, and
+the runtime, which reads them, as typed, versioned standard-library dataclasses (Python 3.8; numpy only to
+check quantisation parameters).
+
+How it works (the shape follows ExecuTorch's ``bundled_program`` schema: plain dataclasses plus a schema
+version constant that is bumped whenever the schema changes):
+
+- Every field is declared here with its type and a description. ``docs/bundle.md`` is generated from these
+  declarations (``python -m runtime.manifest --write-doc docs/bundle.md``) and a test keeps the two equal.
+- :func:`parse_manifest` / :func:`load_manifest` check every field's type and allowed values, every cross
+  reference (segment -> graph, exit -> tensor, wire tensor -> quantisation) and refuse the first problem
+  with a :class:`ManifestError` naming the field path, e.g. ``manifest.segments[1].side``.
+- Unknown fields are refused, never ignored: a field this runtime does not know may change what the bundle
+  means (a feature codec, an exit predictor). Data for other tools goes under the top-level ``extensions``
+  object (``{"your-tool": {...}}``), which eetool keeps and never interprets.
+- Versions: ``schema`` is ``eetool.bundle/<N>``. Older manifests are migrated on load (:data:`MIGRATIONS`),
+  newer ones are refused with a message saying to use the runtime shipped inside that bundle, and ones too
+  old to migrate are refused with "re-export with eetool >= X".
+
+Adding a field: declare it on its dataclass with ``doc(...)`` and a default (``None`` or an empty
+container), so older manifests still load; regenerate docs/bundle.md. Bump :data:`SCHEMA_VERSION` (and add
+a migration) only when a change is not an optional addition: a rename, a new required field, a changed
+meaning. A new optional field that an older runtime must not ignore is refused by that runtime anyway,
+because unknown fields are refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+SCHEMA_NAME = "eetool.bundle"
+#: version of the manifest schema this runtime writes and reads (older ones are migrated on load).
+SCHEMA_VERSION = 2
+SCHEMA = "%s/%d" % (SCHEMA_NAME, SCHEMA_VERSION)
+#: first eetool release that wrote each schema version.
+WRITTEN_SINCE = {1: "0.1.0", 2: "0.2.0"}
+
+FORMATS = ("onnx", "tflite")
+PRECISIONS = ("fp32", "int8")
+SIDES = ("device", "server")
+EXIT_RULES = ("max_softmax", "normalized_entropy")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not follow the schema. ``path`` is the offending field (``manifest.exits[0].rule``)."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__("%s: %s" % (path, problem))
+        self.path = path
+        self.problem = problem
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, required: bool = False,
+        choices: Optional[Tuple[str, ...]] = None, null: bool = False) -> Any:
+    """A documented schema field. ``required`` fields must be present in the JSON (a default still lets
+    writers fill the object step by step); ``choices`` restricts a string field; ``null`` writes a None
+    value as null instead of leaving the field out."""
+    meta = {"doc": text, "required": required, "choices": choices, "null": null}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=None if default is dataclasses.MISSING else default, metadata=meta)
+
+
+class _Node(object):
+    """Base of every manifest dataclass: (de)serialisation from the declared field types."""
+
+    @classmethod
+    def from_json(cls, data: Any, path: str = "") -> Any:
+        """Validate ``data`` (parsed JSON) and build the object; raises ManifestError naming the field."""
+        return _parse(cls, data, path or cls.__name__)
+
+    def to_json(self) -> Dict[str, Any]:
+        """JSON-ready dict; fields whose value is None and whose default is None are left out."""
+        return _dump(self)
+
+    def _check(self, path: str) -> None:
+        """Cross-field rules (overridden); raise ManifestError naming the field."""
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+@dataclass
+class ModelInfo(_Node):
+    """The model the bundle was exported from."""
+
+    source: str = doc("model name or file as given to `eetool export` (zoo name, file.py:factory, model.onnx)",
+                      required=True)
+    kind: str = doc("how the source was resolved", required=True, choices=("zoo", "python", "onnx"))
+    weights: Optional[str] = doc("state dict loaded into the model (path as given), when one was")
+
+
+@dataclass
+class TensorSpec(_Node):
+    """A named tensor at the model's boundary (the bundle's `input` or `output`)."""
+
+    name: str = doc("tensor name; graphs bind inputs and outputs by this name", required=True)
+    shape: Optional[List[Optional[int]]] = doc("shape with null for the batch (and any other dynamic) dimension")
+    dtype: str = doc("element type, e.g. float32", default="float32", required=True)
+    layout: Optional[str] = doc("dimension order of 4-d tensors, e.g. NCHW")
+
+
+@dataclass
+class Preprocess(_Node):
+    """How the runtime turns an input file into `input` (runtime/preprocess.py); the same spec is used at
+    export for the representative (calibration) dataset."""
+
+    kind: str = doc("`image`: decode an image file; `array`: uint8 arrays (N, H, W) or (N, C, H, W); "
+                    "`none`: arrays fed as they are", required=True, choices=("image", "array", "none"))
+    channels: Optional[str] = doc("colour mode after decoding (default: L for one mean, else RGB)", choices=("RGB", "L"))
+    resize_shorter: Optional[int] = doc("resize the shorter side to this many pixels (default: keep)")
+    interpolation: Optional[str] = doc("resampling filter of the resize (default bilinear)",
+                                       choices=("bilinear", "bicubic", "nearest"))
+    crop: Optional[List[int]] = doc("centre crop [H, W] after the resize (default: none)")
+    scale: Optional[float] = doc("multiply pixel values by this first (default 1), e.g. 1/255")
+    mean: Optional[List[float]] = doc("per-channel mean subtracted after scaling (default 0)")
+    std: Optional[List[float]] = doc("per-channel standard deviation divided by (default 1)")
+    layout: Optional[str] = doc("layout of the produced tensor (NCHW)")
+
+
+@dataclass
+class Calibration(_Node):
+    """The representative dataset the bundle was calibrated on (wire ranges, int8 graphs), so evaluation
+    and benchmarks can leave those inputs out."""
+
+    source: str = doc("dataset string as given to --calib (folder, .npy/.npz, fashion-mnist:train, samples)",
+                      required=True)
+    samples: int = doc("number of calibration inputs", required=True)
+    names: List[str] = doc("identifier of each calibration input (file name or split[i])", factory=list)
+
+
+@dataclass
+class Segment(_Node):
+    """One graph of the backbone between two cuts; segments run in order."""
+
+    name: str = doc("segment name (seg0, seg1, ...)", required=True)
+    side: str = doc("where it runs: segments up to the split run on the device, the rest on the edge server",
+                    required=True, choices=SIDES)
+    after: Optional[str] = doc("cut it starts after (null: the model input)", null=True)
+    until: Optional[str] = doc("cut it ends at (null: the model output)", null=True)
+    inputs: List[str] = doc("names of the tensors it reads", factory=list, required=True)
+    outputs: List[str] = doc("names of the tensors it produces", factory=list, required=True)
+    mflops: Optional[float] = doc("MFLOPs per sample (multiply-adds x 2), for cost models")
+    params: Optional[int] = doc("parameter count")
+    graphs: Dict[str, str] = doc("`<format>/<precision>` (onnx/fp32, tflite/int8, ...) -> key in `graphs`",
+                                 factory=dict, required=True)
+
+
+@dataclass
+class ExitBranch(_Node):
+    """An early-exit branch: a small classifier on a cut's tensor, run on the device right after the segment
+    that produces it; the sample stops there when the branch's confidence passes its threshold."""
+
+    name: str = doc("exit name (exit0, ...)", required=True)
+    at: str = doc("cut (module path) it is attached at", required=True)
+    input: str = doc("tensor it reads (a device segment's output)", required=True)
+    output: str = doc("its logits tensor, `<name>.logits`, shape (N, classes)", required=True)
+    mflops: Optional[float] = doc("MFLOPs per sample of the branch")
+    rule: str = doc("confidence rule: `max_softmax` exits when confidence >= threshold, `normalized_entropy` "
+                    "when entropy / log(classes) <= threshold", default="max_softmax", required=True,
+                    choices=EXIT_RULES)
+    threshold: Optional[float] = doc("default confidence threshold in [0, 1] (after `eetool exits calibrate`: the "
+                                     "onnx/fp32 one); null: the exit is off unless `thresholds` has the graphs' format",
+                                     null=True)
+    thresholds: Dict[str, Optional[float]] = doc(
+        "threshold per graph format `<format>/<precision>`, calibrated on those very graphs (int8 confidences "
+        "differ from float ones); null: off for that format. Takes precedence over `threshold`", factory=dict)
+    expected_exit_rate: Dict[str, float] = doc(
+        "fraction of all samples expected to stop at this exit, per graph format, measured at calibration",
+        factory=dict)
+    graphs: Dict[str, str] = doc("`<format>/<precision>` -> key in `graphs`", factory=dict, required=True)
+
+    def threshold_for(self, pair: str) -> Optional[float]:
+        """The threshold for graphs ``pair`` (``onnx/int8``): calibrated for that format, else the default."""
+        return self.thresholds[pair] if pair in self.thresholds else self.threshold
+
+    def exit_rate_for(self, pair: str) -> Optional[float]:
+        """Expected exit rate for ``pair``, else for onnx/fp32, else any calibrated one (None: not calibrated)."""
+        for key in (pair, "onnx/fp32"):
+            if key in self.expected_exit_rate:
+                return self.expected_exit_rate[key]
+        return next(iter(self.expected_exit_rate.values()), None)
+
+    def _check(self, path: str) -> None:
+        for where, th in [("threshold", self.threshold)] + [("thresholds[%r]" % k, v) for k, v in self.thresholds.items()]:
+            if th is not None and not 0.0 <= th <= 1.0:
+                raise ManifestError("%s.%s" % (path, where), "%r is outside [0, 1]" % th)
+        for k in list(self.thresholds) + list(self.expected_exit_rate):
+            _check_pair(k, "%s: key" % path)
+        for k, v in self.expected_exit_rate.items():
+            if not 0.0 <= v <= 1.0:
+                raise ManifestError("%s.expected_exit_rate[%r]" % (path, k), "%r is outside [0, 1]" % v)
+
+
+@dataclass
+class WireQuant(_Node):
+    """Affine quantisation of a tensor sent from device to server (runtime/quant.py):
+    `q = clip(round(x / scale) + zero_point, qmin, qmax)`, `x ~= (q - zero_point) * scale`."""
+
+    dtype: str = doc("integer type on the wire", required=True, choices=("int8", "uint8"))
+    scale: Union[float, List[float]] = doc("real value of one step (> 0); one per channel with `axis`", required=True)
+    zero_point: Union[int, List[int]] = doc("integer that represents 0.0; one per channel with `axis`", required=True)
+    axis: Optional[int] = doc("channel axis of per-channel parameters (null: per tensor; the wire protocol carries "
+                              "one scale per tensor, so this runtime refuses per-channel wire tensors)")
+    bits: Optional[int] = doc("use only a `bits`-wide integer range inside `dtype` (2..8; null: all 8 bits)")
+    scheme: Optional[str] = doc("description, e.g. `per-tensor affine`")
+    range: Optional[str] = doc("where the range came from: `minmax` over the calibration set, or `int8 head output` "
+                               "(the int8 head graph's own output encoding, sent without requantisation)")
+    samples: Optional[int] = doc("calibration inputs the range was measured on")
+
+    def params(self) -> Any:
+        """The :class:`runtime.quant.QuantParams` for quantising and dequantising this tensor."""
+        from .quant import QuantParams
+
+        return QuantParams(self.dtype, self.scale, self.zero_point, self.axis, self.bits)
+
+    def _check(self, path: str) -> None:
+        from .quant import QuantError
+
+        try:
+            self.params()
+        except QuantError as e:
+            raise ManifestError(path, str(e))
+        if self.axis is not None:
+            raise ManifestError(path + ".axis", "per-channel wire quantisation is not supported by this runtime "
+                                                "(one scale / zero point per tensor on the wire)")
+
+
+@dataclass
+class WireTensor(_Node):
+    """A tensor that crosses a cut: the wire contract between device and server."""
+
+    shape: List[Optional[int]] = doc("shape with null for the batch", factory=list, required=True)
+    dtype: str = doc("element type before quantisation (float32)", default="float32", required=True)
+    layout: Optional[str] = doc("NCHW for 4-d feature maps")
+    quant: Optional[WireQuant] = doc("how the device quantises it before sending (absent in bundles written "
+                                     "by eetool 0.1.0 from .onnx models: send it as float32 then)")
+
+
+@dataclass
+class IOQuant(_Node):
+    """The encoding of one graph input or output inside a quantised graph."""
+
+    dtype: str = doc("element type in the graph (int8, uint8, int16, float32, ...)", required=True)
+    scale: Optional[float] = doc("scale (null for a float tensor)")
+    zero_point: Optional[int] = doc("zero point (null for a float tensor)")
+
+
+@dataclass
+class GraphQuantization(_Node):
+    """How an int8 graph was quantised: written by toolkit/quantize_onnx.py (ONNX, onnxruntime QDQ) or
+    toolkit/export_tflite.py (TFLite, ai-edge-quantizer)."""
+
+    scheme: str = doc("`QDQ` (ONNX), `full-integer` or `mixed` (TFLite)", required=True)
+    activations: Optional[str] = doc("activation type / encoding")
+    weights: Optional[str] = doc("weight type / encoding")
+    per_channel: Optional[bool] = doc("per-channel weight scales (ONNX)")
+    reduce_range: Optional[bool] = doc("7-bit weights (ONNX, for x86 CPUs without VNNI)")
+    calibration: Optional[str] = doc("range method: minmax, entropy, percentile (ONNX); minmax or moving average (TFLite)")
+    samples: Optional[int] = doc("calibration inputs (the graph's own real inputs)")
+    recipe: Optional[str] = doc("ai-edge-quantizer recipe (TFLite)")
+    float_nodes: Optional[List[str]] = doc("nodes kept in float or 16-bit (ONNX)")
+    clipped_biases: Optional[List[str]] = doc("biases onnxruntime clipped to int32 (ONNX)")
+    wide_tensors: Optional[Dict[str, str]] = doc("tensors quantised to 16 bits (ONNX)")
+    io: Dict[str, IOQuant] = doc("encoding of every graph input / output, by our tensor name", factory=dict)
+    config: Optional[Dict[str, Any]] = doc("the quantiser's configuration (toolkit.quantize_onnx.QuantConfig)")
+
+
+@dataclass
+class GraphTensor(_Node):
+    """One input or output of a graph file."""
+
+    name: str = doc("our tensor name (as in `segments` / `tensors`)", required=True)
+    shape: Optional[List[Optional[int]]] = doc("shape, null for dynamic dimensions")
+    dtype: Optional[str] = doc("element type in the graph")
+    layout: Optional[str] = doc("NCHW (or NHWC for a channels-last TFLite graph)")
+    tflite_name: Optional[str] = doc("TFLite: the SignatureDef input / output name bound to `name`")
+    tflite_tensor: Optional[str] = doc("TFLite: the tensor's name inside the flatbuffer")
+    scale: Optional[float] = doc("TFLite: the tensor's quantisation scale, when quantised")
+    zero_point: Optional[int] = doc("TFLite: the tensor's zero point, when quantised")
+
+
+@dataclass
+class GraphEntry(_Node):
+    """One graph file; key `<owner>.<format>.<precision>` (seg0.onnx.fp32, exit0.tflite.int8, ...)."""
+
+    file: str = doc("path inside the bundle (graphs/seg0.fp32.onnx)", required=True)
+    format: str = doc("`onnx` (onnxruntime) or `tflite` (LiteRT)", required=True, choices=FORMATS)
+    precision: str = doc("`fp32` or `int8`", required=True, choices=PRECISIONS)
+    inputs: List[GraphTensor] = doc("graph inputs, bound by name", factory=list)
+    outputs: List[GraphTensor] = doc("graph outputs, bound by name", factory=list)
+    quantization: Optional[GraphQuantization] = doc("null for float graphs", null=True)
+    signature: Optional[str] = doc("TFLite: the SignatureDef key the runtime calls (serving_default)")
+    batch: Optional[int] = doc("TFLite: the graph's fixed batch size (null: dynamic batch); the runtime loops "
+                               "over larger batches")
+    name_map: Optional[Dict[str, str]] = doc("TFLite: our tensor name -> SignatureDef name (TFLite names cannot "
+                                             "hold dots: blocks.5 -> blocks_5)")
+    max_abs_diff: Optional[float] = doc("TFLite: largest |difference| from PyTorch on the sample input at conversion")
+
+
+@dataclass
+class Samples(_Node):
+    """Ground truth of the inputs in the bundle's samples/ folder, for accuracy in `runtime bench`."""
+
+    labels: Dict[str, int] = doc("file name in samples/ -> class index", factory=dict)
+
+
+@dataclass
+class ProfileGraph(_Node):
+    """The whole model as one float ONNX graph with module-scoped node names, so `runtime bench` can measure
+    per-layer latency on the board for `eetool plan --measurements` (absent with `export --no-profile-graph`)."""
+
+    file: str = doc("path inside the bundle (profile/model.fp32.onnx)", required=True)
+    input: str = doc("its input tensor name", required=True)
+    output: str = doc("its output tensor name", required=True)
+    dtype: str = doc("input element type", default="float32", required=True)
+    layout: Optional[str] = doc("input layout (NCHW)")
+
+
+@dataclass
+class CalibrationResult(_Node):
+    """Threshold calibration of one graph format, measured on labelled validation data."""
+
+    thresholds: List[Optional[float]] = doc("chosen threshold per exit (null: exit off)", factory=list, required=True)
+    exit_rates: List[float] = doc("fraction of samples stopping at each exit", factory=list, required=True)
+    accuracy: float = doc("top-1 with these thresholds", required=True)
+    final_accuracy: float = doc("top-1 of the final classifier alone", required=True)
+    expected_mflops: float = doc("expected device MFLOPs per sample", required=True)
+    mflops_ratio: float = doc("expected_mflops / backbone MFLOPs", required=True)
+    samples: int = doc("validation inputs", required=True)
+    source: str = doc("validation dataset", required=True)
+    unreachable: List[str] = doc("exits whose threshold no confidence reached (they never fire)", factory=list)
+    exit_accuracy: Dict[str, float] = doc("top-1 of every exit and of the final classifier, no exiting", factory=dict)
+    expected_ms: Optional[float] = doc("expected end-to-end latency (latency objective)")
+    latency_model: Optional[str] = doc("where the latency estimate comes from (latency objective)")
+
+
+@dataclass
+class ExitCalibration(_Node):
+    """How `eetool exits calibrate` chose the thresholds (Scardapane et al.; latency objective after Dong,
+    Mao & Zhang 2022)."""
+
+    delta: float = doc("allowed top-1 drop versus the final classifier", required=True)
+    rule: str = doc("confidence rule of every exit", required=True, choices=EXIT_RULES)
+    objective: str = doc("`compute` (least expected device MFLOPs) or `latency`", required=True,
+                         choices=("compute", "latency"))
+    results: Dict[str, CalibrationResult] = doc("per graph format `<format>/<precision>`", factory=dict)
+    bandwidth_mbps: Optional[float] = doc("uplink assumed by the latency objective (Mbit/s)")
+    rtt_ms: Optional[float] = doc("round trip assumed by the latency objective (ms)")
+    board: Optional[str] = doc("device board profile of the latency objective")
+    budget_ms: Optional[float] = doc("latency budget (ms): most accurate thresholds that fit")
+
+
+@dataclass
+class Manifest(_Node):
+    """`manifest.json`, the root object."""
+
+    schema: str = doc("`eetool.bundle/<version>`", default=SCHEMA, required=True)
+    created_by: str = doc("`eetool <version>` that wrote the bundle", required=True)
+    model: ModelInfo = doc("the source model", required=True)
+    input: TensorSpec = doc("the model input the device feeds (float32, preprocessed)", required=True)
+    output: TensorSpec = doc("the final classifier's logits", required=True)
+    preprocess: Preprocess = doc("input file -> `input`", required=True)
+    cuts: List[str] = doc("ordered cut points (`after module X`); segment i ends at cuts[i]", factory=list,
+                          required=True)
+    split: str = doc("the device / server cut: segments up to it run on the device", required=True)
+    calibration: Optional[Calibration] = doc("the representative dataset (absent for bundles sliced from .onnx)")
+    segments: List[Segment] = doc("backbone graphs in order", factory=list, required=True)
+    exits: List[ExitBranch] = doc("early-exit branches, in backbone order", factory=list)
+    tensors: Dict[str, WireTensor] = doc("every tensor crossing a cut, by name: the wire contract", factory=dict)
+    graphs: Dict[str, GraphEntry] = doc("every graph file, by key", factory=dict, required=True)
+    samples: Optional[Samples] = doc("labels of samples/ (when the export data had labels)")
+    layer_profile_graph: Optional[ProfileGraph] = doc("whole-model graph for per-layer latency on the board")
+    exit_calibration: Optional[ExitCalibration] = doc("written by `eetool exits calibrate`")
+    extensions: Dict[str, Any] = doc("data of other tools, by tool name; eetool keeps it and never reads it",
+                                     factory=dict)
+    files: Dict[str, str] = doc("sha256 of every file in the bundle except manifest.json; loading refuses a "
+                                "missing or changed file", factory=dict)
+
+    #: schema version the manifest was migrated from on load (None: written with this schema)
+    migrated_from = None  # type: Optional[int]
+
+    # -------------------------------------------------------------- views
+    @property
+    def device_segments(self) -> List[Segment]:
+        return [s for s in self.segments if s.side == "device"]
+
+    @property
+    def server_segments(self) -> List[Segment]:
+        return [s for s in self.segments if s.side == "server"]
+
+    @property
+    def wire_tensors(self) -> List[str]:
+        """Names of the tensors sent from device to server (outputs of the last device segment)."""
+        dev = self.device_segments
+        return list(dev[-1].outputs) if dev else [self.input.name]
+
+    @property
+    def owners(self) -> List[Union[Segment, ExitBranch]]:
+        """Segments then exits: everything that owns graphs."""
+        return list(self.segments) + list(self.exits)
+
+    def segment(self, name: str) -> Segment:
+        """The segment called ``name``; raises ManifestError listing the names."""
+        return _named(self.segments, name, "manifest.segments")
+
+    def exit_branch(self, name: str) -> ExitBranch:
+        """The exit branch called ``name``; raises ManifestError listing the names."""
+        return _named(self.exits, name, "manifest.exits")
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Classes of the final output (last dimension of `output.shape`), when known."""
+        shape = self.output.shape or []
+        return shape[-1] if shape and shape[-1] else None
+
+    @property
+    def calibration_names(self) -> List[str]:
+        return list(self.calibration.names) if self.calibration else []
+
+    def formats(self) -> List[str]:
+        """``fmt/precision`` pairs that every segment and exit has a graph for (e.g. ``onnx/fp32``)."""
+        pairs = None
+        for owner in self.owners:
+            have = set(owner.graphs)
+            pairs = have if pairs is None else pairs & have
+        return sorted(pairs or [])
+
+    # -------------------------------------------------------------- cross-field rules
+    def _check(self, path: str) -> None:
+        if self.schema != SCHEMA:
+            raise ManifestError(path + ".schema", "%r, expected %r" % (self.schema, SCHEMA))
+        if not self.segments:
+            raise ManifestError(path + ".segments", "empty: a bundle has at least one segment")
+        seen = set()
+        for i, o in enumerate(self.owners):
+            kind = "segments[%d]" % i if i < len(self.segments) else "exits[%d]" % (i - len(self.segments))
+            if o.name in seen:
+                raise ManifestError("%s.%s.name" % (path, kind), "%r is used twice" % o.name)
+            seen.add(o.name)
+            for pair, key in o.graphs.items():
+                where = "%s.%s.graphs[%r]" % (path, kind, pair)
+                fmt, precision = _check_pair(pair, where)
+                if key not in self.graphs:
+                    raise ManifestError(where, "graph %r is not in `graphs`" % key)
+                g = self.graphs[key]
+                if (g.format, g.precision) != (fmt, precision):
+                    raise ManifestError(where, "graph %r is %s/%s" % (key, g.format, g.precision))
+        sides = [s.side for s in self.segments]
+        if sides != sorted(sides):  # "device" < "server"
+            raise ManifestError(path + ".segments", "device segments must come before server ones: %s" % sides)
+        if self.input.name not in self.segments[0].inputs:
+            raise ManifestError(path + ".input.name", "%r is not an input of %s" % (self.input.name, self.segments[0].name))
+        if self.output.name not in self.segments[-1].outputs:
+            raise ManifestError(path + ".output.name", "%r is not an output of %s" % (self.output.name, self.segments[-1].name))
+        if self.cuts and self.split not in self.cuts:
+            raise ManifestError(path + ".split", "%r is not one of the cuts %s" % (self.split, self.cuts))
+        device_out = {t for s in self.device_segments for t in s.outputs}
+        for i, e in enumerate(self.exits):
+            if e.input not in device_out:
+                raise ManifestError("%s.exits[%d].input" % (path, i),
+                                    "%r is not produced by a device segment (%s)" % (e.input, sorted(device_out)))
+        if self.server_segments:
+            for name in self.wire_tensors:
+                if name not in self.tensors:
+                    raise ManifestError(path + ".tensors", "wire tensor %r (sent to the server) is missing" % name)
+
+
+MIGRATIONS = {}  # type: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]]
+
+
+def _v1_to_v2(data: Dict[str, Any]) -> Dict[str, Any]:
+    """eetool 0.1.0 wrote the same fields without validation; v2 readers refuse unknown fields, and every
+    wire tensor of a v2 bundle carries its quantisation (v1 bundles sliced from .onnx had none)."""
+    out = dict(data)
+    out["schema"] = "%s/2" % SCHEMA_NAME
+    return out
+
+
+MIGRATIONS[1] = _v1_to_v2
+
+
+def schema_version(data: Any, where: str = "manifest") -> int:
+    """The version number in ``data["schema"]``; raises ManifestError for anything that is not an
+    ``eetool.bundle/<N>`` manifest."""
+    tag = data.get("schema") if isinstance(data, dict) else None
+    m = re.match(r"^%s/(\d+)$" % re.escape(SCHEMA_NAME), tag) if isinstance(tag, str) else None
+    if m is None:
+        raise ManifestError(where + ".schema", "%r is not an eetool bundle schema; re-export with eetool >= %s"
+                            % (tag, WRITTEN_SINCE[SCHEMA_VERSION]))
+    return int(m.group(1))
+
+
+def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
+    """Validate parsed ``manifest.json`` ``data``, migrating older schema versions, and return the
+    :class:`Manifest`. Raises ManifestError naming the first bad field; a newer schema is refused (use the
+    runtime inside that bundle); one older than any migration is refused with "re-export with eetool >= X"."""
+    if not isinstance(data, dict):
+        raise ManifestError(where, "must be a JSON object")
+    version = schema_version(data, where)
+    if version > SCHEMA_VERSION:
+        raise ManifestError(where + ".schema", "%s is newer than this runtime reads (%s, from %s): run the runtime/ "
+                            "copied inside that bundle, or update eetool" % (data["schema"], SCHEMA, data.get("created_by")))
+    first = min(MIGRATIONS) if MIGRATIONS else SCHEMA_VERSION
+    if version < first:
+        raise ManifestError(where + ".schema", "%s is too old to read; re-export with eetool >= %s"
+                            % (data["schema"], WRITTEN_SINCE[SCHEMA_VERSION]))
+    migrated = version
+    while migrated < SCHEMA_VERSION:
+        data = MIGRATIONS[migrated](data)
+        migrated += 1
+    manifest = _parse(Manifest, data, where)
+    manifest.migrated_from = version if version != SCHEMA_VERSION else None
+    return manifest
+
+
+def load_manifest(path) -> Manifest:
+    """Read and validate ``path`` (a ``manifest.json`` or a bundle directory). Raises ManifestError
+    (message prefixed with the file) for invalid JSON or schema problems, FileNotFoundError for no file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ManifestError(str(p), "not valid JSON (%s)" % e)
+    return parse_manifest(data)
+
+
+def manifest_json(manifest: Manifest) -> str:
+    """The text of ``manifest.json`` for ``manifest`` (validated first: a writer cannot produce a bundle
+    this runtime refuses)."""
+    checked = parse_manifest(manifest.to_json())
+    return json.dumps(checked.to_json(), indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- machinery
+def _check_pair(pair: str, where: str) -> Tuple[str, str]:
+    fmt, _, precision = pair.partition("/")
+    if fmt not in FORMATS or precision not in PRECISIONS:
+        raise ManifestError(where, "%r is not <format>/<precision> with format in %s and precision in %s"
+                            % (pair, FORMATS, PRECISIONS))
+    return fmt, precision
+
+
+def _named(items, name: str, where: str):
+    for x in items:
+        if x.name == name:
+            return x
+    raise ManifestError(where, "no %r (have: %s)" % (name, ", ".join(x.name for x in items) or "none"))
+
+
+_HINTS = {}  # type: Dict[type, Dict[str, Any]]
+
+
+def _hints(cls: type) -> Dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls, vars(sys.modules[__name__]))
+    return _HINTS[cls]
+
+
+def _jtype(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "bool %r" % v
+    if isinstance(v, (int, float)):
+        return "number %r" % v
+    if isinstance(v, str):
+        return "string %r" % (v if len(v) < 40 else v[:37] + "...")
+    return {"list": "a list", "dict": "an object"}.get(type(v).__name__, type(v).__name__)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = getattr(tp, "__origin__", None), getattr(tp, "__args__", ())
+    if tp is Any:
+        return "any JSON"
+    if origin is Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (list, List):
+        return "list of %s" % _type_name(args[0])
+    if origin in (dict, Dict):
+        return "object of %s" % _type_name(args[1])
+    if dataclasses.is_dataclass(tp):
+        return tp.__name__
+    return {str: "string", int: "integer", float: "number", bool: "bool"}.get(tp, str(tp))
+
+
+def _parse(tp: Any, value: Any, path: str) -> Any:
+    origin, args = getattr(tp, "__origin__", None), getattr(tp, "__args__", ())
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ManifestError(path, "null, expected %s" % _type_name(tp))
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _parse(options[0], value, path)
+        for a in options:
+            try:
+                return _parse(a, value, path)
+            except ManifestError:
+                continue
+        raise ManifestError(path, "%s, expected %s" % (_jtype(value), _type_name(tp)))
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ManifestError(path, "%s, expected %s" % (_jtype(value), _type_name(tp)))
+        return [_parse(args[0], v, "%s[%d]" % (path, i)) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ManifestError(path, "%s, expected %s" % (_jtype(value), _type_name(tp)))
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ManifestError(path, "key %r is not a string" % (k,))
+            out[k] = _parse(args[1], v, "%s[%r]" % (path, k))
+        return out
+    if dataclasses.is_dataclass(tp):
+        return _parse_node(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    elif tp is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ManifestError(path, "%r, expected a finite number" % value)
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError("unsupported schema type %r at %s" % (tp, path))
+    raise ManifestError(path, "%s, expected %s" % (_jtype(value), _type_name(tp)))
+
+
+def _parse_node(cls: type, value: Any, path: str) -> Any:
+    if isinstance(value, _Node):  # an object built in code: validate its JSON form
+        value = value.to_json()
+    if not isinstance(value, dict):
+        raise ManifestError(path, "%s, expected an object (%s)" % (_jtype(value), cls.__name__))
+    fields = dataclasses.fields(cls)
+    known = [f.name for f in fields]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        raise ManifestError("%s.%s" % (path, unknown[0]),
+                            "unknown field (%s has: %s); data of other tools goes under the top-level "
+                            "'extensions'" % (cls.__name__, ", ".join(known)))
+    hints = _hints(cls)
+    kwargs = {}
+    for f in fields:
+        where = "%s.%s" % (path, f.name)
+        if f.name not in value:
+            if f.metadata.get("required"):
+                raise ManifestError(where, "missing (required)")
+            continue
+        v = _parse(hints[f.name], value[f.name], where)
+        choices = f.metadata.get("choices")
+        if choices and v is not None and v not in choices:
+            raise ManifestError(where, "%r is not one of %s" % (v, ", ".join(choices)))
+        kwargs[f.name] = v
+    obj = cls(**kwargs)
+    obj._check(path)
+    return obj
+
+
+def _dump(v: Any) -> Any:
+    if isinstance(v, _Node):
+        out = {}
+        for f in dataclasses.fields(v):
+            x = getattr(v, f.name)
+            if x is None and f.default is None and not f.metadata.get("null"):
+                continue
+            out[f.name] = _dump(x)
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_dump(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _dump(x) for k, x in v.items()}
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- docs
+DOC_BEGIN = "<!-- fields: generated from runtime/manifest.py by `python -m runtime.manifest --write-doc docs/bundle.md` -->"
+DOC_END = "<!-- end of generated fields -->"
+
+
+def _node_types(tp: Any) -> List[type]:
+    origin, args = getattr(tp, "__origin__", None), getattr(tp, "__args__", ())
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    return [t for a in (args if origin else ()) for t in _node_types(a)]
+
+
+def schema_markdown() -> str:
+    """The field reference of docs/bundle.md: one table per object, in the order a reader meets them."""
+    order, where = [Manifest], {Manifest: ["manifest.json"]}
+    i = 0
+    while i < len(order):
+        cls = order[i]
+        for f in dataclasses.fields(cls):
+            for t in _node_types(_hints(cls)[f.name]):
+                tp = _hints(cls)[f.name]
+                suffix = "{name}" if getattr(tp, "__origin__", None) in (dict, Dict) else (
+                    "[]" if getattr(tp, "__origin__", None) in (list, List) else "")
+                place = "%s%s" % (f.name, suffix) if cls is Manifest else "%s.%s%s" % (where[cls][0], f.name, suffix)
+                if t not in where:
+                    where[t] = []
+                    order.append(t)
+                if place not in where[t]:
+                    where[t].append(place)
+        i += 1
+    lines = ["Schema `%s` (`runtime.manifest.SCHEMA_VERSION = %d`). *Required* fields must be present; the others "
+             "may be left out (or null). Any other field is refused." % (SCHEMA, SCHEMA_VERSION), ""]
+    for cls in order:
+        lines.append("### %s" % cls.__name__)
+        lines.append("")
+        lines.append("At: %s. %s" % (", ".join("`%s`" % w for w in where[cls]), " ".join((cls.__doc__ or "").split())))
+        lines.append("")
+        lines.append("| field | type | | meaning |")
+        lines.append("|---|---|---|---|")
+        for f in dataclasses.fields(cls):
+            tp = _type_name(_hints(cls)[f.name])
+            for t in _node_types(_hints(cls)[f.name]):
+                tp = tp.replace(t.__name__, "[%s](#%s)" % (t.__name__, t.__name__.lower()))
+            meaning = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                meaning += " (one of: %s)" % ", ".join("`%s`" % c for c in f.metadata["choices"])
+            lines.append("| `%s` | %s | %s | %s |" % (f.name, tp, "required" if f.metadata.get("required") else "",
+                                                     meaning.replace("|", "\\|")))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def doc_with_fields(text: str) -> str:
+    """``text`` (docs/bundle.md) with the part between the markers replaced by :func:`schema_markdown`.
+    Raises ValueError when the markers are missing."""
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ValueError("docs/bundle.md lacks the markers %r ... %r" % (DOC_BEGIN, DOC_END))
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    return head + DOC_BEGIN + "\n\n" + schema_markdown() + "\n" + DOC_END + tail
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m runtime.manifest",
+                                 description="Check a bundle's manifest.json, or regenerate docs/bundle.md's field reference.")
+    ap.add_argument("manifest", nargs="?", help="manifest.json or bundle directory to validate")
+    ap.add_argument("--write-doc", metavar="BUNDLE_MD", help="rewrite the generated part of this file (docs/bundle.md)")
+    a = ap.parse_args(argv)
+    if a.write_doc:
+        p = Path(a.write_doc)
+        p.write_text(doc_with_fields(p.read_text(encoding="utf-8")), encoding="utf-8")
+        print("wrote %s" % p)
+    if a.manifest:
+        try:
+            m = load_manifest(a.manifest)
+        except (ManifestError, OSError) as e:
+            print("error: %s" % e, file=sys.stderr)
+            return 2
+        print("%s: valid %s%s, %d segments, %d exits, graphs %s" % (
+            a.manifest, SCHEMA, " (migrated from version %d)" % m.migrated_from if m.migrated_from else "",
+            len(m.segments), len(m.exits), ", ".join(m.formats())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
