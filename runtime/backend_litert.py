@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .quant import QuantParams
+
 _INSTALL_HINT = (
     "the LiteRT backend needs a TFLite interpreter: `pip install ai-edge-litert` "
     "(Python >= 3.9; on older Pythons, e.g. JetPack 5 / Python 3.8: `pip install tflite-runtime`)"
@@ -51,15 +53,15 @@ def _qparams(det: Dict[str, Any]) -> Tuple[Optional[float], int]:
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: Any) -> np.ndarray:
-    """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` (round half to even, as TFLite's QUANTIZE)."""
-    info = np.iinfo(dtype)
-    q = np.round(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
+    """``q = clip(round(x / scale) + zero_point, qmin, qmax)`` (round half to even, as TFLite's QUANTIZE), with
+    :class:`runtime.quant.QuantParams` (``dtype``: int8, uint8, int16, uint16 or int32)."""
+    return QuantParams(np.dtype(dtype).name, scale, zero_point).quantize(np.asarray(x, dtype=np.float32))
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """``x = (q - zero_point) * scale`` as float32."""
-    return ((q.astype(np.int32) - zero_point).astype(np.float32) * np.float32(scale)).astype(np.float32)
+    """``x = (q - zero_point) * scale`` as float32 (:class:`runtime.quant.QuantParams`)."""
+    q = np.asarray(q)
+    return QuantParams(q.dtype.name, scale, zero_point).dequantize(q)
 
 
 class _Port(object):
@@ -74,6 +76,8 @@ class _Port(object):
         sig_shape = det.get("shape_signature")
         self.dynamic_batch = sig_shape is not None and len(sig_shape) > 0 and int(sig_shape[0]) == -1
         self.scale, self.zero_point = _qparams(det)
+        # built once: run() quantises / dequantises with it on every call
+        self.qparams = QuantParams(self.dtype.name, self.scale, self.zero_point) if self.quantized else None
 
     @property
     def quantized(self) -> bool:
@@ -211,14 +215,14 @@ class LiteRTSession(object):
             if p is None:
                 self._check_feeds(feeds)  # raises with the full story
             if p.quantized:
-                arrays[name] = quantize(x, p.scale, p.zero_point, p.dtype)
+                arrays[name] = p.qparams.quantize(np.asarray(x, dtype=np.float32))
             else:
                 arrays[name] = np.ascontiguousarray(x, dtype=p.dtype)
         out = self._run_raw(arrays)
         res = {}
         for p in self._outputs:
             y = out[p.name]
-            res[p.name] = dequantize(y, p.scale, p.zero_point) if p.quantized else y.astype(np.float32, copy=False)
+            res[p.name] = p.qparams.dequantize(y) if p.quantized else y.astype(np.float32, copy=False)
         return res
 
     def run_quantized(self, feeds_q: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -383,11 +383,11 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
     to result: the device decodes and preprocesses for LC / SC, while for EC it sends the file as it is
     and the server decodes it (``serve --whole-model --input-file``). With arrays (.npy) every mode
     starts from the preprocessed input and EC sends it int8-quantised."""
-    from . import codec
     from .client import EdgeClient
     from .device import DeviceRunner
     from .preprocess import IMAGE_SUFFIXES, decode_image
     from .protocol import FILE_TENSOR
+    from .quant import QuantParams
 
     from .boards import allow_spinning
 
@@ -420,9 +420,8 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
             if from_files:
                 reply = client.infer({FILE_TENSOR: np.frombuffer(item, np.uint8)}, {})
             else:
-                q = {"scale": float(item.max() - item.min()) / 255.0 or 1.0, "dtype": "int8"}
-                q["zero_point"] = int(np.clip(round(-128 - float(item.min()) / q["scale"]), -128, 127))
-                reply = client.infer({"input": codec.quantize(item, q["scale"], q["zero_point"], "int8")}, {"input": q})
+                q = QuantParams.from_tensor(item, "int8")  # the range includes 0, as on every other path
+                reply = client.infer({"input": q.quantize(item)}, {"input": q.to_json()})
             return int(reply.logits[0].argmax()), reply.bytes_sent, 0.0
 
         modes["EC"] = _timed_mode(offload, items, args.repeat, meter, labels)

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .quant import QuantError, QuantParams
+
 __all__ = [
     "QUANT_RANGES",
     "CODECS",
@@ -55,26 +57,28 @@ class DecompressionBomb(CodecError):
 
 
 # --------------------------------------------------------------------------- quantization
-def _check_qparams(scale: float, zero_point: int, dtype: str) -> Tuple[float, int, int, int]:
+# The maths lives in runtime.quant.QuantParams; these wrappers restrict it to the wire dtypes and raise
+# CodecError, which the protocol and the device runtime expect.
+def _params(scale: float, zero_point: int, dtype: str) -> QuantParams:
     if dtype not in QUANT_RANGES:
         raise CodecError("quantized dtype must be one of %s, got %r" % (sorted(QUANT_RANGES), dtype))
+    if isinstance(zero_point, (bool, np.bool_)) or isinstance(scale, (bool, np.bool_)):
+        raise CodecError("scale / zero_point must be numbers, got %r / %r" % (scale, zero_point))
     try:
-        scale_f = float(scale)
-    except (TypeError, ValueError):
-        raise CodecError("scale must be a number, got %r" % (scale,))
-    if not np.isfinite(scale_f) or scale_f <= 0.0:
-        raise CodecError("scale must be finite and > 0, got %r" % (scale,))
-    if isinstance(zero_point, (bool, np.bool_)) or int(zero_point) != zero_point:
-        raise CodecError("zero_point must be an integer, got %r" % (zero_point,))
-    zp = int(zero_point)
-    qmin, qmax = QUANT_RANGES[dtype]
-    if not qmin <= zp <= qmax:
-        raise CodecError("zero_point %d outside the %s range [%d, %d]" % (zp, dtype, qmin, qmax))
-    return scale_f, zp, qmin, qmax
+        p = QuantParams(dtype, scale, zero_point)
+    except QuantError as e:
+        raise CodecError(str(e))
+    return p
+
+
+def _check_qparams(scale: float, zero_point: int, dtype: str) -> Tuple[float, int, int, int]:
+    p = _params(scale, zero_point, dtype)
+    return p.scale, p.zero_point, p.qmin, p.qmax
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") -> np.ndarray:
-    """Quantize a float tensor affinely: ``q = clip(rint(x / scale) + zero_point, qmin, qmax)``.
+    """Quantize a float tensor affinely: ``q = clip(rint(x / scale) + zero_point, qmin, qmax)``
+    (:meth:`runtime.quant.QuantParams.quantize`, per-tensor).
 
     Args:
         x: float array of any shape (float16/32/64; converted to float32 first).
@@ -90,17 +94,11 @@ def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") 
         CodecError: bad dtype, scale <= 0 or not finite, zero_point not an integer in range,
             or ``x`` not a floating-point array.
     """
-    scale_f, zp, qmin, qmax = _check_qparams(scale, zero_point, dtype)
-    x = np.asarray(x)
-    if x.dtype.kind != "f":
-        raise CodecError("quantize expects a floating-point array, got dtype %s" % x.dtype)
-    xf = x.astype(np.float32, copy=False)
-    # float32 division then rint; do the arithmetic in float32 to match on-device behaviour.
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        q = np.rint(xf / np.float32(scale_f))
-        q = np.nan_to_num(q, nan=0.0, posinf=float(qmax - zp), neginf=float(qmin - zp))
-        q = np.clip(q + np.float32(zp), qmin, qmax)
-    return q.astype(dtype)
+    p = _params(scale, zero_point, dtype)
+    try:
+        return p.quantize(x)
+    except QuantError as e:
+        raise CodecError(str(e))
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -118,12 +116,7 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
         CodecError: ``q`` is not int8/uint8, or bad scale / zero_point.
     """
     q = np.asarray(q)
-    name = q.dtype.name
-    scale_f, zp, _, _ = _check_qparams(scale, zero_point, name)
-    out = q.astype(np.float32)
-    out -= np.float32(zp)
-    out *= np.float32(scale_f)
-    return out
+    return _params(scale, zero_point, q.dtype.name).dequantize(q)
 
 
 # --------------------------------------------------------------------------- compression

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends import OrtSession
+from runtime.quant import QuantParams
 
 BATCH = 16
 
@@ -36,16 +37,6 @@ def graph_inputs(out: Path, manifest: dict, x: np.ndarray, progress: bool = True
     return per_graph
 
 
-def affine_qparams(lo: float, hi: float, dtype: str = "int8") -> dict:
-    """Asymmetric affine parameters covering ``[lo, hi]`` (widened to include 0, so zero is exact):
-    ``q = clip(round(x / scale) + zero_point)``. Returns ``{"dtype", "scale", "zero_point"}``."""
-    qmin, qmax = (-128, 127) if dtype == "int8" else (0, 255)
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
-    zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
-    return {"dtype": dtype, "scale": float(scale), "zero_point": zero_point}
-
-
 def set_wire_qparams(manifest: dict, per_graph: dict, samples: int) -> None:
     """Give every tensor crossing a cut an int8 range from its real values (min/max over the
     representative set): the device quantises the split feature with it before sending."""
@@ -54,7 +45,7 @@ def set_wire_qparams(manifest: dict, per_graph: dict, samples: int) -> None:
         seen.update(graph_inputs_)
     for name, spec in manifest["tensors"].items():
         if name in seen:
-            q = affine_qparams(seen[name].min(), seen[name].max())
+            q = QuantParams.from_tensor(seen[name], "int8").to_json()
             spec["quant"] = {**q, "scheme": "per-tensor affine", "range": "minmax", "samples": samples}
 
 

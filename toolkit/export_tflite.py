@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.quant import QuantParams
+
 SIGNATURE = "serving_default"
 log = logging.getLogger(__name__)
 
@@ -467,10 +469,9 @@ def quantize_int8(
     if fixed_io:
         for sig_name, det in list(sig_in.items()) + list(sig_out.items()):
             if sig_name in rev:
-                s = float(fixed_io[rev[sig_name]]["scale"])
-                z = int(fixed_io[rev[sig_name]]["zero_point"])
-                qsvs[det["name"]] = {"min": np.array((-128 - z) * s, dtype=np.float32),
-                                     "max": np.array((127 - z) * s, dtype=np.float32)}
+                pin = fixed_io[rev[sig_name]]
+                lo, hi = QuantParams("int8", float(pin["scale"]), int(pin["zero_point"])).real_range()
+                qsvs[det["name"]] = {"min": np.array(lo, dtype=np.float32), "max": np.array(hi, dtype=np.float32)}
     with _quiet():
         res = q.quantize(qsvs, enable_progress_report=False)
     os.makedirs(os.path.dirname(os.path.abspath(int8_path)), exist_ok=True)

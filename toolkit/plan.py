@@ -16,7 +16,7 @@ JPEG file as it is; the server decodes it and runs the whole model).
 What is measured, and on what:
 
 - ``request_bytes``: MEASURED on real images — the model's head output at each cut, quantised to int8
-  with the affine min/max parameters of :func:`toolkit.calibrate.affine_qparams` (range over the same
+  with the affine min/max parameters of :meth:`runtime.quant.QuantParams.from_range` (range over the same
   real images, as ``eetool export`` does over its calibration set), compressed with
   :func:`runtime.codec.compress` and framed by :func:`runtime.protocol.encode_request` exactly as the
   device runtime sends it (prefix, JSON header, payload; + 32 B HMAC tag with ``hmac=True``); mean over the
@@ -49,6 +49,7 @@ import numpy as np
 
 from runtime import codec as wire_codec
 from runtime import protocol
+from runtime.quant import QuantParams
 
 LOCAL = "local only"
 OFFLOAD = "full offload (JPEG)"
@@ -197,14 +198,13 @@ def feature_wire_bytes(name: str, feats: np.ndarray, codec: str = "zstd", hmac: 
     Returns ``{"request_bytes" (mean frame bytes), "min", "max", "payload_bytes" (mean compressed
     tensor bytes), "frame_overhead_bytes" (mean), "int8_bytes", "fp32_bytes", "encode_ms" (median,
     quantise + compress + frame on this host), "qparams"}``."""
-    from .calibrate import affine_qparams
-
-    q = affine_qparams(feats.min(), feats.max())
+    params = QuantParams.from_tensor(feats, "int8")
+    q = params.to_json()
     secret = b"plan" if hmac else None
     sizes, payloads, times = [], [], []
     for i in range(len(feats)):
         t0 = time.perf_counter()
-        qi = wire_codec.quantize(feats[i: i + 1], q["scale"], q["zero_point"], q["dtype"])
+        qi = params.quantize(feats[i: i + 1])
         frame = protocol.encode_request(i, {name: qi}, {name: q}, codec=codec, secret=secret)
         times.append((time.perf_counter() - t0) * 1e3)
         sizes.append(len(frame))
