@@ -4,4 +4,4 @@ Needs only numpy and one inference backend (onnxruntime, ``ai_edge_litert`` or `
 zstandard / lz4 and pillow are optional. Never imports torch, tensorflow or onnx, and runs on
 Python 3.8+ (JetPack 5).
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

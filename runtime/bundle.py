@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SCHEMA = "eetool.bundle/1"
+from .manifest import SCHEMA, ManifestError, parse_manifest
 
 
 class BundleError(ValueError):
@@ -43,8 +43,10 @@ class Bundle:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
         except ValueError as e:
             raise BundleError(f"{mf}: not valid JSON ({e}); re-copy the bundle")
-        if manifest.get("schema") != SCHEMA:
-            raise BundleError(f"{mf}: schema {manifest.get('schema')!r}, this runtime reads {SCHEMA!r}")
+        try:
+            parse_manifest(manifest)
+        except ManifestError as e:
+            raise BundleError(f"{mf}: {e}")
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()

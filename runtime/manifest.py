@@ -176,6 +176,16 @@ class ExitBranch(_Node):
         factory=dict)
     graphs: Dict[str, str] = doc("`<format>/<precision>` -> key in `graphs`", factory=dict, required=True)
 
+    @property
+    def inputs(self) -> List[str]:
+        """``[input]``: the same view as :attr:`Segment.inputs`, for code that handles any graph owner."""
+        return [self.input]
+
+    @property
+    def outputs(self) -> List[str]:
+        """``[output]``, as :attr:`Segment.outputs`."""
+        return [self.output]
+
     def threshold_for(self, pair: str) -> Optional[float]:
         """The threshold for graphs ``pair`` (``onnx/int8``): calibrated for that format, else the default."""
         return self.thresholds[pair] if pair in self.thresholds else self.threshold

@@ -3,11 +3,11 @@ profiles, per-board requirements, a Makefile, sample inputs, and the manifest wi
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from runtime.bundle import SCHEMA, sha256_file
+from runtime.bundle import sha256_file
+from runtime.manifest import SCHEMA, Manifest, manifest_json
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -72,13 +72,14 @@ def write_array_samples(folder: Path, data, preprocess: dict, n: int = 8) -> lis
     return files
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
-    """Fill ``manifest['files']`` with the sha256 of every file under ``out`` (manifest.json excluded)
-    and write ``manifest.json``."""
+def write_manifest(out: Path, manifest: Manifest) -> None:
+    """Fill ``manifest.files`` with the sha256 of every file under ``out`` (manifest.json excluded) and
+    write ``manifest.json``. Raises ``runtime.manifest.ManifestError`` (naming the field) for a manifest the
+    runtime would refuse, before anything is written."""
     files = {}
     for p in sorted(out.rglob("*")):
         if p.is_file() and p.name != "manifest.json" and "__pycache__" not in p.parts:
             files[p.relative_to(out).as_posix()] = sha256_file(p)
-    manifest["schema"] = SCHEMA
-    manifest["files"] = files
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest.schema = SCHEMA
+    manifest.files = files
+    (out / "manifest.json").write_text(manifest_json(manifest))

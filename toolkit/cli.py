@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from calibration.readers import DataError, check_channels, read_dataset
+from runtime import __version__
 from runtime.boards import BoardError
 from runtime.bundle import Bundle, BundleError
 from runtime.codec import CodecError
@@ -49,7 +50,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.version_option("0.1.0", prog_name="eetool")
+@click.version_option(__version__, prog_name="eetool")
 def main():
     """eetool: split computing and early exiting for DNNs on edge boards."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)

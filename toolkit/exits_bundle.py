@@ -17,6 +17,7 @@ from calibration import thresholds as T
 from calibration.readers import Dataset
 from runtime.bundle import Bundle
 from runtime.chain import Chain
+from runtime.manifest import ExitCalibration, load_manifest
 
 from .export import ExitSpec
 
@@ -144,7 +145,7 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
     """Choose per-exit thresholds for every ``fmt/precision`` of the bundle (least expected device MFLOPs
     subject to an accuracy drop <= ``delta`` versus the final exit, on ``data``) and write them into the
     manifest: ``exits[i].thresholds[pair]``, ``expected_exit_rate`` and the prediction in
-    ``manifest['exit_calibration']``; checksums are refreshed. Flags (warns and records) a threshold that
+    ``manifest.exit_calibration``; checksums are refreshed. Flags (warns and records) a threshold that
     no confidence seen on those graphs reaches. Returns the per-pair results.
 
     ``latency`` switches the objective to expected end-to-end latency (Dong, Mao & Zhang 2022, eq. 3 and
@@ -154,7 +155,7 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
     from .bundle_writer import write_manifest
 
     bundle = Bundle.load(bundle_dir)
-    manifest = bundle.manifest
+    manifest = load_manifest(bundle_dir)
     results = {}
     for pair in pairs or bundle.formats():
         fmt, precision = pair.split("/")
@@ -169,17 +170,17 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
             chosen["final_accuracy"] = float(profile.correct[-1].mean())
             chosen["mflops_ratio"] = chosen["expected_mflops"] / profile.backbone_mflops
         unreachable = []
-        for k, e in enumerate(manifest["exits"]):
+        for k, e in enumerate(manifest.exits):
             th = chosen["thresholds"][k]
             conf = profile.conf[rule][k]
             reach = conf.max() if rule == "max_softmax" else conf.min()
             if th is not None and ((rule == "max_softmax" and th > reach) or (rule != "max_softmax" and th < reach)):
-                unreachable.append(e["name"])
-                warnings.warn(f"{pair}: threshold {th:.4f} of {e['name']} is never reached by its confidences "
+                unreachable.append(e.name)
+                warnings.warn(f"{pair}: threshold {th:.4f} of {e.name} is never reached by its confidences "
                               f"(best seen {reach:.4f}); the exit never fires")
-            e.setdefault("thresholds", {})[pair] = None if th is None else float(th)
-            e.setdefault("expected_exit_rate", {})[pair] = float(chosen["exit_rates"][k])
-            e["rule"] = rule
+            e.thresholds[pair] = None if th is None else float(th)
+            e.expected_exit_rate[pair] = float(chosen["exit_rates"][k])
+            e.rule = rule
         results[pair] = {"accuracy": chosen["accuracy"], "final_accuracy": chosen["final_accuracy"],
                          "exit_rates": chosen["exit_rates"], "expected_mflops": chosen["expected_mflops"],
                          "mflops_ratio": chosen["mflops_ratio"], "thresholds": chosen["thresholds"],
@@ -187,17 +188,15 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
                          **({"expected_ms": chosen["expected_ms"], "latency_model": model["source"]}
                             if latency is not None else {}),
                          "exit_accuracy": profile.accuracy()}
-    first = manifest["exits"][0] if manifest["exits"] else None
-    if first is not None:  # the default threshold: the float ONNX calibration when present
+    if manifest.exits:  # the default threshold: the float ONNX calibration when present
         default = "onnx/fp32" if "onnx/fp32" in results else next(iter(results))
-        for e in manifest["exits"]:
-            th = e["thresholds"][default]
-            e["threshold"] = th
-    manifest["exit_calibration"] = {"delta": delta, "rule": rule, "results": results,
-                                    "objective": "compute" if latency is None else "latency",
-                                    **({"bandwidth_mbps": latency["bandwidth_mbps"], "rtt_ms": latency.get("rtt_ms", 0.0),
-                                        "board": latency["board"].get("name"), "budget_ms": latency.get("budget_ms")}
-                                       if latency is not None else {})}
+        for e in manifest.exits:
+            e.threshold = e.thresholds[default]
+    manifest.exit_calibration = ExitCalibration.from_json(
+        {"delta": delta, "rule": rule, "results": results, "objective": "compute" if latency is None else "latency",
+         **({"bandwidth_mbps": latency["bandwidth_mbps"], "rtt_ms": latency.get("rtt_ms", 0.0),
+             "board": latency["board"].get("name"), "budget_ms": latency.get("budget_ms")}
+            if latency is not None else {})}, "manifest.exit_calibration")
     write_manifest(Path(bundle_dir), manifest)
     return results
 

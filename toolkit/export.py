@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from calibration.readers import Dataset
+from runtime import __version__
+from runtime.manifest import (Calibration, ExitBranch, GraphEntry, Manifest, ModelInfo, Preprocess, ProfileGraph,
+                              Samples, Segment, TensorSpec, WireTensor)
 from .bundle_writer import copy_support_files, write_array_samples, write_manifest
 from .flops import module_flops, param_count
 from .graph import SplitError, TracedModel
@@ -23,7 +26,7 @@ from .onnx_export import ExportError, export_onnx
 from .slicing import INPUT_NAME, OUTPUT_NAME, order_cuts, slice_model, tensor_names
 from .sources import ModelSource
 
-VERSION = "0.1.0"
+VERSION = __version__
 PROFILE_GRAPH = "profile/model.fp32.onnx"
 
 
@@ -91,17 +94,16 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         shutil.rmtree(out)
     (out / "graphs").mkdir(parents=True)
 
-    manifest: dict = {
-        "created_by": f"eetool {VERSION}",
-        "model": source.describe(),
-        "input": {"name": INPUT_NAME, "shape": [None, *source.input_shape[1:]], "dtype": "float32", "layout": "NCHW"},
-        "preprocess": source.preprocess,
-        "cuts": [c.name for c in cuts],
+    manifest = Manifest(
+        created_by=f"eetool {VERSION}",
+        model=ModelInfo.from_json(source.describe(), "manifest.model"),
+        input=TensorSpec(INPUT_NAME, [None, *source.input_shape[1:]], "float32", "NCHW"),
+        preprocess=Preprocess.from_json(source.preprocess, "manifest.preprocess"),
+        cuts=[c.name for c in cuts],
         # which samples the bundle was calibrated on, so evaluation can leave them out
-        "calibration": {"source": calib.source, "samples": len(calib), "names": list(calib.names)},
-        "split": boundary.name,
-        "segments": [], "exits": [], "tensors": {}, "graphs": {},
-    }
+        calibration=Calibration(calib.source, len(calib), list(calib.names)),
+        split=boundary.name,
+    )
     # Float graphs, with sample tensors flowing through PyTorch for shapes and FLOPs.
     values = {INPUT_NAME: sample}
     device = True
@@ -112,20 +114,19 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         values.update(zip(seg.outputs, res if isinstance(res, tuple) else (res,)))
         key = f"{seg.name}.onnx.fp32"
         entry = export_onnx(seg.module, args, out / "graphs" / f"{seg.name}.fp32.onnx", seg.inputs, seg.outputs)
-        manifest["graphs"][key] = {"file": f"graphs/{seg.name}.fp32.onnx", "format": "onnx", "precision": "fp32",
-                                   **entry, "quantization": None}
-        manifest["segments"].append({
-            "name": seg.name, "side": "device" if device else "server", "after": seg.after, "until": seg.until,
-            "inputs": seg.inputs, "outputs": seg.outputs,
-            "mflops": module_flops(seg.module, *args) / 1e6, "params": param_count(seg.module),
-            "graphs": {"onnx/fp32": key},
-        })
+        manifest.graphs[key] = GraphEntry.from_json({"file": f"graphs/{seg.name}.fp32.onnx", "format": "onnx",
+                                                     "precision": "fp32", **entry}, f"manifest.graphs[{key!r}]")
+        manifest.segments.append(Segment(
+            name=seg.name, side="device" if device else "server", after=seg.after, until=seg.until,
+            inputs=list(seg.inputs), outputs=list(seg.outputs),
+            mflops=module_flops(seg.module, *args) / 1e6, params=param_count(seg.module), graphs={"onnx/fp32": key},
+        ))
         if seg.until == boundary.name:
             device = False
         for name in seg.outputs:
             if seg.until is not None:
-                manifest["tensors"][name] = {"shape": [None, *values[name].shape[1:]], "dtype": "float32",
-                                             "layout": "NCHW" if values[name].dim() == 4 else None}
+                manifest.tensors[name] = WireTensor([None, *values[name].shape[1:]], "float32",
+                                                    "NCHW" if values[name].dim() == 4 else None)
     public = tensor_names(traced, cuts)
     for e in opts.exits:
         name = public[traced.cut(e.at).crossing[0]]
@@ -133,12 +134,12 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         e.module.eval()
         entry = export_onnx(e.module, (values[name],), out / "graphs" / f"{e.name}.fp32.onnx", [name],
                             [f"{e.name}.logits"])
-        manifest["graphs"][key] = {"file": f"graphs/{e.name}.fp32.onnx", "format": "onnx", "precision": "fp32",
-                                   **entry, "quantization": None}
-        manifest["exits"].append({"name": e.name, "at": e.at, "input": name, "output": f"{e.name}.logits",
-                                  "mflops": module_flops(e.module, values[name]) / 1e6, "rule": e.rule,
-                                  "threshold": float(e.threshold), "graphs": {"onnx/fp32": key}})
-    manifest["output"] = {"name": OUTPUT_NAME, "shape": [None, *values[OUTPUT_NAME].shape[1:]], "dtype": "float32"}
+        manifest.graphs[key] = GraphEntry.from_json({"file": f"graphs/{e.name}.fp32.onnx", "format": "onnx",
+                                                     "precision": "fp32", **entry}, f"manifest.graphs[{key!r}]")
+        manifest.exits.append(ExitBranch(name=e.name, at=e.at, input=name, output=f"{e.name}.logits",
+                                         mflops=module_flops(e.module, values[name]) / 1e6, rule=e.rule,
+                                         threshold=float(e.threshold), graphs={"onnx/fp32": key}))
+    manifest.output = TensorSpec(OUTPUT_NAME, [None, *values[OUTPUT_NAME].shape[1:]], "float32")
 
     # Real intermediate tensors from the float graphs: calibration of later graphs and wire int8 ranges.
     inputs_per_graph = calibrate.graph_inputs(out, manifest, calib.x, progress=opts.progress)
@@ -158,13 +159,12 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         sample_files = write_array_samples(out / "samples", verify_data, source.preprocess, opts.samples)
     if verify_data.y is not None and sample_files:
         # ground truth for the samples/ the bundle carries, so `runtime bench` can report accuracy
-        manifest["samples"] = {"labels": {Path(f).name: int(y) for f, y in zip(sample_files, verify_data.y)}}
+        manifest.samples = Samples({Path(f).name: int(y) for f, y in zip(sample_files, verify_data.y)})
     if opts.layer_profile_graph:
         from .layer_latency import export_whole_onnx
 
         export_whole_onnx(model, tuple(source.input_shape), out / PROFILE_GRAPH)
-        manifest["layer_profile_graph"] = {"file": PROFILE_GRAPH, "input": INPUT_NAME, "output": OUTPUT_NAME,
-                                           "dtype": "float32", "layout": "NCHW"}
+        manifest.layer_profile_graph = ProfileGraph(PROFILE_GRAPH, INPUT_NAME, OUTPUT_NAME, "float32", "NCHW")
     (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
     write_manifest(out, manifest)
     report.update(verify.verify_bundle(out, model, verify_data))
@@ -183,12 +183,12 @@ def _check_threshold(e: ExitSpec) -> None:
         raise SplitError(f"exit {e.name!r}: rule {e.rule!r}; use max_softmax or normalized_entropy")
 
 
-def _drop_format(out: Path, manifest: dict, fmt: str) -> None:
+def _drop_format(out: Path, manifest: Manifest, fmt: str) -> None:
     """Remove ``fmt`` graphs (the float ONNX graphs are the calibration reference; drop them last)."""
-    for key in [k for k, g in manifest["graphs"].items() if g["format"] == fmt]:
-        (out / manifest["graphs"].pop(key)["file"]).unlink()
-    for owner in manifest["segments"] + manifest["exits"]:
-        owner["graphs"] = {k: v for k, v in owner["graphs"].items() if not k.startswith(fmt + "/")}
+    for key in [k for k, g in manifest.graphs.items() if g.format == fmt]:
+        (out / manifest.graphs.pop(key).file).unlink()
+    for owner in manifest.owners:
+        owner.graphs = {k: v for k, v in owner.graphs.items() if not k.startswith(fmt + "/")}
 
 
 def _sample_files(data: Dataset, n: int = 8) -> list[Path]:

@@ -14,6 +14,11 @@ import numpy as np
 import onnx
 import onnx.utils
 
+from runtime import __version__
+from runtime.manifest import (GraphEntry, Manifest, ModelInfo, Preprocess, Segment, TensorSpec, WireQuant,
+                              WireTensor)
+from runtime.quant import QuantParams
+
 from .bundle_writer import copy_support_files, write_manifest
 from .graph import SplitError
 from .onnx_export import _spec
@@ -76,6 +81,7 @@ def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray
     """Slice ``path`` at the tensors in ``split`` (graph order) into segment graphs and write a float
     bundle; verify the chain against the whole model in onnxruntime on ``data`` (float32, the model's input
     layout; default: random normal inputs of the declared shape, batch 4 — pass real data when you have it).
+    The wire tensors' int8 ranges are the min / max of the same inputs.
 
     Segment 0 runs on the device, the rest on the server. Raises SplitError for unknown tensor names."""
     from runtime.backends import OrtSession
@@ -92,35 +98,43 @@ def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray
         shutil.rmtree(out)
     (out / "graphs").mkdir(parents=True)
     bounds = [inputs] + crossings + [[model.graph.output[0].name]]
-    manifest = {"created_by": "eetool 0.1.0", "model": {"source": path.name, "kind": "onnx"},
-                "input": {"name": inputs[0], "dtype": "float32", "layout": "NCHW"},
-                "output": {"name": model.graph.output[0].name, "dtype": "float32"},
-                "preprocess": {"kind": "none"}, "cuts": cuts, "split": cuts[0],
-                "segments": [], "exits": [], "tensors": {}, "graphs": {}}
+    first_input = next(v for v in model.graph.input if v.name == inputs[0])
+    manifest = Manifest(created_by=f"eetool {__version__}", model=ModelInfo(path.name, "onnx"),
+                        input=TensorSpec.from_json(_spec(first_input), "manifest.input"),
+                        output=TensorSpec.from_json({k: v for k, v in _spec(model.graph.output[0]).items()
+                                                     if k != "layout"}, "manifest.output"),
+                        preprocess=Preprocess("none"), cuts=list(cuts), split=cuts[0])
     for k in range(len(bounds) - 1):
         rel = f"graphs/seg{k}.fp32.onnx"
         onnx.utils.extract_model(str(path), str(out / rel), bounds[k], bounds[k + 1], check_model=True)
         g = onnx.load(str(out / rel)).graph
         key = f"seg{k}.onnx.fp32"
-        manifest["graphs"][key] = {"file": rel, "format": "onnx", "precision": "fp32",
-                                   "inputs": [_spec(v) for v in g.input if v.name in bounds[k]],
-                                   "outputs": [_spec(v) for v in g.output], "quantization": None}
-        manifest["segments"].append({"name": f"seg{k}", "side": "device" if k == 0 else "server",
-                                     "after": cuts[k - 1] if k else None, "until": cuts[k] if k < len(cuts) else None,
-                                     "inputs": bounds[k], "outputs": bounds[k + 1], "graphs": {"onnx/fp32": key}})
+        manifest.graphs[key] = GraphEntry.from_json({
+            "file": rel, "format": "onnx", "precision": "fp32",
+            "inputs": [_spec(v) for v in g.input if v.name in bounds[k]], "outputs": [_spec(v) for v in g.output]},
+            f"manifest.graphs[{key!r}]")
+        manifest.segments.append(Segment(name=f"seg{k}", side="device" if k == 0 else "server",
+                                         after=cuts[k - 1] if k else None, until=cuts[k] if k < len(cuts) else None,
+                                         inputs=list(bounds[k]), outputs=list(bounds[k + 1]),
+                                         graphs={"onnx/fp32": key}))
         for v in g.output:
             if k < len(cuts):
-                manifest["tensors"][v.name] = {k2: v2 for k2, v2 in _spec(v).items() if k2 != "name"}
+                manifest.tensors[v.name] = WireTensor.from_json({k2: v2 for k2, v2 in _spec(v).items() if k2 != "name"},
+                                                                f"manifest.tensors[{v.name!r}]")
     full = OrtSession(path)
     shape = [d.dim_value or 4 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = data if data is not None else np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     ref = full.run({inputs[0]: x})[model.graph.output[0].name]
     values = {inputs[0]: x}
-    for seg in manifest["segments"]:
-        sess = OrtSession(out / manifest["graphs"][seg["graphs"]["onnx/fp32"]]["file"])
-        values.update(sess.run({n: values[n] for n in seg["inputs"]}))
+    for seg in manifest.segments:
+        sess = OrtSession(out / manifest.graphs[seg.graphs["onnx/fp32"]].file)
+        values.update(sess.run({n: values[n] for n in seg.inputs}))
+    source = "random" if data is None else "given"
+    for name, tensor in manifest.tensors.items():  # the device quantises the split feature with these
+        q = QuantParams.from_tensor(values[name], "int8").to_json()
+        tensor.quant = WireQuant(**q, scheme="per-tensor affine", range=f"minmax ({source} inputs)", samples=len(x))
     report = {"verification": {"chains": {"onnx/fp32": {"batch_n": compare(ref, values[model.graph.output[0].name])}},
-                               "samples": len(x), "source": "random" if data is None else "given"}}
+                               "samples": len(x), "source": source}}
     copy_support_files(out, [])
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_manifest(out, manifest)
