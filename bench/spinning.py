@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     from runtime.preprocess import list_images, load_inputs
 
     bundle = Bundle.load(a.bundle)
-    name = bundle.manifest["input"]["name"]
-    xs = [load_inputs([f], bundle.manifest["preprocess"]) for f in list_images(bundle.root / "samples")]
+    name = bundle.manifest.input.name
+    xs = [load_inputs([f], bundle.manifest.preprocess) for f in list_images(bundle.root / "samples")]
     chains = {s: Chain(bundle, "all", "onnx", "fp32", a.threads, with_exits=False, allow_spinning=s == "on")
               for s in ("on", "off")}
     for c in chains.values():  # common warm-up

@@ -21,6 +21,7 @@ garbage: empty folders, unreadable files, wrong channel counts and NaN/Inf input
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime.labels import LabelError, labels_table, synset_index
-from runtime.preprocess import PreprocessError, list_images, load_image, normalize
+from runtime.manifest import Preprocess
+from runtime.preprocess import PreprocessError, as_preprocess, list_images, load_image, normalize
 
 SKIMAGE_PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"]
+#: the 800 labelled ImageNet images beside a checkout (``../shared/data/imagenet-samples``), when present
+SHARED_IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
 
 
 class DataError(ValueError):
@@ -93,11 +97,26 @@ def _folder_labels(root: Path, files: list[Path]) -> np.ndarray | None:
     return None
 
 
-def read_images(files: list[Path], preprocess: dict, source: str, labels: np.ndarray | None = None,
+def default_data(preprocess: Preprocess | dict) -> str:
+    """Real inputs when the user names none: Fashion-MNIST for array models; for image models the ImageNet
+    samples beside the repo (or ``$EETOOL_IMAGENET_SAMPLES``) when present, else the photos in scikit-image."""
+    if as_preprocess(preprocess).kind == "array":
+        return "fashion-mnist:test"
+    env = os.environ.get("EETOOL_IMAGENET_SAMPLES")
+    if env and Path(env).is_dir():
+        return env
+    return str(SHARED_IMAGENET) if SHARED_IMAGENET.is_dir() else "samples"
+
+
+def read_images(files: list[Path], preprocess: Preprocess | dict, source: str, labels: np.ndarray | None = None,
                 progress: bool = False) -> Dataset:
     """Decode and preprocess image files; raises DataError naming the first unreadable file."""
-    if preprocess.get("kind") != "image":
-        raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.get('kind')!r}")
+    try:
+        preprocess = as_preprocess(preprocess)
+    except PreprocessError as e:
+        raise DataError(str(e)) from e
+    if preprocess.kind != "image":
+        raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.kind!r}")
     from runtime.progress import progress as bar
 
     it = bar(files, "reading images", "img", enabled=progress)
@@ -108,7 +127,7 @@ def read_images(files: list[Path], preprocess: dict, source: str, labels: np.nda
     return Dataset(x, labels, [f.name for f in files], source, list(files))
 
 
-def read_dataset(data: str, preprocess: dict, limit: int | None = None, offset: int = 0,
+def read_dataset(data: str, preprocess: Preprocess | dict, limit: int | None = None, offset: int = 0,
                  progress: bool = False, spread: bool = False, exclude=()) -> Dataset:
     """Read ``data`` (see module doc) into a :class:`Dataset`: samples ``offset .. offset+limit`` of those
     whose name is not in ``exclude``; with ``spread``, ``limit`` samples evenly spaced over the whole
@@ -226,4 +245,5 @@ def check_channels(ds: Dataset, input_shape: tuple[int, ...]) -> None:
                         f"or check --preprocess / --input-shape")
 
 
-__all__ = ["Dataset", "DataError", "read_dataset", "parse_fold", "read_images", "check_finite", "check_channels", "normalize"]
+__all__ = ["Dataset", "DataError", "default_data", "read_dataset", "parse_fold", "read_images", "check_finite",
+           "check_channels", "normalize"]

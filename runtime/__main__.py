@@ -4,158 +4,53 @@
     python -m runtime run   BUNDLE --server HOST:PORT [--json] INPUT...
     python -m runtime bench BUNDLE [--board rpi4] [--server HOST:PORT] [--out DIR]
 
-(argparse only: a board may not have click.)
+(argparse only: a board may not have click.) This module only parses arguments; the work is done by
+:mod:`runtime.session` (backends, threads, runners, servers) and :mod:`runtime.bench`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-from typing import Optional
 
+from . import session as S
 from .bundle import Bundle, BundleError
 
 
-def pick_backend(bundle: Bundle, backend: str, board: Optional[dict]) -> str:
-    """``onnx`` or ``tflite``: the asked one, or (``auto``) the board's preferred interpreter when the
-    bundle has graphs for it and it imports, else onnx. Raises BundleError when the bundle lacks it."""
-    have = {p.split("/")[0] for p in bundle.formats()}
-    if backend != "auto":
-        if backend not in have:
-            raise BundleError("bundle has no %s graphs (has: %s)" % (backend, ", ".join(sorted(have))))
-        return backend
-    preferred = ((board or {}).get("backend") or {}).get("preferred", "onnxruntime")
-    if preferred == "litert" and "tflite" in have and _litert_importable():
-        return "tflite"
-    return "onnx" if "onnx" in have else sorted(have)[0]
-
-
-def _litert_importable() -> bool:
-    for mod in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
-        try:
-            __import__(mod)
-            return True
-        except ImportError:
-            continue
-    return False
-
-
-def pick_precision(bundle: Bundle, fmt: str, precision: str) -> str:
-    """``auto`` -> int8 when the bundle has int8 graphs in ``fmt``, else fp32."""
-    if precision != "auto":
-        return precision
-    return "int8" if "%s/int8" % fmt in bundle.formats() else "fp32"
-
-
-def _board(name: Optional[str]) -> Optional[dict]:
-    if not name:
-        return None
-    from .boards import load_board
-
-    return load_board(name)
-
-
-def _threads(args, board) -> Optional[int]:
-    if args.threads:
-        return args.threads
-    return ((board or {}).get("backend") or {}).get("threads")
+def device_options(args) -> S.DeviceOptions:
+    """The ``run`` / ``bench`` arguments as :class:`runtime.session.DeviceOptions`."""
+    return S.DeviceOptions(backend=args.backend, precision=args.precision, threads=args.threads,
+                           spinning=args.spinning, server=args.server, secret=args.secret, timeout_s=args.timeout,
+                           codec=args.codec, bandwidth=args.bandwidth, rtt=args.rtt,
+                           thresholds=S.parse_thresholds(args.threshold), exits=not args.no_exits,
+                           wire_dtype=args.wire_dtype, local_tail=args.local_tail)
 
 
 def cmd_serve(args) -> int:
-    from .chain import Chain
-    from .protocol import FILE_TENSOR
-    from .server import EdgeServer, run_until_signal
+    from .server import run_until_signal
 
     bundle = Bundle.load(args.bundle)
-    fmt = pick_backend(bundle, args.backend, None)
-    precision = pick_precision(bundle, fmt, args.precision)
-    # --whole-model: edge computing (EC), the device offloads its input and the server runs everything
-    # an edge server keeps onnxruntime's default (spinning on: it serves many clients) unless told
-    spin = None if args.spinning is None else args.spinning == "on"
-    chain = Chain(bundle, "all" if args.whole_model else "server", fmt, precision, args.threads, with_exits=False,
-                  allow_spinning=spin)
-    if not chain.segments or not bundle.server_segments:
-        raise BundleError("the bundle has no server segments: the whole model runs on the device")
-    inp = bundle.manifest["input"]
-    if args.input_file and not args.whole_model:
-        raise ValueError("--input-file needs --whole-model (the server then decodes and runs everything)")
-    if args.input_file:
-        # EC as usually deployed: the device sends its image file as it is; the server decodes it
-        expected = {FILE_TENSOR: {"shape": [None], "dtype": "uint8"}}
-    elif args.whole_model:
-        expected = {inp["name"]: {"shape": inp["shape"], "dtype": "float32"}}
-    else:
-        expected = {n: {"shape": bundle.tensor(n)["shape"], "dtype": "float32"} for n in bundle.wire_tensors}
-
-    def tail(feeds):
-        if args.input_file:
-            from .preprocess import decode_image
-
-            feeds = {inp["name"]: decode_image(feeds[FILE_TENSOR], bundle.manifest["preprocess"], "request file")[None]}
-        return {"logits": chain.run_segments(feeds)["logits"]}
-
-    secret = args.secret or os.environ.get("EETOOL_SECRET")
-    if not 0 <= args.port < 65536:
-        raise ValueError("--port %d: ports are 0-65535" % args.port)
-    server = EdgeServer(tail, expected, host=args.host, port=args.port, secret=secret,
-                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout)
+    server, fmt, precision, what = S.make_server(bundle, S.ServerOptions(
+        backend=args.backend, precision=args.precision, threads=args.threads, spinning=args.spinning,
+        host=args.host, port=args.port, secret=args.secret, max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout, whole_model=args.whole_model, input_file=args.input_file))
     host, port = server.address
-    what = "whole model, input files" if args.input_file else ("whole model" if args.whole_model else "tail")
-    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what,
-                                                     fmt, precision, host, port), flush=True)
+    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what, fmt, precision, host, port), flush=True)
     run_until_signal(server)
     return 0
 
 
-def make_runner(args, bundle: Bundle, board: Optional[dict]):
-    """A DeviceRunner (and its client) from the ``run``/``bench`` options."""
-    from .boards import allow_spinning
-    from .client import EdgeClient
-    from .device import DeviceRunner
-    from .link import LinkShaper
-
-    fmt = pick_backend(bundle, args.backend, board)
-    precision = pick_precision(bundle, fmt, args.precision)
-    client = None
-    if args.server:
-        host, _, port = args.server.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("--server %r: expected HOST:PORT, e.g. 192.168.1.20:8470" % args.server)
-        shaper = LinkShaper.from_strings(args.bandwidth, args.rtt) if args.bandwidth else None
-        client = EdgeClient(host or "127.0.0.1", int(port), secret=args.secret or os.environ.get("EETOOL_SECRET"),
-                            timeout_s=args.timeout, shaper=shaper, codec=args.codec)
-    thresholds = {}
-    for item in args.threshold or []:
-        name, _, value = item.partition("=")
-        try:
-            thresholds[name] = float(value)
-        except ValueError:
-            raise ValueError("--threshold %r: expected EXIT=VALUE with VALUE in [0, 1], e.g. exit0=0.8" % item)
-    runner = DeviceRunner(bundle, client, fmt, precision, _threads(args, board), thresholds,
-                          exits=not args.no_exits, wire_dtype=args.wire_dtype, local_tail=args.local_tail,
-                          allow_spinning=allow_spinning(board, args.spinning))
-    return runner, fmt, precision
-
-
 def cmd_run(args) -> int:
     from .boards import board_mismatch
-    from .preprocess import load_inputs
 
     bundle = Bundle.load(args.bundle)
-    board = _board(args.board)
+    board = S.board_profile(args.board)
     why = board_mismatch(board) if board else None
     if why:  # run only takes threads and the backend from the profile: say so, do not refuse
         print("warning: %s; its settings (threads, backend) are used as given" % why, file=sys.stderr)
-    runner, fmt, precision = make_runner(args, bundle, board)
-    results = []
-    for path in args.inputs:
-        batch = check_input(load_inputs([path], bundle.manifest["preprocess"]), bundle, path)
-        for i in range(len(batch)):  # the device handles one sample at a time (exits decide per sample)
-            r = runner.infer(batch[i:i + 1])
-            name = os.path.basename(path) + ("[%d]" % i if len(batch) > 1 else "")
-            results.append(dict(input=name, **r.to_json()))
+    runner, fmt, precision = S.make_runner(bundle, board, device_options(args))
+    results = [dict(input=name, **r.to_json()) for name, r in S.run_files(runner, bundle, args.inputs)]
     info = {"machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
             "precision": precision, "board": args.board, "results": results}
     if args.json:
@@ -170,24 +65,15 @@ def cmd_run(args) -> int:
     return 0
 
 
-def check_input(x, bundle: Bundle, source: str):
-    """Refuse inputs that do not match the manifest's input ``(N, C, H, W)`` or hold NaN/Inf."""
-    import numpy as np
-
-    want = bundle.manifest["input"].get("shape")
-    if want and list(x.shape[1:]) != [d for d in want[1:]]:
-        raise ValueError("%s: input shape %s, the bundle expects (N, %s)" % (
-            source, tuple(x.shape), ", ".join(str(d) for d in want[1:])))
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if bad.any():
-        raise ValueError("%s: %d of %d samples contain NaN/Inf" % (source, int(bad.sum()), len(x)))
-    return x
-
-
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench import BenchOptions, run_bench
 
-    return run_bench(args)
+    return run_bench(args.bundle, device_options(args), BenchOptions(
+        board=args.board, inputs=args.inputs, max_inputs=args.max_inputs,
+        include_calibration=args.include_calibration, layer_profile=not args.no_layer_profile,
+        profile_runs=args.profile_runs, repeat=args.repeat, warmup=args.warmup, bandwidths=args.bandwidths,
+        energy_csv=args.energy_csv, energy_rails=args.energy_rails, force_board=args.force_board, out=args.out,
+        compare=not args.no_compare))
 
 
 def cmd_report(args) -> int:

@@ -14,11 +14,13 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
+from . import session as S
 from .bundle import Bundle
 from .device import percentiles
 
@@ -36,24 +38,49 @@ def start_server(bundle_dir: str, extra: List[str]) -> tuple:
     return proc, line.strip().rsplit(" on ", 1)[1]
 
 
+@dataclass
+class BenchOptions:
+    """What ``runtime bench`` measures (its options besides the device ones in
+    :class:`runtime.session.DeviceOptions`): ``inputs`` (files or folders; None: the bundle's samples/),
+    ``max_inputs`` spread evenly, ``repeat`` passes after ``warmup``, ``bandwidths`` emulated for the
+    sweep (``"1mbit,10mbit"``), the per-layer profile (``profile_runs`` runs), the LC / EC / SC comparison
+    (``compare``), an external power log ``energy_csv``, the sensor rails ``energy_rails``, ``force_board``
+    to measure under a board name this machine does not match, and the report folder ``out``."""
+
+    board: Optional[str] = None
+    inputs: Optional[List[str]] = None
+    max_inputs: Optional[int] = None
+    include_calibration: bool = False
+    layer_profile: bool = True
+    profile_runs: int = 20
+    repeat: int = 3
+    warmup: int = 3
+    bandwidths: str = "1mbit,10mbit,100mbit"
+    energy_csv: Optional[str] = None
+    energy_rails: Optional[str] = None
+    force_board: bool = False
+    out: str = "bench-report"
+    compare: bool = True
+
+
 #: files a bench run writes into --out (removed first, so none can be left over from an earlier run)
 OUTPUTS = ("report.json", "report.md", "layers.json", "latency_breakdown.png", "latency_vs_bandwidth.png",
            "comparison.png")
 
 
-def select_inputs(args, bundle: Bundle) -> tuple:
+def select_inputs(opts: BenchOptions, bundle: Bundle) -> tuple:
     """The input files to measure on, and a note on how they were chosen: ``--inputs`` (files or folders
     of images) or the bundle's ``samples/``; files the bundle was calibrated on are left out (unless
     ``--include-calibration``) so accuracy is not measured on calibration data; ``--max-inputs N`` keeps
     N spread evenly over the rest. Raises ValueError when nothing is left."""
     from .preprocess import IMAGE_SUFFIXES, list_images
 
-    if args.inputs:
+    if opts.inputs:
         files: List[str] = []
-        for a in args.inputs:
+        for a in opts.inputs:
             files.extend(str(f) for f in list_images(a)) if Path(a).is_dir() else files.append(str(a))
         files = list(dict.fromkeys(files))  # a file named twice is measured once
-        where = ", ".join(args.inputs)
+        where = ", ".join(opts.inputs)
         if not files:
             raise ValueError("--inputs %s: no image files there (%s)" % (where, ", ".join(sorted(IMAGE_SUFFIXES))))
     else:
@@ -62,10 +89,10 @@ def select_inputs(args, bundle: Bundle) -> tuple:
         where = "the bundle's samples/"
         if not files:
             raise ValueError("the bundle has no samples/ to measure on: give --inputs FILE_OR_FOLDER...")
-    calib = set((bundle.manifest.get("calibration") or {}).get("names") or [])
-    kept = files if args.include_calibration else [f for f in files if Path(f).name not in calib]
+    calib = set(bundle.manifest.calibration_names)
+    kept = files if opts.include_calibration else [f for f in files if Path(f).name not in calib]
     note = "%d inputs from %s" % (len(kept), where)
-    if not kept and not args.inputs:
+    if not kept and not opts.inputs:
         # exported from a source too small to hold anything else (e.g. 'samples', 5 photos): measure on
         # them anyway, and say that accuracy on them is optimistic
         kept = files
@@ -77,8 +104,8 @@ def select_inputs(args, bundle: Bundle) -> tuple:
     elif len(kept) < len(files):
         n = len(files) - len(kept)
         note += " (%d calibration sample%s left out, matched by file name)" % (n, "" if n == 1 else "s")
-    if args.max_inputs and len(kept) > args.max_inputs:
-        idx = np.unique(np.linspace(0, len(kept) - 1, args.max_inputs).round().astype(int))
+    if opts.max_inputs and len(kept) > opts.max_inputs:
+        idx = np.unique(np.linspace(0, len(kept) - 1, opts.max_inputs).round().astype(int))
         kept = [kept[i] for i in idx]
         note += ", %d spread evenly over them" % len(kept)
     return kept, note
@@ -155,10 +182,10 @@ def runtime_overhead(bundle: Bundle, xs, threads, repeat: int, warmup: int = 1, 
     from .chain import Chain
 
     chain = Chain(bundle, "all", "onnx", "fp32", threads, with_exits=False, allow_spinning=allow_spinning)
-    bare = [(s["inputs"], ort.InferenceSession(str(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))),
-                                               session_options(threads, allow_spinning),
-                                               providers=["CPUExecutionProvider"])) for s in bundle.segments]
-    name = bundle.manifest["input"]["name"]
+    bare = [(s.inputs, ort.InferenceSession(str(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))),
+                                            session_options(threads, allow_spinning),
+                                            providers=["CPUExecutionProvider"])) for s in bundle.segments]
+    name = bundle.manifest.input.name
 
     def run_chain(x):
         chain.run_segments({name: x})
@@ -178,64 +205,69 @@ def runtime_overhead(bundle: Bundle, xs, threads, repeat: int, warmup: int = 1, 
             "below_1_beyond_noise": r["ratio_iqr"][1] < 1.0}
 
 
-def run_bench(args) -> int:
-    from . import __main__ as cli
+def run_bench(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions) -> int:
+    """Measure the bundle at ``bundle_dir`` with the device options ``device`` (a server is started on
+    loopback when ``device.server`` is None) and write the report to ``opts.out``. Returns 0; raises
+    ValueError / BundleError / BoardError / OSError for bad options, bundles, boards or inputs."""
     from . import report as R
-    from .boards import board_mismatch, check_board, load_board, matching_boards
+    from .boards import board_mismatch, check_board, matching_boards
     from .energy import meter_for_board, parse_rails
     from .labels import labels_for
     from .preprocess import load_inputs
 
-    if args.repeat < 1 or args.warmup < 0 or args.profile_runs < 1 or (args.max_inputs is not None and args.max_inputs < 1):
+    if opts.repeat < 1 or opts.warmup < 0 or opts.profile_runs < 1 or (opts.max_inputs is not None and opts.max_inputs < 1):
         raise ValueError("--repeat, --profile-runs and --max-inputs must be >= 1, --warmup >= 0")
     # before any work: the report must describe the machine that runs it, under its own name
-    board = load_board(args.board or "host")
+    board = S.board_profile(opts.board or "host")
     name = board["name"]
     if board_mismatch(board):
         own = matching_boards()
-        check_board(board, force=args.force_board, advice=(
+        check_board(board, force=opts.force_board, advice=(
             "To measure a %s, run the bench on it: copy the bundle there (scp -r %s USER@BOARD:) and run `make "
             "bench BOARD=%s` in it (or `python -m runtime bench . --board %s`).%s" % (
-                name, os.path.abspath(args.bundle), name, name,
+                name, os.path.abspath(bundle_dir), name, name,
                 " To measure this machine, use its own profile: `make bench BOARD=%s` (--board %s)." % (own[0], own[0])
                 if own else "")))
-    rails = parse_rails(args.energy_rails)
+    rails = parse_rails(opts.energy_rails)
 
     def meters(b, **kw):  # every meter of this run reads the rails asked for
         return meter_for_board(b, **(dict(kw, rails=rails) if rails else kw))
 
-    meters(board, **({"csv_path": args.energy_csv} if args.energy_csv else {}))  # refuse bad --energy-rails now
-    bundle = Bundle.load(args.bundle)
-    files, note = select_inputs(args, bundle)
-    labels, why = labels_for(files, bundle.manifest, bundle.root / "samples", explain=True)
+    meters(board, **({"csv_path": opts.energy_csv} if opts.energy_csv else {}))  # refuse bad --energy-rails now
+    bundle = Bundle.load(bundle_dir)
+    files, note = select_inputs(opts, bundle)
+    sample_labels = bundle.manifest.samples.labels if bundle.manifest.samples else None
+    labels, why = labels_for(files, sample_labels, bundle.root / "samples", explain=True)
     if labels:
         check_labels(labels, files, bundle)
     else:
         note += "; no accuracy: %s" % why
     t0 = time.perf_counter()
-    xs = [load_inputs([f], bundle.manifest["preprocess"]) for f in files]
+    xs = [load_inputs([f], bundle.manifest.preprocess) for f in files]
     preprocess_ms = (time.perf_counter() - t0) * 1e3 / len(files)
-    out = Path(args.out)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:  # an earlier run's files must not pass for this run's (plan reads layers.json)
         (out / name).unlink(missing_ok=True)
-    remote = bool(args.server)
+    remote = bool(device.server)
     proc = None
-    if not args.server:
-        proc, args.server = start_server(args.bundle, ["--backend", args.backend, "--precision", "fp32"])
+    if not device.server:
+        proc, address = start_server(bundle_dir, ["--backend", device.backend, "--precision", "fp32"])
+        device = replace(device, server=address)
     try:
-        report = _measure(args, bundle, board, xs, preprocess_ms, meters, cli, files, labels)
+        report = _measure(bundle_dir, device, opts, bundle, board, xs, preprocess_ms, meters, files, labels)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=10)
     report["inputs_note"] = note
-    if args.force_board:
+    if opts.force_board:
         report["board_forced"] = board_mismatch(board)  # None when this machine does look like the board
     if report.get("comparison"):
-        report["comparison"]["sc_server"] = "%s (%s)" % (args.server, "given" if remote else "started on this machine")
-    if not args.no_layer_profile:
-        report["layer_profile"] = layer_profile(args, bundle, board, xs, files, out, cli._threads(args, board))
+        report["comparison"]["sc_server"] = "%s (%s)" % (device.server, "given" if remote else "started on this machine")
+    if opts.layer_profile:
+        report["layer_profile"] = layer_profile(opts, bundle, board, xs, files, out,
+                                                S.runtime_threads(device.threads, board), device.spinning)
     report["findings"] = R.findings(report)
     R.write(out, report)  # plots first: the report lists the ones written
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -247,60 +279,62 @@ def run_bench(args) -> int:
 def check_labels(labels: List[int], files: List[str], bundle: Bundle) -> None:
     """Refuse ground truth outside the model's classes ``0..C-1`` (C from the manifest's output shape):
     it would only read as a low accuracy. Raises ValueError naming the first such file."""
-    classes = (bundle.manifest.get("output") or {}).get("shape", [None, None])[-1]
+    classes = bundle.manifest.num_classes
     for f, y in zip(files, labels):
         if y < 0 or (classes and y >= classes):
             raise ValueError("%s: label %d is not a class of this model (0..%s); check its synsets.txt / labels.txt"
                              % (f, y, (classes - 1) if classes else "?"))
 
 
-def layer_profile(args, bundle: Bundle, board: dict, xs, files, out: Path, threads=None) -> dict:
+def layer_profile(opts: BenchOptions, bundle: Bundle, board: dict, xs, files, out: Path, threads=None,
+                  spinning: Optional[str] = None) -> dict:
     """Per-layer latency of the whole model on this board (:func:`runtime.profile_layers.profile_onnx` on
     the bundle's ``profile/model.fp32.onnx``), written to ``out/layers.json`` for ``eetool plan
     --measurements``; a note when the bundle has no profile graph (exported with --no-profile-graph)."""
     from . import profile_layers as P
 
-    spec = bundle.manifest.get("layer_profile_graph")
+    spec = bundle.manifest.layer_profile_graph
     if not spec:
         return {"skipped": "the bundle has no layer_profile_graph (exported with --no-profile-graph)"}
-    path = bundle.root / spec["file"]  # checksummed with every other file when the bundle was loaded
+    path = bundle.root / spec.file  # checksummed with every other file when the bundle was loaded
     try:
         from .boards import allow_spinning
 
-        prof = P.profile_onnx(path, xs[:8], args.profile_runs, max(1, args.warmup), threads,
+        prof = P.profile_onnx(path, xs[:8], opts.profile_runs, max(1, opts.warmup), threads,
                               board.get("name", "host"), source_note="runtime bench of %s" % bundle.root.name,
-                              allow_spinning=allow_spinning(board, getattr(args, "spinning", None)))
+                              allow_spinning=allow_spinning(board, spinning))
     except P.ProfileError as e:  # e.g. a LiteRT-only board without onnxruntime: the rest of the report stands
         return {"skipped": str(e)}
     images = [f for f in files if not str(f).endswith(".npy")][:8]
-    if images and bundle.manifest["preprocess"].get("kind") == "image":
-        prof["preprocess_ms"] = P.preprocess_ms(images, bundle.manifest["preprocess"])
-    prof["model_source"] = (bundle.manifest.get("model") or {}).get("source")  # plan refuses another model's
+    if images and bundle.manifest.preprocess.kind == "image":
+        prof["preprocess_ms"] = P.preprocess_ms(images, bundle.manifest.preprocess)
+    prof["model_source"] = bundle.manifest.model.source  # plan refuses another model's
     P.save_profile(prof, out / "layers.json")
     return {"file": "layers.json", "total_ms": prof["total_ms"], "source": prof["source"],
             "modules": len(prof["cumulative_ms"])}
 
 
-def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files=(), labels=None) -> dict:
+def _measure(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions, bundle: Bundle, board: dict, xs,
+             preprocess_ms: float, meter_for_board, files=(), labels=None) -> dict:
     from .boards import allow_spinning
 
-    runner, fmt, precision = cli.make_runner(args, bundle, board)
-    threads = cli._threads(args, board)
-    spinning = allow_spinning(board, args.spinning)
-    _run_pass(runner, xs[: max(1, args.warmup)], 1)
-    meter = meter_for_board(board, **({"csv_path": args.energy_csv} if args.energy_csv else {}))
+    runner, fmt, precision = S.make_runner(bundle, board, device)
+    threads = S.runtime_threads(device.threads, board)
+    spinning = allow_spinning(board, device.spinning)
+    _run_pass(runner, xs[: max(1, opts.warmup)], 1)
+    meter = meter_for_board(board, **({"csv_path": opts.energy_csv} if opts.energy_csv else {}))
     idle_w = None
     if not meter.estimated:
         idle_w = meter.measure_idle(1.0)
     meter.start()
-    results, wall, cpu = timed(lambda: _run_pass(runner, xs, args.repeat))
+    results, wall, cpu = timed(lambda: _run_pass(runner, xs, opts.repeat))
     energy = meter.stop()
     n = len(results)
     report = {
-        "bundle": str(bundle.root), "split": bundle.manifest["split"], "board": board.get("name"),
-        "model": (bundle.manifest.get("model") or {}).get("source"),
+        "bundle": str(bundle.root), "split": bundle.manifest.split, "board": board.get("name"),
+        "model": bundle.manifest.model.source,
         "machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
-        "precision": precision, "threads": threads, "codec": args.codec, "wire_dtype": args.wire_dtype,
+        "precision": precision, "threads": threads, "codec": device.codec, "wire_dtype": device.wire_dtype,
         "allow_spinning": spinning,
         "requests": n, "inputs": len(xs), "preprocess_ms_mean": preprocess_ms,
         "labelled_inputs": len(labels) if labels else 0,
@@ -315,13 +349,13 @@ def _measure(args, bundle, board, xs, preprocess_ms, meter_for_board, cli, files
     }
     if labels:
         report["top1_accuracy"] = accuracy([r.top1 for r in results[-len(xs):]], labels)
-    report["bandwidth_sweep"] = _sweep(args, bundle, board, xs, cli)
-    report["graph_latency"] = graph_latency(bundle, xs, args.repeat, allow_spinning=spinning)
+    report["bandwidth_sweep"] = _sweep(device, opts, bundle, board, xs)
+    report["graph_latency"] = graph_latency(bundle, xs, opts.repeat, allow_spinning=spinning)
     report["input_file_bytes_mean"] = float(np.mean([os.path.getsize(f) for f in files]))
-    if not getattr(args, "no_compare", False):
-        report["comparison"] = compare_modes(args, bundle, board, xs, cli, meter_for_board, labels, files)
+    if opts.compare:
+        report["comparison"] = compare_modes(bundle_dir, device, opts, bundle, board, xs, meter_for_board, labels, files)
     if "onnx/fp32" in bundle.formats():
-        report["runtime_vs_bare_onnxruntime"] = runtime_overhead(bundle, xs, threads, args.repeat, max(1, args.warmup),
+        report["runtime_vs_bare_onnxruntime"] = runtime_overhead(bundle, xs, threads, opts.repeat, max(1, opts.warmup),
                                                                  allow_spinning=spinning)
     return report
 
@@ -334,10 +368,10 @@ def accuracy(top1: List[int], labels: List[int]) -> float:
 def device_mflops(bundle: Bundle, result) -> float:
     """MFLOPs the device spent on one request: the segments and exit branches it ran (the stages timed in
     ``result.ms``), plus the server segments when it ran the tail itself."""
-    spent = sum(s.get("mflops", 0.0) for s in bundle.segments if s["name"] in result.ms)
-    spent += sum(e.get("mflops", 0.0) for e in bundle.exits if e["name"] in result.ms)
+    spent = sum(s.mflops or 0.0 for s in bundle.segments if s.name in result.ms)
+    spent += sum(e.mflops or 0.0 for e in bundle.exits if e.name in result.ms)
     if "local_tail" in result.ms:
-        spent += sum(s.get("mflops", 0.0) for s in bundle.server_segments)
+        spent += sum(s.mflops or 0.0 for s in bundle.server_segments)
     return float(spent)
 
 
@@ -373,7 +407,8 @@ def _timed_mode(infer, xs, repeat: int, meter, labels=None) -> dict:
     return out
 
 
-def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, files=()) -> dict:
+def compare_modes(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions, bundle: Bundle, board: dict, xs,
+                  meter_for_board, labels=None, files=()) -> dict:
     """The survey's comparison on the same inputs (Matsubara, Levorato & Restuccia, sec. 2): local
     computing (LC, whole model on the device), edge computing (EC, the input sent to a server running the
     whole model), split computing (SC) and, when the bundle has exits, SC with early exits (SC+EE) and LC
@@ -391,12 +426,13 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
 
     from .boards import allow_spinning
 
-    fmt = cli.pick_backend(bundle, args.backend, board)
-    precision = cli.pick_precision(bundle, fmt, args.precision)
-    threads = cli._threads(args, board)
-    spin = allow_spinning(board, args.spinning)
+    fmt = S.pick_backend(bundle, device.backend, board)
+    precision = S.pick_precision(bundle, fmt, device.precision)
+    threads = S.runtime_threads(device.threads, board)
+    spin = allow_spinning(board, device.spinning)
     meter = meter_for_board(board)
-    spec = bundle.manifest["preprocess"]
+    spec = bundle.manifest.preprocess
+    inp = bundle.manifest.input.name
     from_files = bool(files) and all(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files)
     if from_files:
         items = [Path(f).read_bytes() for f in files]
@@ -409,42 +445,38 @@ def compare_modes(args, bundle, board, xs, cli, meter_for_board, labels=None, fi
 
     modes: Dict[str, dict] = {}
     lc = DeviceRunner(bundle, None, fmt, precision, threads, exits=False, local_tail=True, allow_spinning=spin)
-    modes["LC"] = _timed_mode(run(lc), items, args.repeat, meter, labels)
-    proc, address = start_server(args.bundle, ["--whole-model", "--backend", fmt, "--precision", "fp32"]
+    modes["LC"] = _timed_mode(run(lc), items, opts.repeat, meter, labels)
+    proc, address = start_server(bundle_dir, ["--whole-model", "--backend", fmt, "--precision", "fp32"]
                                  + (["--input-file"] if from_files else []))
     try:
-        host, port = address.rsplit(":", 1)
-        client = EdgeClient(host, int(port), codec=args.codec)
+        host, port = S.parse_server_address(address)
+        client = EdgeClient(host, port, codec=device.codec)
 
         def offload(item):
             if from_files:
                 reply = client.infer({FILE_TENSOR: np.frombuffer(item, np.uint8)}, {})
             else:
                 q = QuantParams.from_tensor(item, "int8")  # the range includes 0, as on every other path
-                reply = client.infer({"input": q.quantize(item)}, {"input": q.to_json()})
+                reply = client.infer({inp: q.quantize(item)}, {inp: q.to_json()})
             return int(reply.logits[0].argmax()), reply.bytes_sent, 0.0
 
-        modes["EC"] = _timed_mode(offload, items, args.repeat, meter, labels)
+        modes["EC"] = _timed_mode(offload, items, opts.repeat, meter, labels)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    saved = args.no_exits
-    args.no_exits = True
-    sc, _, _ = cli.make_runner(args, bundle, board)
-    modes["SC"] = _timed_mode(run(sc), items, args.repeat, meter, labels)
+    sc, _, _ = S.make_runner(bundle, board, replace(device, exits=False))
+    modes["SC"] = _timed_mode(run(sc), items, opts.repeat, meter, labels)
     if bundle.exits:
-        args.no_exits = False
-        see, _, _ = cli.make_runner(args, bundle, board)
-        modes["SC+EE"] = _timed_mode(run(see), items, args.repeat, meter, labels)
+        see, _, _ = S.make_runner(bundle, board, replace(device, exits=True))
+        modes["SC+EE"] = _timed_mode(run(see), items, opts.repeat, meter, labels)
         lcee = DeviceRunner(bundle, None, fmt, precision, threads, exits=True, local_tail=True, allow_spinning=spin)
-        modes["LC+EE"] = _timed_mode(run(lcee), items, args.repeat, meter, labels)
-    args.no_exits = saved
+        modes["LC+EE"] = _timed_mode(run(lcee), items, opts.repeat, meter, labels)
     for m in modes.values():
         m["top1_agreement_with_LC"] = float(np.mean([a == b for a, b in zip(m["top1"], modes["LC"]["top1"])]))
     return {"backend": "%s/%s" % (fmt, precision), "server_on_this_machine": True,
             "latency_from": "input file bytes (decode + preprocess included)" if from_files else "preprocessed input",
             "ec_sends": "the input file as it is (server decodes)" if from_files else "the input, int8-quantised",
-            "whole_model_mflops": sum(sg.get("mflops", 0.0) for sg in bundle.segments),
+            "whole_model_mflops": sum(sg.mflops or 0.0 for sg in bundle.segments),
             "labelled_inputs": len(labels) if labels else 0, "modes": modes}
 
 
@@ -463,11 +495,12 @@ def graph_latency(bundle: Bundle, xs, repeat: int, threads=(1, 2), allow_spinnin
                 out["%s@%d" % (pair, t)] = {"error": str(e)}
                 continue
             timings: Dict[str, List[float]] = {}
-            chain.run_segments({"input": xs[0]})  # warm-up
+            inp = bundle.manifest.input.name
+            chain.run_segments({inp: xs[0]})  # warm-up
             for _ in range(repeat):
                 for x in xs:
                     ms: Dict[str, float] = {}
-                    chain.run_segments({"input": x}, ms)
+                    chain.run_segments({inp: x}, ms)
                     for k, v in ms.items():
                         timings.setdefault(k, []).append(v)
             out["%s@%d" % (pair, t)] = {k: float(np.median(v)) for k, v in timings.items()}
@@ -482,21 +515,18 @@ def _exit_rates(results) -> Dict[str, float]:
     return {k: v / len(results) for k, v in counts.items()}
 
 
-def _sweep(args, bundle, board, xs, cli) -> List[dict]:
+def _sweep(device: S.DeviceOptions, opts: BenchOptions, bundle: Bundle, board: dict, xs) -> List[dict]:
     """End-to-end p50 per emulated bandwidth (token-bucket shaping of the client's send path); each row has
     the link in Mbit/s (``mbps``) and as a label (``bandwidth``)."""
     from .link import format_bandwidth, parse_bandwidths
 
     rows = []
-    original = args.bandwidth
-    for mbps in parse_bandwidths(args.bandwidths) if (args.bandwidths or "").strip() else []:
-        args.bandwidth = mbps
-        runner, _, _ = cli.make_runner(args, bundle, board)
+    for mbps in parse_bandwidths(opts.bandwidths) if (opts.bandwidths or "").strip() else []:
+        runner, _, _ = S.make_runner(bundle, board, replace(device, bandwidth=mbps))
         res = _run_pass(runner, xs, 1)
-        rows.append({"bandwidth": format_bandwidth(mbps), "mbps": mbps, "rtt": args.rtt,
+        rows.append({"bandwidth": format_bandwidth(mbps), "mbps": mbps, "rtt": device.rtt,
                      "total_ms": percentiles([sum(r.ms.values()) for r in res]),
                      "bytes_sent_mean": float(np.mean([r.bytes_sent for r in res]))})
-    args.bandwidth = original
     return rows
 
 

@@ -1,12 +1,15 @@
-"""Load and check an eetool bundle (see docs/bundle.md): the manifest plus every file's sha256."""
+"""Load and check an eetool bundle (see docs/bundle.md): the manifest (:mod:`runtime.manifest`) plus
+every file's sha256."""
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
-from .manifest import SCHEMA, ManifestError, parse_manifest
+from .manifest import SCHEMA, ExitBranch, GraphEntry, Manifest, ManifestError, Segment, WireTensor, parse_manifest
+
+__all__ = ["SCHEMA", "Bundle", "BundleError", "sha256_file"]
 
 
 class BundleError(ValueError):
@@ -23,13 +26,14 @@ def sha256_file(path: Path) -> str:
 
 
 class Bundle:
-    """A loaded bundle: ``root`` directory and parsed ``manifest``.
+    """A loaded bundle: ``root`` directory and its validated :class:`runtime.manifest.Manifest`.
 
-    Use :meth:`load`; it raises :class:`BundleError` on a missing manifest, unknown schema, or any file
-    whose sha256 differs from the manifest (the message names the files and says to re-copy the bundle).
+    Use :meth:`load`; it raises :class:`BundleError` on a missing manifest, a manifest that does not
+    follow the schema (the message names the field), or any file whose sha256 differs from the manifest
+    (the message names the files and says to re-copy the bundle).
     """
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: Manifest):
         self.root = root
         self.manifest = manifest
 
@@ -44,10 +48,10 @@ class Bundle:
         except ValueError as e:
             raise BundleError(f"{mf}: not valid JSON ({e}); re-copy the bundle")
         try:
-            parse_manifest(manifest)
+            parsed = parse_manifest(manifest)
         except ManifestError as e:
             raise BundleError(f"{mf}: {e}")
-        bundle = cls(root, manifest)
+        bundle = cls(root, parsed)
         if verify:
             bundle.verify()
         return bundle
@@ -55,7 +59,7 @@ class Bundle:
     def verify(self, files: Optional[List[str]] = None) -> None:
         """Recompute sha256 of the listed files (default: all in the manifest); raise BundleError on any
         missing or mismatching file."""
-        expected: Dict[str, str] = self.manifest.get("files", {})
+        expected: Dict[str, str] = self.manifest.files
         bad = []
         for rel in files if files is not None else sorted(expected):
             p = self.root / rel
@@ -71,53 +75,48 @@ class Bundle:
 
     # --- views on the manifest -------------------------------------------------------------
     @property
-    def segments(self) -> List[dict]:
-        return self.manifest["segments"]
+    def segments(self) -> List[Segment]:
+        return self.manifest.segments
 
     @property
-    def device_segments(self) -> List[dict]:
-        return [s for s in self.segments if s["side"] == "device"]
+    def device_segments(self) -> List[Segment]:
+        return self.manifest.device_segments
 
     @property
-    def server_segments(self) -> List[dict]:
-        return [s for s in self.segments if s["side"] == "server"]
+    def server_segments(self) -> List[Segment]:
+        return self.manifest.server_segments
 
     @property
-    def exits(self) -> List[dict]:
-        return self.manifest.get("exits", [])
+    def exits(self) -> List[ExitBranch]:
+        return self.manifest.exits
 
     @property
     def wire_tensors(self) -> List[str]:
         """Names of the tensors sent from device to server (outputs of the last device segment)."""
-        dev = self.device_segments
-        return list(dev[-1]["outputs"]) if dev else [self.manifest["input"]["name"]]
+        return self.manifest.wire_tensors
 
-    def tensor(self, name: str) -> dict:
+    def tensor(self, name: str) -> WireTensor:
         """The manifest entry of a tensor crossing a cut: shape, dtype, layout, quant (scale, zero point)."""
         try:
-            return self.manifest["tensors"][name]
+            return self.manifest.tensors[name]
         except KeyError:
-            raise BundleError(f"tensor {name!r} is not in the manifest's tensors: {sorted(self.manifest['tensors'])}")
+            raise BundleError(f"tensor {name!r} is not in the manifest's tensors: {sorted(self.manifest.tensors)}")
 
-    def graph_key(self, owner: dict, fmt: str, precision: str) -> str:
+    def graph_key(self, owner: Union[Segment, ExitBranch], fmt: str, precision: str) -> str:
         """Key of ``owner``'s (segment or exit) graph in ``fmt`` (onnx|tflite) and ``precision`` (fp32|int8)."""
-        key = owner.get("graphs", {}).get(f"{fmt}/{precision}")
+        key = owner.graphs.get(f"{fmt}/{precision}")
         if key is None:
-            have = sorted(owner.get("graphs", {}))
-            raise BundleError(f"{owner['name']} has no {fmt}/{precision} graph (bundle has: {', '.join(have)}); "
+            have = sorted(owner.graphs)
+            raise BundleError(f"{owner.name} has no {fmt}/{precision} graph (bundle has: {', '.join(have)}); "
                               f"re-export with the matching --format / --int8")
         return key
 
-    def graph(self, key: str) -> dict:
-        return self.manifest["graphs"][key]
+    def graph(self, key: str) -> GraphEntry:
+        return self.manifest.graphs[key]
 
     def graph_path(self, key: str) -> Path:
-        return self.root / self.manifest["graphs"][key]["file"]
+        return self.root / self.manifest.graphs[key].file
 
     def formats(self) -> List[str]:
         """Available ``fmt/precision`` pairs for every graph of the bundle (e.g. ``onnx/fp32``)."""
-        pairs = None
-        for owner in self.segments + self.exits:
-            have = set(owner.get("graphs", {}))
-            pairs = have if pairs is None else pairs & have
-        return sorted(pairs or [])
+        return self.manifest.formats()

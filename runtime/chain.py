@@ -5,12 +5,13 @@ All tensors are float32, NCHW, batch first, keyed by the manifest's tensor names
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from .backends import open_session
 from .bundle import Bundle
+from .manifest import ExitBranch, Segment
 
 
 class Chain:
@@ -25,20 +26,20 @@ class Chain:
         self.bundle = bundle
         self.fmt, self.precision = fmt, precision
         self.allow_spinning = allow_spinning
-        segs = bundle.segments if side == "all" else [s for s in bundle.segments if s["side"] == side]
-        self.segments: List[Tuple[dict, object]] = [(s, self._open(s, threads)) for s in segs]
+        segs = bundle.segments if side == "all" else [s for s in bundle.segments if s.side == side]
+        self.segments: List[Tuple[Segment, object]] = [(s, self._open(s, threads)) for s in segs]
         # exits keyed by the tensor they read; only exits whose input this chain produces
-        produced = {o for s, _ in self.segments for o in s["outputs"]}
-        self.exits: Dict[str, List[Tuple[dict, object]]] = {}
+        produced = {o for s, _ in self.segments for o in s.outputs}
+        self.exits: Dict[str, List[Tuple[ExitBranch, object]]] = {}
         if with_exits:
             for e in bundle.exits:
-                if e["input"] in produced:
-                    self.exits.setdefault(e["input"], []).append((e, self._open(e, threads)))
+                if e.input in produced:
+                    self.exits.setdefault(e.input, []).append((e, self._open(e, threads)))
 
-    def _open(self, owner: dict, threads: Optional[int]):
+    def _open(self, owner: Union[Segment, ExitBranch], threads: Optional[int]):
         key = self.bundle.graph_key(owner, self.fmt, self.precision)
         g = self.bundle.graph(key)
-        return open_session(self.bundle.graph_path(key), g["format"], threads, g.get("name_map"), self.allow_spinning)
+        return open_session(self.bundle.graph_path(key), g.format, threads, g.name_map, self.allow_spinning)
 
     def run_segments(self, tensors: Dict[str, np.ndarray], timings: Optional[Dict[str, float]] = None
                      ) -> Dict[str, np.ndarray]:
@@ -47,9 +48,9 @@ class Chain:
         values = dict(tensors)
         for spec, sess in self.segments:
             t0 = time.perf_counter()
-            values.update(sess.run({n: values[n] for n in spec["inputs"]}))
+            values.update(sess.run({n: values[n] for n in spec.inputs}))
             if timings is not None:
-                timings[spec["name"]] = (time.perf_counter() - t0) * 1e3
+                timings[spec.name] = (time.perf_counter() - t0) * 1e3
         return values
 
     def run_exits(self, values: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -58,5 +59,5 @@ class Chain:
         for tensor, exits in self.exits.items():
             if tensor in values:
                 for spec, sess in exits:
-                    out[spec["name"]] = sess.run({spec["input"]: values[tensor]})[spec["output"]]
+                    out[spec.name] = sess.run({spec.input: values[tensor]})[spec.output]
         return out

@@ -15,10 +15,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import codec
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 from .chain import Chain
 from .confidence import confidence, passes
+from .quant import QuantParams
 
 
 @dataclass
@@ -46,18 +46,32 @@ class Result:
                 **({"error": self.error} if self.error else {})}
 
 
-def quantize_wire(bundle: Bundle, values: Dict[str, np.ndarray], wire_dtype: str = "int8"):
-    """Wire tensors by name and their quantisation (``{name: {dtype, scale, zero_point}}``); with
-    ``wire_dtype='float32'`` the split tensors go unquantised (quant entries are empty)."""
-    tensors, quant = {}, {}
+def wire_params(bundle: Bundle, wire_dtype: str = "int8") -> Dict[str, Optional[QuantParams]]:
+    """Quantisation of every wire tensor from the manifest (None for each with ``wire_dtype='float32'``).
+    Raises BundleError when int8 is asked and the manifest has no quantisation for a wire tensor."""
+    if wire_dtype not in ("int8", "float32"):
+        raise ValueError("wire dtype %r: use int8 or float32" % wire_dtype)
+    out = {}  # type: Dict[str, Optional[QuantParams]]
     for name in bundle.wire_tensors:
+        q = bundle.tensor(name).quant
+        if wire_dtype == "int8" and q is None:
+            raise BundleError("wire tensor %r has no quantisation in the manifest (a bundle sliced from .onnx by "
+                              "eetool 0.1.0): send it as --wire-dtype float32, or re-export" % name)
+        out[name] = q.params() if wire_dtype == "int8" else None
+    return out
+
+
+def quantize_wire(params: Dict[str, Optional[QuantParams]], values: Dict[str, np.ndarray]):
+    """Wire tensors by name and their quantisation header entries (``{name: {dtype, scale, zero_point}}``)
+    from :func:`wire_params`; tensors whose params are None go as float32 (no quant entry)."""
+    tensors, quant = {}, {}
+    for name, p in params.items():
         x = values[name]
-        if wire_dtype == "float32":
+        if p is None:
             tensors[name] = np.ascontiguousarray(x, dtype=np.float32)
             continue
-        q = bundle.tensor(name)["quant"]
-        tensors[name] = codec.quantize(x, q["scale"], q["zero_point"], q["dtype"])
-        quant[name] = {"scale": q["scale"], "zero_point": q["zero_point"], "dtype": q["dtype"]}
+        tensors[name] = p.quantize(x)
+        quant[name] = p.to_json()
     return tensors, quant
 
 
@@ -78,12 +92,13 @@ class DeviceRunner:
         self.bundle = bundle
         self.client = client
         self.wire_dtype = wire_dtype
+        self.wire = wire_params(bundle, wire_dtype) if bundle.server_segments else {}
         self.chain = Chain(bundle, "device", fmt, precision, threads, with_exits=exits, allow_spinning=allow_spinning)
         self.tail = Chain(bundle, "server", fmt, precision, threads, with_exits=False,
                           allow_spinning=allow_spinning) if local_tail else None
         pair = "%s/%s" % (fmt, precision)
         # per-graph thresholds when calibrated on those graphs (int8 confidences differ from float ones)
-        self.thresholds = {e["name"]: e.get("thresholds", {}).get(pair, e.get("threshold")) for e in bundle.exits}
+        self.thresholds = {e.name: e.threshold_for(pair) for e in bundle.exits}
         for name, value in (thresholds or {}).items():
             if name not in self.thresholds:
                 raise ValueError("unknown exit %r; the bundle has %s" % (name, sorted(self.thresholds)))
@@ -96,33 +111,34 @@ class DeviceRunner:
         ms: Dict[str, float] = {}
         confs: Dict[str, float] = {}
         best = None  # (confidence rank, name, logits) of the most confident exit so far
-        values = {self.bundle.manifest["input"]["name"]: x}
+        values = {self.bundle.manifest.input.name: x}
         for spec, sess in self.chain.segments:
             t0 = time.perf_counter()
-            values.update(sess.run({n: values[n] for n in spec["inputs"]}))
-            ms[spec["name"]] = (time.perf_counter() - t0) * 1e3
-            for out in spec["outputs"]:
+            values.update(sess.run({n: values[n] for n in spec.inputs}))
+            ms[spec.name] = (time.perf_counter() - t0) * 1e3
+            for out in spec.outputs:
                 for espec, esess in self.chain.exits.get(out, []):
-                    if self.thresholds[espec["name"]] is None:  # disabled: the branch is not evaluated
+                    if self.thresholds[espec.name] is None:  # disabled: the branch is not evaluated
                         continue
                     t0 = time.perf_counter()
-                    logits = esess.run({espec["input"]: values[out]})[espec["output"]]
-                    conf = float(confidence(logits, espec["rule"])[0])
-                    ms[espec["name"]] = (time.perf_counter() - t0) * 1e3
-                    confs[espec["name"]] = conf
-                    rank = conf if espec["rule"] == "max_softmax" else 1.0 - conf
+                    logits = esess.run({espec.input: values[out]})[espec.output]
+                    conf = float(confidence(logits, espec.rule)[0])
+                    ms[espec.name] = (time.perf_counter() - t0) * 1e3
+                    confs[espec.name] = conf
+                    rank = conf if espec.rule == "max_softmax" else 1.0 - conf
                     if best is None or rank > best[0]:
-                        best = (rank, espec["name"], logits[0])
-                    if passes(np.array([conf]), self.thresholds[espec["name"]], espec["rule"])[0]:
-                        return Result(logits[0], int(logits[0].argmax()), espec["name"], "device", ms, 0, 0, confs)
+                        best = (rank, espec.name, logits[0])
+                    if passes(np.array([conf]), self.thresholds[espec.name], espec.rule)[0]:
+                        return Result(logits[0], int(logits[0].argmax()), espec.name, "device", ms, 0, 0, confs)
         return self._finish(values, ms, confs, best)
 
     def _finish(self, values, ms, confs, best) -> Result:
+        output = self.bundle.manifest.output.name
         if not self.bundle.server_segments:  # the whole model runs on the device
-            logits = values["logits"][0]
+            logits = values[output][0]
             return Result(logits, int(logits.argmax()), None, "device", ms, 0, 0, confs)
         t0 = time.perf_counter()
-        tensors, quant = quantize_wire(self.bundle, values, self.wire_dtype)
+        tensors, quant = quantize_wire(self.wire, values)
         ms["quantize"] = (time.perf_counter() - t0) * 1e3
         error = None
         if self.client is not None:
@@ -141,8 +157,9 @@ class DeviceRunner:
         where = "local" if error is None else "degraded"
         if self.tail is not None:
             t0 = time.perf_counter()
-            feed = {n: self._dequantized(n, tensors, quant) for n in self.bundle.wire_tensors}
-            logits = self.tail.run_segments(feed)["logits"][0]
+            feed = {n: tensors[n] if self.wire[n] is None else self.wire[n].dequantize(tensors[n])
+                    for n in self.bundle.wire_tensors}
+            logits = self.tail.run_segments(feed)[output][0]
             ms["local_tail"] = (time.perf_counter() - t0) * 1e3
             return Result(logits, int(logits.argmax()), None, where, ms, 0, 0, confs, error)
         if best is not None:
@@ -150,13 +167,6 @@ class DeviceRunner:
                           error or "no server configured")
         raise RuntimeError("server unavailable (%s) and the bundle has no exit or local tail to fall back on"
                            % (error or "no server configured"))
-
-    @staticmethod
-    def _dequantized(name, tensors, quant):
-        if name not in quant:
-            return tensors[name]
-        q = quant[name]
-        return codec.dequantize(tensors[name], q["scale"], q["zero_point"])
 
 
 def percentiles(samples: List[float]) -> Dict[str, float]:

@@ -67,12 +67,14 @@ def folder_label(path: Path, cache: Dict[Path, tuple]) -> Optional[int]:
     return None
 
 
-def labels_for(files: Sequence, manifest: Optional[dict] = None, samples_dir=None, explain: bool = False):
+def labels_for(files: Sequence, sample_labels: Optional[Dict[str, int]] = None, samples_dir=None,
+               explain: bool = False):
     """Class index per file (see module doc), or None when any file has no label (accuracy then needs a
-    labelled input set: an ImageNet-style folder with ``synsets.txt``, or a ``labels.txt``). The
-    manifest's ``samples.labels`` apply to files in ``samples_dir`` (the bundle's ``samples/``). With
-    ``explain=True`` returns ``(labels or None, why not)``. Raises LabelError for an unreadable label file."""
-    known = dict(((manifest or {}).get("samples") or {}).get("labels") or {})
+    labelled input set: an ImageNet-style folder with ``synsets.txt``, or a ``labels.txt``).
+    ``sample_labels`` (the manifest's ``samples.labels``, file name -> class) apply to files in
+    ``samples_dir`` (the bundle's ``samples/``). With ``explain=True`` returns ``(labels or None, why
+    not)``. Raises LabelError for an unreadable label file."""
+    known = dict(sample_labels or {})
     samples = Path(samples_dir).resolve() if samples_dir else None
     cache: Dict[Path, tuple] = {}
     out: List[int] = []

@@ -9,15 +9,28 @@ subtract ``mean`` and divide by ``std`` per channel, lay out as ``layout`` (NCHW
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, List
+from typing import Any, Dict, Iterable, List, Union
 
 import numpy as np
+
+from .manifest import ManifestError, Preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class PreprocessError(ValueError):
     """An input cannot be turned into the model's input (unreadable, wrong channel count, bad spec)."""
+
+
+def as_preprocess(spec: Union[Preprocess, Dict[str, Any]]) -> Preprocess:
+    """The manifest's :class:`runtime.manifest.Preprocess`, from itself or its JSON form (a dict such as
+    ``toolkit.sources.IMAGENET_PREPROCESS``). Raises PreprocessError naming a bad field."""
+    if isinstance(spec, Preprocess):
+        return spec
+    try:
+        return Preprocess.from_json(spec, "preprocess")
+    except ManifestError as e:
+        raise PreprocessError(str(e))
 
 
 def _pil():
@@ -28,20 +41,22 @@ def _pil():
     return Image
 
 
-def load_image(path, spec: dict) -> np.ndarray:
-    """One image file -> float32 ``(C, H, W)`` (NCHW layout without the batch). Raises PreprocessError."""
+def load_image(path, spec: Union[Preprocess, Dict[str, Any]]) -> np.ndarray:
+    """One image file -> float32 ``(C, H, W)`` (NCHW layout without the batch), as ``spec`` (the manifest's
+    ``preprocess``) says. Raises PreprocessError."""
+    spec = as_preprocess(spec)
     Image = _pil()
     try:
         with Image.open(path) as im:
-            im = im.convert(spec.get("channels") or ("L" if len(spec.get("mean", [0, 0, 0])) == 1 else "RGB"))
+            im = im.convert(spec.channels or ("L" if len(spec.mean or [0, 0, 0]) == 1 else "RGB"))
             w, h = im.size
-            short = int(spec.get("resize_shorter") or min(w, h))
+            short = int(spec.resize_shorter or min(w, h))
             s = short / min(w, h)
             resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[
-                spec.get("interpolation", "bilinear")]
+                spec.interpolation or "bilinear"]
             if (round(w * s), round(h * s)) != (w, h):
                 im = im.resize((round(w * s), round(h * s)), resample)
-            ch, cw = spec.get("crop") or (im.size[1], im.size[0])
+            ch, cw = spec.crop or (im.size[1], im.size[0])
             w, h = im.size
             left, top = (w - cw) // 2, (h - ch) // 2
             im = im.crop((left, top, left + cw, top + ch))
@@ -53,7 +68,7 @@ def load_image(path, spec: dict) -> np.ndarray:
     return normalize(arr.transpose(2, 0, 1), spec)
 
 
-def decode_image(data: bytes, spec: dict, name: str = "image bytes") -> np.ndarray:
+def decode_image(data: bytes, spec: Union[Preprocess, Dict[str, Any]], name: str = "image bytes") -> np.ndarray:
     """An encoded image file held in memory (JPEG, PNG, ...) -> float32 ``(C, H, W)``, exactly as
     :func:`load_image` does for a file. Raises PreprocessError naming ``name``."""
     import io
@@ -64,12 +79,13 @@ def decode_image(data: bytes, spec: dict, name: str = "image bytes") -> np.ndarr
         raise PreprocessError("%s (%d B): %s" % (name, len(data), str(e).split(": ", 1)[-1]))
 
 
-def normalize(chw: np.ndarray, spec: dict) -> np.ndarray:
+def normalize(chw: np.ndarray, spec: Union[Preprocess, Dict[str, Any]]) -> np.ndarray:
     """Apply ``scale``, ``mean``, ``std`` to a ``(C, H, W)`` or ``(N, C, H, W)`` array; float32 out."""
-    x = chw.astype(np.float32) * np.float32(spec.get("scale", 1.0))
+    spec = as_preprocess(spec)
+    x = chw.astype(np.float32) * np.float32(1.0 if spec.scale is None else spec.scale)
     c_axis = -3
-    mean = np.asarray(spec.get("mean", [0.0]), np.float32)
-    std = np.asarray(spec.get("std", [1.0]), np.float32)
+    mean = np.asarray([0.0] if spec.mean is None else spec.mean, np.float32)
+    std = np.asarray([1.0] if spec.std is None else spec.std, np.float32)
     shape = [1] * x.ndim
     shape[c_axis] = -1
     if mean.size not in (1, x.shape[c_axis]):
@@ -83,8 +99,9 @@ def list_images(folder) -> List[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_inputs(paths: Iterable, spec: dict) -> np.ndarray:
+def load_inputs(paths: Iterable, spec: Union[Preprocess, Dict[str, Any]]) -> np.ndarray:
     """Image files (or ``.npy`` arrays already in model layout) -> float32 batch ``(N, C, H, W)``."""
+    spec = as_preprocess(spec)
     out = []
     for p in paths:
         p = Path(p)

@@ -311,8 +311,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     spec = IMAGENET_PREPROCESS
     if a.bundle:
-        with open(os.path.join(a.bundle, "manifest.json"), "r", encoding="utf-8") as fh:
-            spec = json.load(fh)["preprocess"]
+        from .manifest import ManifestError, load_manifest
+
+        try:
+            spec = load_manifest(a.bundle).preprocess
+        except (ManifestError, OSError) as e:
+            print("error: --bundle %s: %s" % (a.bundle, e), file=sys.stderr)
+            return 2
     if not a.inputs:
         print("error: give real input images (e.g. a bundle's samples/*)", file=sys.stderr)
         return 2

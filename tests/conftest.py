@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from calibration.readers import read_dataset
-from toolkit.cli import default_data
+from calibration.readers import default_data, read_dataset
 from toolkit.sources import IMAGENET_PREPROCESS, resolve
 
 torch.set_num_threads(2)

@@ -85,14 +85,15 @@ def _sessions(runner):
 
 
 def test_device_sessions_read_back_the_board_setting(effnet_bundle):
-    from runtime.__main__ import build_parser, make_runner
+    from runtime.__main__ import build_parser, device_options
     from runtime.bundle import Bundle
+    from runtime.session import make_runner
 
     out, _ = effnet_bundle
     bundle = Bundle.load(out)
     for extra, want in (([], "0"), (["--spinning", "on"], "1"), (["--spinning", "off"], "0")):
         args = build_parser().parse_args(["run", str(out), "--board", "rpi4"] + extra + ["x.jpg"])
-        runner, fmt, _ = make_runner(args, bundle, load_board("rpi4"))
+        runner, fmt, _ = make_runner(bundle, load_board("rpi4"), device_options(args))
         sessions = _sessions(runner)
         assert fmt == "onnx" and sessions and all(isinstance(s, OrtSession) for s in sessions)
         for s in sessions:

@@ -36,7 +36,7 @@ def test_split_over_tcp_equals_local_chain(effnet_bundle, server, verify_images)
     exact = DeviceRunner(bundle, _client(server), wire_dtype="float32")
     quant = DeviceRunner(bundle, _client(server, codec="lz4"))
     tail = Chain(bundle, "server")
-    q = bundle.tensor("blocks.5")["quant"]
+    q = bundle.tensor("blocks.5").quant
     agree = 0
     n = min(8, len(verify_images))  # 5 photos on a fresh clone, 16 ImageNet samples beside the repo
     assert n >= 5
@@ -49,8 +49,7 @@ def test_split_over_tcp_equals_local_chain(effnet_bundle, server, verify_images)
         assert np.abs(r.logits - values["logits"][0]).max() < 1e-3
         # int8 wire: the server's answer equals the tail on the same quantised-dequantised feature
         rq = quant.infer(x)
-        deq = codec.dequantize(codec.quantize(values["blocks.5"], q["scale"], q["zero_point"], "int8"),
-                               q["scale"], q["zero_point"])
+        deq = codec.dequantize(codec.quantize(values["blocks.5"], q.scale, q.zero_point, "int8"), q.scale, q.zero_point)
         ref = tail.run_segments({"blocks.5": deq})["logits"][0]
         assert np.abs(rq.logits - ref).max() < 1e-3
         assert 0 < rq.bytes_sent < r.bytes_sent / 3  # int8 frame vs the float32 frame of the same feature
@@ -102,7 +101,8 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert [ms for ms, _ in cumulative_for_rows(fed, rows)] == [prof["cumulative_ms"]["blocks.2"],
                                                                 prof["cumulative_ms"]["blocks.5"]]
     # ground truth travels with the bundle's samples when the export data had labels
-    labels = Bundle.load(out).manifest.get("samples", {}).get("labels")
+    samples = Bundle.load(out).manifest.samples
+    labels = samples.labels if samples else None
     assert report["labelled_inputs"] == (len(labels) if labels else 0)
     for m in report["comparison"]["modes"].values():
         assert ("top1_accuracy" in m) == bool(labels)
@@ -134,8 +134,8 @@ def test_bench_report(effnet_bundle, server, tmp_path):
     assert modes["LC"]["bytes_per_sample"] == 0 < modes["SC"]["bytes_per_sample"] < modes["EC"]["bytes_per_sample"]
     assert modes["SC"]["top1_agreement_with_LC"] >= 0.5 and (tmp_path / "comparison.png").is_file()
     segs = Bundle.load(out).segments
-    assert modes["LC"]["device_mflops"] == pytest.approx(sum(sg["mflops"] for sg in segs))
-    assert modes["SC"]["device_mflops"] == pytest.approx(segs[0]["mflops"]) and modes["EC"]["device_mflops"] == 0
+    assert modes["LC"]["device_mflops"] == pytest.approx(sum(sg.mflops for sg in segs))
+    assert modes["SC"]["device_mflops"] == pytest.approx(segs[0].mflops) and modes["EC"]["device_mflops"] == 0
 
 
 def test_device_side_runs_on_python38_with_only_numpy_and_onnxruntime(effnet_bundle, server):
@@ -173,7 +173,7 @@ def test_bench_inputs_leave_out_calibration_samples(effnet_bundle, calib_images,
     from runtime.bench import select_inputs
 
     bundle = Bundle.load(effnet_bundle[0])
-    calib = set(bundle.manifest["calibration"]["names"])
+    calib = set(bundle.manifest.calibration.names)
     files = [str(f) for f in calib_images.files + verify_images.files]
     args = Namespace(inputs=files, include_calibration=False, max_inputs=None)
     others = [f for f in files if f.rsplit("/", 1)[-1] not in calib]
@@ -202,7 +202,7 @@ def test_bench_keeps_own_samples_that_are_all_calibration_images(effnet_bundle):
     bundle = Bundle.load(effnet_bundle[0])
     args = Namespace(inputs=None, include_calibration=False, max_inputs=None)
     own = sorted(p.name for p in (bundle.root / "samples").iterdir())
-    bundle.manifest["calibration"]["names"] = own
+    bundle.manifest.calibration.names = own
     kept, note = select_inputs(args, bundle)
     assert [k.rsplit("/", 1)[-1] for k in kept] == own and "optimistic" in note
 
@@ -225,7 +225,7 @@ def test_layer_profile_failure_leaves_the_report_standing(effnet_bundle, tmp_pat
     got = layer_profile(args, bundle, {"name": "rpi4"}, [], [], tmp_path)
     assert got == {"skipped": "onnxruntime is not installed: pip install onnxruntime"}
     assert not (tmp_path / "layers.json").exists()
-    del bundle.manifest["layer_profile_graph"]
+    bundle.manifest.layer_profile_graph = None
     assert "--no-profile-graph" in layer_profile(args, bundle, {"name": "rpi4"}, [], [], tmp_path)["skipped"]
 
 
@@ -246,7 +246,7 @@ def test_edge_computing_server_decodes_image_files(effnet_bundle, verify_images)
         for f in files:
             data = open(f, "rb").read()
             reply = client.infer({"file": np.frombuffer(data, np.uint8)}, {})
-            want = local.run_segments({"input": load_image(f, bundle.manifest["preprocess"])[None]})["logits"]
+            want = local.run_segments({"input": load_image(f, bundle.manifest.preprocess)[None]})["logits"]
             assert reply.bytes_sent > len(data) and np.abs(reply.logits - want).max() < 1e-4
         with pytest.raises(ServerError, match="request file"):
             client.infer({"file": np.frombuffer(b"not an image at all", np.uint8)}, {})

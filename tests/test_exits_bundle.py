@@ -76,7 +76,7 @@ def test_calibrated_thresholds_and_runtime_match_prediction(bundle_dir):
     assert set(results) == {"onnx/fp32", "onnx/int8"}
     for pair, r in results.items():
         assert r["accuracy"] >= r["final_accuracy"] - 0.005 - 1e-9  # the constraint holds on validation data
-        assert all(pair in e["thresholds"] for e in bundle.exits)
+        assert all(pair in e.thresholds for e in bundle.exits)
     test = read_dataset("fashion-mnist:test", PREPROCESS, limit=1500)
     for pair in ("onnx/fp32", "onnx/int8"):
         fmt, precision = pair.split("/")
@@ -85,7 +85,7 @@ def test_calibrated_thresholds_and_runtime_match_prediction(bundle_dir):
         assert abs(measured["accuracy"] - predicted["accuracy"]) <= 0.005
         for name, rate in predicted["exit_rates"].items():
             assert abs(measured["exit_rates"].get(name, 0.0) - rate) <= 0.005
-        assert measured["mflops_per_sample"] < sum(s["mflops"] for s in bundle.segments)
+        assert measured["mflops_per_sample"] < sum(s.mflops for s in bundle.segments)
 
 
 def test_bad_exit_inputs_are_refused(bundle_dir, trained):
@@ -146,17 +146,17 @@ def test_bench_compares_early_exits_on_labelled_samples(bundle_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     r = json.loads((bench / "report.json").read_text())
     bundle = Bundle.load(out)
-    labels = bundle.manifest["samples"]["labels"]
+    labels = bundle.manifest.samples.labels
     assert r["labelled_inputs"] == len(labels) == 8
     modes = r["comparison"]["modes"]
     assert set(modes) == {"LC", "LC+EE", "EC", "SC", "SC+EE"}
     truth = [labels[n] for n in sorted(labels)]
     for m in modes.values():
         assert m["top1_accuracy"] == pytest.approx(np.mean(np.array(m["top1"]) == truth))
-    whole = sum(s["mflops"] for s in bundle.segments)
+    whole = sum(s.mflops for s in bundle.segments)
     assert modes["LC"]["device_mflops"] == pytest.approx(whole)
     # a request that exits early runs less than the whole model; one that does not also ran the branches
-    assert modes["LC+EE"]["device_mflops"] < whole + sum(e["mflops"] for e in bundle.exits)
+    assert modes["LC+EE"]["device_mflops"] < whole + sum(e.mflops for e in bundle.exits)
     assert modes["SC+EE"]["bytes_per_sample"] <= modes["SC"]["bytes_per_sample"]
     page = tmp_path / "page.md"
     proc = subprocess.run([sys.executable, "-m", "runtime", "report", str(page), "--bench", str(bench)],

@@ -30,9 +30,9 @@ def test_labels_txt_and_manifest(tmp_path):
     with pytest.raises(LabelError, match="not an integer"):
         labels_for(files)
     samples = _touch(tmp_path / "bundle" / "samples", "s0.png", "s1.png")
-    manifest = {"samples": {"labels": {"s0.png": 4, "s1.png": 2}}}
-    assert labels_for(samples, manifest, tmp_path / "bundle" / "samples") == [4, 2]
+    sample_labels = {"s0.png": 4, "s1.png": 2}  # the manifest's samples.labels
+    assert labels_for(samples, sample_labels, tmp_path / "bundle" / "samples") == [4, 2]
     # the manifest's labels name the bundle's own samples only, not same-named files elsewhere
     elsewhere = _touch(tmp_path / "b", "s0.png")
-    assert labels_for(elsewhere, manifest, tmp_path / "bundle" / "samples") is None
+    assert labels_for(elsewhere, sample_labels, tmp_path / "bundle" / "samples") is None
     assert labels_for(samples) is None

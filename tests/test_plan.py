@@ -111,10 +111,13 @@ def test_parsers():
     assert [(e["at"], e["rate"], e["mflops"]) for e in ex] == [("blocks.2", 0.3, 0.0), ("blocks.5", 0.2, 0.5)]
     with pytest.raises(PlanError):
         parse_exit_rates("[1, 2]")
-    manifest = {"exits": [{"name": "exit0", "at": "blocks.2", "mflops": 0.2, "expected_exit_rate": 0.4}]}
+    from runtime.manifest import ExitBranch, Manifest
+
+    branch = dict(name="exit0", at="blocks.2", input="blocks.2", output="exit0.logits", mflops=0.2)
+    manifest = Manifest(exits=[ExitBranch(**branch, expected_exit_rate={"onnx/int8": 0.5, "onnx/fp32": 0.4})])
     assert exits_from_manifest(manifest) == [{"name": "exit0", "at": "blocks.2", "rate": 0.4, "mflops": 0.2}]
     with pytest.raises(PlanError, match="calibrate"):
-        exits_from_manifest({"exits": [{"name": "exit0", "at": "blocks.2"}]})
+        exits_from_manifest(Manifest(exits=[ExitBranch(**branch)]))
 
 
 # --------------------------------------------------------------------------- bytes measured on real images

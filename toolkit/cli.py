@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from calibration.readers import DataError, check_channels, read_dataset
+from calibration.readers import DataError, check_channels, default_data, read_dataset
 from runtime import __version__
 from runtime.boards import BoardError
 from runtime.bundle import Bundle, BundleError
 from runtime.codec import CodecError
+from runtime.manifest import load_manifest
 from runtime.profile_layers import ProfileError
 
 from .graph import SplitError
@@ -22,20 +23,8 @@ from .onnx_export import ExportError
 from .plan import PlanError
 from .sources import ModelSourceError, resolve
 
-SHARED_IMAGENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
 USER_ERRORS = (SplitError, ExportError, ModelSourceError, DataError, BundleError, FileNotFoundError, PlanError,
                ProfileError, BoardError, CodecError)
-
-
-def default_data(preprocess: dict) -> str:
-    """Real inputs when the user names none: Fashion-MNIST for array models; for image models the ImageNet
-    samples beside the repo (or ``$EETOOL_IMAGENET_SAMPLES``) when present, else the photos in scikit-image."""
-    if preprocess.get("kind") == "array":
-        return "fashion-mnist:test"
-    env = os.environ.get("EETOOL_IMAGENET_SAMPLES")
-    if env and Path(env).is_dir():
-        return env
-    return str(SHARED_IMAGENET) if SHARED_IMAGENET.is_dir() else "samples"
 
 
 class _Group(click.Group):
@@ -178,8 +167,8 @@ def _print_export_summary(out: Path, report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    manifest = json.loads((out / "manifest.json").read_text())
-    t = Table(title=f"bundle {out}  (split after {manifest['split']})")
+    manifest = load_manifest(out)
+    t = Table(title=f"bundle {out}  (split after {manifest.split})")
     for col in ("chain", "samples", "max |diff|", "top-1 agreement", "cosine", "top-1"):
         t.add_column(col)
     ver = report["verification"]
@@ -188,11 +177,12 @@ def _print_export_summary(out: Path, report: dict) -> None:
         t.add_row(pair, str(ver["samples"]), f"{c['max_abs_diff']:.2e}", f"{c['top1_agreement']:.1%}",
                   f"{c['cosine']:.5f}", f"{e['top1']:.1%}" if "top1" in e else "-")
     Console().print(t)
-    for seg in manifest["segments"]:
-        click.echo(f"  {seg['name']:6s} {seg['side']:6s} {', '.join(seg['inputs'])} -> {', '.join(seg['outputs'])}"
-                   f"  {seg['mflops']:.1f} MFLOPs")
-    for e in manifest["exits"]:
-        click.echo(f"  {e['name']:6s} exit   at {e['at']}  {e['mflops']:.2f} MFLOPs  {e['rule']} threshold {e['threshold']:.3f}")
+    for seg in manifest.segments:
+        click.echo(f"  {seg.name:6s} {seg.side:6s} {', '.join(seg.inputs)} -> {', '.join(seg.outputs)}"
+                   f"  {seg.mflops or 0.0:.1f} MFLOPs")
+    for e in manifest.exits:
+        click.echo(f"  {e.name:6s} exit   at {e.at}  {e.mflops or 0.0:.2f} MFLOPs  {e.rule} threshold "
+                   + ("off" if e.threshold is None else f"{e.threshold:.3f}"))
 
 
 @main.command(name="eval")
@@ -209,11 +199,11 @@ def eval_(bundle, data, offset, limit, include_calibration, as_json):
     from .evaluate import evaluate_bundle
 
     b = Bundle.load(bundle)
-    source = data or default_data(b.manifest["preprocess"])
-    cal = b.manifest.get("calibration", {})
-    same = Path(source).resolve() == Path(cal.get("source", "")).resolve() if cal.get("source") else False
-    skip = [] if include_calibration or not same else cal.get("names", [])
-    ds = read_dataset(source, b.manifest["preprocess"], limit=limit, offset=offset, progress=True, exclude=skip)
+    source = data or default_data(b.manifest.preprocess)
+    cal = b.manifest.calibration
+    same = Path(source).resolve() == Path(cal.source).resolve() if cal else False
+    skip = [] if include_calibration or not same else b.manifest.calibration_names
+    ds = read_dataset(source, b.manifest.preprocess, limit=limit, offset=offset, progress=True, exclude=skip)
     result = evaluate_bundle(b, ds)
     result["excluded_calibration_samples"] = len(skip)
     if as_json:
@@ -317,8 +307,8 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, serv
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--bandwidth / --rtt")
     b = Bundle.load(bundle)
-    ds = read_dataset(data or default_data(b.manifest["preprocess"]).replace(":test", ":train"),
-                      b.manifest["preprocess"], limit=limit, offset=offset)
+    ds = read_dataset(data or default_data(b.manifest.preprocess).replace(":test", ":train"),
+                      b.manifest.preprocess, limit=limit, offset=offset)
     latency = None
     if board:
         from runtime.boards import load_board

@@ -61,6 +61,7 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
     inputs (int8 split feature, compressed, framed) and per-layer latency measured (board file or this host)
     or estimated from FLOPs. Prints a table, the best option per bandwidth (Mbit/s) and writes a plot."""
     from runtime.link import parse_bandwidth, parse_duration
+    from runtime.manifest import load_manifest
 
     from .plan import PlanError, PlanRequest, exits_from_manifest, make_plan, parse_bandwidths, parse_exit_rates
     from .sources import resolve
@@ -84,7 +85,7 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
         if exit_rates:
             exits += parse_exit_rates(exit_rates)
         if exits_from:
-            exits += exits_from_manifest(json.loads((Path(exits_from) / "manifest.json").read_text()))
+            exits += exits_from_manifest(load_manifest(exits_from))
         req = PlanRequest(
             board=board, bandwidths_mbps=bandwidths_mbps, rtt_ms=rtt_ms,
             downlink_mbps=downlink_mbps, server_profile=server_profile,
@@ -145,11 +146,9 @@ def _save_host_measurement(report: dict, src, req, path: str) -> None:
     board file or an estimate for both sides)."""
     from runtime.profile_layers import save_profile
 
-    from calibration.readers import read_dataset
+    from calibration.readers import default_data, read_dataset
 
     from . import layer_latency as LL
-    from .cli import default_data
-
     prof = report.get("host_measurement")
     if prof is None:
         ds = read_dataset(req.data or default_data(src.preprocess), src.preprocess, limit=min(req.samples, 8))

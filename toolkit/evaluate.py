@@ -23,8 +23,8 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
         chain = Chain(bundle, "all", fmt, precision)
         finals, exits = [], {}
         for i in progress(range(0, len(data), batch), f"eval {pair}", "batch"):
-            values = chain.run_segments({"input": data.x[i:i + batch]})
-            finals.append(values["logits"])
+            values = chain.run_segments({bundle.manifest.input.name: data.x[i:i + batch]})
+            finals.append(values[bundle.manifest.output.name])
             for name, logits in chain.run_exits(values).items():
                 exits.setdefault(name, []).append(logits)
         pred = np.concatenate(finals).argmax(1)
@@ -47,10 +47,11 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
 
             entry["early_exit"] = measure_early_exit(bundle, data, fmt, precision)
             entry["early_exit"]["offline_simulation"] = simulate_early_exit(bundle, data, fmt, precision)
-            predicted = bundle.manifest.get("exit_calibration", {}).get("results", {}).get(pair)
+            calibrated = bundle.manifest.exit_calibration
+            predicted = calibrated.results.get(pair) if calibrated else None
             if predicted:
                 entry["early_exit"]["predicted_at_calibration"] = {
-                    "accuracy": predicted["accuracy"], "mflops_per_sample": predicted["expected_mflops"],
-                    "exit_rates": dict(zip([e["name"] for e in bundle.exits] + ["final"], predicted["exit_rates"]))}
+                    "accuracy": predicted.accuracy, "mflops_per_sample": predicted.expected_mflops,
+                    "exit_rates": dict(zip([e.name for e in bundle.exits] + ["final"], predicted.exit_rates))}
         result["chains"][pair] = entry
     return result

@@ -17,7 +17,7 @@ from calibration import thresholds as T
 from calibration.readers import Dataset
 from runtime.bundle import Bundle
 from runtime.chain import Chain
-from runtime.manifest import ExitCalibration, load_manifest
+from runtime.manifest import ExitCalibration
 
 from .export import ExitSpec
 
@@ -95,27 +95,28 @@ def bundle_profile(bundle: Bundle, data: Dataset, fmt: str, precision: str, batc
     if not bundle.exits:
         raise ValueError(f"{bundle.root}: the bundle has no exits to calibrate (export with --exits DIR)")
     chain = Chain(bundle, "all", fmt, precision)
+    inp, out = bundle.manifest.input.name, bundle.manifest.output.name
     finals, exits = [], {}
     for i in range(0, len(data), batch):
-        values = chain.run_segments({"input": data.x[i:i + batch]})
-        finals.append(values["logits"])
+        values = chain.run_segments({inp: data.x[i:i + batch]})
+        finals.append(values[out])
         for name, logits in chain.run_exits(values).items():
             exits.setdefault(name, []).append(logits)
-    names = [e["name"] for e in bundle.exits]
+    names = [e.name for e in bundle.exits]
     logits = {n: np.concatenate(exits[n]) for n in names}
     logits["final"] = np.concatenate(finals)
     seg_cost = _segment_costs(bundle)
-    return T.ExitProfile.from_logits(logits, data.y, seg_cost, [e["mflops"] for e in bundle.exits], list(logits))
+    return T.ExitProfile.from_logits(logits, data.y, seg_cost, [e.mflops or 0.0 for e in bundle.exits], list(logits))
 
 
 def _segment_costs(bundle: Bundle) -> list[float]:
     """Backbone MFLOPs from one exit point to the next (the final entry: the rest of the model)."""
     position = {}
     for k, seg in enumerate(bundle.segments):
-        for out in seg["outputs"]:
+        for out in seg.outputs:
             position[out] = k
-    cum = np.cumsum([s["mflops"] for s in bundle.segments])
-    ends = [cum[position[e["input"]]] for e in bundle.exits] + [cum[-1]]
+    cum = np.cumsum([s.mflops or 0.0 for s in bundle.segments])
+    ends = [cum[position[e.input]] for e in bundle.exits] + [cum[-1]]
     return list(np.diff([0.0] + ends))
 
 
@@ -127,15 +128,15 @@ def latency_model(bundle: Bundle, board: dict, server: dict) -> dict:
     dev_g = float(board["compute"]["gflops_sustained"])
     srv_g = float(server["compute"]["gflops_sustained"])
     seg = _segment_costs(bundle)[:-1]  # backbone between exits
-    exit_cut = max(k for k, s in enumerate(bundle.segments) for e in bundle.exits if e["input"] in s["outputs"])
-    dev_total = sum(s["mflops"] for s in bundle.device_segments)
-    rest = dev_total - sum(s["mflops"] for s in bundle.segments[: exit_cut + 1])
+    exit_cut = max(k for k, s in enumerate(bundle.segments) for e in bundle.exits if e.input in s.outputs)
+    dev_total = sum(s.mflops or 0.0 for s in bundle.device_segments)
+    rest = dev_total - sum(s.mflops or 0.0 for s in bundle.segments[: exit_cut + 1])
     import math
 
-    wire = sum(math.prod(bundle.tensor(n)["shape"][1:]) for n in bundle.wire_tensors)
+    wire = sum(math.prod(bundle.tensor(n).shape[1:]) for n in bundle.wire_tensors)
     return {"board_latency_ms": {"segments": [m / dev_g for m in seg] + [rest / dev_g],
-                                 "exits": [e["mflops"] / dev_g for e in bundle.exits]},
-            "server_ms": sum(s["mflops"] for s in bundle.server_segments) / srv_g,
+                                 "exits": [(e.mflops or 0.0) / dev_g for e in bundle.exits]},
+            "server_ms": sum(s.mflops or 0.0 for s in bundle.server_segments) / srv_g,
             "bytes_per_sample": float(wire), "source": f"estimate: MFLOPs / gflops_sustained of "
                                                       f"{board.get('name')} and {server.get('name')}"}
 
@@ -155,7 +156,7 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
     from .bundle_writer import write_manifest
 
     bundle = Bundle.load(bundle_dir)
-    manifest = load_manifest(bundle_dir)
+    manifest = bundle.manifest
     results = {}
     for pair in pairs or bundle.formats():
         fmt, precision = pair.split("/")
@@ -223,8 +224,8 @@ def simulate_early_exit(bundle: Bundle, data: Dataset, fmt: str, precision: str)
     """Offline prediction for the manifest's thresholds on ``data``: the exit profile of the same graphs
     run in batches, then :func:`calibration.thresholds.simulate`. Same keys as :func:`measure_early_exit`."""
     pair = f"{fmt}/{precision}"
-    th = [e.get("thresholds", {}).get(pair, e.get("threshold")) for e in bundle.exits]
-    rules = {e["rule"] for e in bundle.exits}
+    th = [e.threshold_for(pair) for e in bundle.exits]
+    rules = {e.rule for e in bundle.exits}
     if len(rules) != 1:
         raise ValueError(f"exits use different rules {sorted(rules)}; calibrate them with one rule")
     profile = bundle_profile(bundle, data, fmt, precision)
@@ -240,8 +241,8 @@ def _exit_cost(bundle: Bundle):
     exits = bundle.exits
 
     def upto(k):
-        return lambda th: float(seg[k] + sum(e["mflops"] for e in exits[: k + 1] if th.get(e["name"]) is not None))
+        return lambda th: float(seg[k] + sum(e.mflops or 0.0 for e in exits[: k + 1] if th.get(e.name) is not None))
 
-    table = {e["name"]: upto(k) for k, e in enumerate(exits)}
-    table["final"] = lambda th: float(seg[-1] + sum(e["mflops"] for e in exits if th.get(e["name"]) is not None))
+    table = {e.name: upto(k) for k, e in enumerate(exits)}
+    table["final"] = lambda th: float(seg[-1] + sum(e.mflops or 0.0 for e in exits if th.get(e.name) is not None))
     return table

@@ -49,6 +49,7 @@ import numpy as np
 
 from runtime import codec as wire_codec
 from runtime import protocol
+from runtime.manifest import Manifest
 from runtime.quant import QuantParams
 
 LOCAL = "local only"
@@ -286,18 +287,17 @@ def build_options(table: dict, rows: list[dict], device: dict, server: dict, wir
     return options
 
 
-def exits_from_manifest(manifest: dict) -> list[dict]:
-    """``[{"name", "at", "rate", "mflops"}]`` from a bundle manifest's exits, with the calibrated rate in
-    ``expected_exit_rate`` (or ``exit_rate``). Raises PlanError when an exit has no rate."""
+def exits_from_manifest(manifest: Manifest) -> list[dict]:
+    """``[{"name", "at", "rate", "mflops"}]`` from a bundle manifest's exits, with the rate calibrated on
+    the float ONNX graphs (else on any format: ``expected_exit_rate``, as 'eetool exits calibrate' writes
+    it). Raises PlanError when an exit has no rate."""
     out = []
-    for e in manifest.get("exits", []):
-        rate = e.get("expected_exit_rate", e.get("exit_rate"))
-        if isinstance(rate, dict):  # per graph format, as 'eetool exits calibrate' writes it
-            rate = rate.get("onnx/fp32", next(iter(rate.values()), None))
+    for e in manifest.exits:
+        rate = e.exit_rate_for("onnx/fp32")
         if rate is None:
-            raise PlanError(f"exit {e.get('name')} at {e.get('at')} has no expected_exit_rate in the manifest: "
+            raise PlanError(f"exit {e.name} at {e.at} has no expected_exit_rate in the manifest: "
                             f"calibrate the exits first, or pass --exit-rates")
-        out.append({"name": e["name"], "at": e["at"], "rate": float(rate), "mflops": float(e.get("mflops", 0.0))})
+        out.append({"name": e.name, "at": e.at, "rate": float(rate), "mflops": float(e.mflops or 0.0)})
     return out
 
 
@@ -475,7 +475,7 @@ class PlanRequest:
 def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[dict], list[ExitCost], dict]:
     """Measure and plan for the resolved model ``src`` (:class:`toolkit.sources.ModelSource`). Returns
     ``(options, results, exits, report)`` where ``report`` is the JSON-ready plan."""
-    from calibration.readers import read_dataset
+    from calibration.readers import default_data, read_dataset
     from runtime.profile_layers import preprocess_ms as measure_preprocess
 
     from . import layer_latency as LL
@@ -517,8 +517,6 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
         LL.check_architecture(device_file, board)
     sp = req.server_profile
     server_file = _measured(sp, src, "--server-profile") if LL.is_layer_profile(sp) else None
-
-    from .cli import default_data
 
     data = req.data or default_data(src.preprocess)
     say(f"reading {req.samples} real inputs from {data}")

@@ -40,10 +40,11 @@ def _torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def _chain_logits(chain: Chain, x: np.ndarray, batch: int) -> tuple[np.ndarray, dict]:
+    inp, out = chain.bundle.manifest.input.name, chain.bundle.manifest.output.name
     finals, exits = [], {}
     for i in range(0, len(x), batch):
-        values = chain.run_segments({"input": x[i:i + batch]})
-        finals.append(values["logits"])
+        values = chain.run_segments({inp: x[i:i + batch]})
+        finals.append(values[out])
         for name, logits in chain.run_exits(values).items():
             exits.setdefault(name, []).append(logits)
     return np.concatenate(finals), {k: np.concatenate(v) for k, v in exits.items()}

@@ -1,0 +1,225 @@
+"""The runtime as a library: backend and precision choice, thread defaults, and the creation of device
+runners and edge servers from explicit options. ``python -m runtime`` (runtime/__main__.py) only parses its
+arguments into these options and calls in here; ``runtime bench`` (and any other tool) calls the same
+functions with the same options, so every entry point picks backends and threads the same way. (The split
+follows optimum's exporters, where the command line unpacks its arguments into keyword arguments of one
+library function, ``main_export``.)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+
+__all__ = ["DeviceOptions", "ServerOptions", "board_profile", "check_input", "make_runner", "make_server",
+           "parse_server_address", "parse_thresholds", "pick_backend", "pick_precision", "run_files", "runtime_threads"]
+
+
+def board_profile(name: Optional[str]) -> Optional[dict]:
+    """The board profile ``name`` (boards/NAME.json or a path), or None for no name. Raises BoardError."""
+    if not name:
+        return None
+    from .boards import load_board
+
+    return load_board(name)
+
+
+def pick_backend(bundle: Bundle, backend: str = "auto", board: Optional[dict] = None) -> str:
+    """``onnx`` or ``tflite``: the asked one, or (``auto``) the board's preferred interpreter when the
+    bundle has graphs for it and it imports, else onnx. Raises BundleError when the bundle lacks it."""
+    have = {p.split("/")[0] for p in bundle.formats()}
+    if backend != "auto":
+        if backend not in have:
+            raise BundleError("bundle has no %s graphs (has: %s)" % (backend, ", ".join(sorted(have))))
+        return backend
+    preferred = ((board or {}).get("backend") or {}).get("preferred", "onnxruntime")
+    if preferred == "litert" and "tflite" in have and _litert_importable():
+        return "tflite"
+    return "onnx" if "onnx" in have else sorted(have)[0]
+
+
+def _litert_importable() -> bool:
+    for mod in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            __import__(mod)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def pick_precision(bundle: Bundle, fmt: str, precision: str = "auto") -> str:
+    """``auto`` -> int8 when the bundle has int8 graphs in ``fmt``, else fp32."""
+    if precision != "auto":
+        return precision
+    return "int8" if "%s/int8" % fmt in bundle.formats() else "fp32"
+
+
+def runtime_threads(threads: Optional[int], board: Optional[dict]) -> Optional[int]:
+    """Intra-op threads: the asked number, else the board profile's ``backend.threads``, else None (the
+    backend's default, one per core)."""
+    if threads:
+        return threads
+    return ((board or {}).get("backend") or {}).get("threads")
+
+
+def parse_thresholds(items: Optional[Sequence[str]]) -> Dict[str, float]:
+    """``["exit0=0.8", ...]`` (``--threshold``) -> ``{"exit0": 0.8}``. Raises ValueError for a bad item."""
+    out = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError("--threshold %r: expected EXIT=VALUE with VALUE in [0, 1], e.g. exit0=0.8" % item)
+    return out
+
+
+def parse_server_address(text: str) -> Tuple[str, int]:
+    """``HOST:PORT`` -> (host, port). Raises ValueError with an example."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("--server %r: expected HOST:PORT, e.g. 192.168.1.20:8470" % text)
+    return host, int(port)
+
+
+@dataclass
+class DeviceOptions:
+    """How the device side runs (``runtime run`` / ``runtime bench`` options, units in the names).
+
+    ``spinning``: ``on`` / ``off`` for onnxruntime's worker threads spin-waiting (None: the board
+    profile's ``backend.allow_spinning``); ``server``: ``HOST:PORT`` of the edge server (None: no server;
+    exits or ``local_tail`` decide); ``bandwidth`` / ``rtt``: emulated link (``10mbit`` or Mbit/s,
+    ``20ms``); ``thresholds``: per-exit overrides; ``exits=False`` disables early exits; ``wire_dtype``:
+    ``int8`` or ``float32`` on the wire."""
+
+    backend: str = "auto"
+    precision: str = "auto"
+    threads: Optional[int] = None
+    spinning: Optional[str] = None
+    server: Optional[str] = None
+    secret: Optional[str] = None
+    timeout_s: float = 5.0
+    codec: str = "zstd"
+    bandwidth: Optional[Union[str, float]] = None
+    rtt: str = "0ms"
+    thresholds: Dict[str, float] = field(default_factory=dict)
+    exits: bool = True
+    wire_dtype: str = "int8"
+    local_tail: bool = False
+
+
+def make_runner(bundle: Bundle, board: Optional[dict], opts: DeviceOptions):
+    """A :class:`runtime.device.DeviceRunner` (with its :class:`runtime.client.EdgeClient` when
+    ``opts.server`` is set) and the ``(runner, fmt, precision)`` it runs. Raises BundleError / ValueError."""
+    from .boards import allow_spinning
+    from .client import EdgeClient
+    from .device import DeviceRunner
+    from .link import LinkShaper
+
+    fmt = pick_backend(bundle, opts.backend, board)
+    precision = pick_precision(bundle, fmt, opts.precision)
+    client = None
+    if opts.server:
+        host, port = parse_server_address(opts.server)
+        shaper = LinkShaper.from_strings(opts.bandwidth, opts.rtt) if opts.bandwidth else None
+        client = EdgeClient(host, port, secret=opts.secret or os.environ.get("EETOOL_SECRET"),
+                            timeout_s=opts.timeout_s, shaper=shaper, codec=opts.codec)
+    runner = DeviceRunner(bundle, client, fmt, precision, runtime_threads(opts.threads, board), opts.thresholds,
+                          exits=opts.exits, wire_dtype=opts.wire_dtype, local_tail=opts.local_tail,
+                          allow_spinning=allow_spinning(board, opts.spinning))
+    return runner, fmt, precision
+
+
+@dataclass
+class ServerOptions:
+    """How the edge server runs (``runtime serve`` options). ``whole_model``: edge computing (EC), the
+    device offloads its input and the server runs every segment; ``input_file``: with ``whole_model``, the
+    request carries the input image file's bytes, decoded and preprocessed on the server; ``spinning``:
+    ``on`` / ``off`` (None: onnxruntime's default, spinning on, as a server serving many clients wants)."""
+
+    backend: str = "auto"
+    precision: str = "auto"
+    threads: Optional[int] = None
+    spinning: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8470
+    secret: Optional[str] = None
+    max_connections: int = 64
+    idle_timeout_s: float = 60.0
+    whole_model: bool = False
+    input_file: bool = False
+
+
+def make_server(bundle: Bundle, opts: ServerOptions):
+    """An :class:`runtime.server.EdgeServer` running the bundle's tail (or, with ``whole_model``, every
+    segment), bound and ready for :func:`runtime.server.run_until_signal`. Returns ``(server, fmt,
+    precision, what)``. Raises BundleError (no server segments, missing graphs) or ValueError (options)."""
+    from .chain import Chain
+    from .protocol import FILE_TENSOR
+    from .server import EdgeServer
+
+    fmt = pick_backend(bundle, opts.backend, None)
+    precision = pick_precision(bundle, fmt, opts.precision)
+    spin = None if opts.spinning is None else opts.spinning == "on"
+    chain = Chain(bundle, "all" if opts.whole_model else "server", fmt, precision, opts.threads, with_exits=False,
+                  allow_spinning=spin)
+    if not chain.segments or not bundle.server_segments:
+        raise BundleError("the bundle has no server segments: the whole model runs on the device")
+    if opts.input_file and not opts.whole_model:
+        raise ValueError("--input-file needs --whole-model (the server then decodes and runs everything)")
+    if not 0 <= opts.port < 65536:
+        raise ValueError("--port %d: ports are 0-65535" % opts.port)
+    m = bundle.manifest
+    if opts.input_file:
+        # EC as usually deployed: the device sends its image file as it is; the server decodes it
+        expected = {FILE_TENSOR: {"shape": [None], "dtype": "uint8"}}
+    elif opts.whole_model:
+        expected = {m.input.name: {"shape": m.input.shape, "dtype": "float32"}}
+    else:
+        expected = {n: {"shape": bundle.tensor(n).shape, "dtype": "float32"} for n in bundle.wire_tensors}
+
+    def tail(feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if opts.input_file:
+            from .preprocess import decode_image
+
+            feeds = {m.input.name: decode_image(feeds[FILE_TENSOR], m.preprocess, "request file")[None]}
+        return {"logits": chain.run_segments(feeds)[m.output.name]}  # "logits": the reply's key (protocol)
+
+    server = EdgeServer(tail, expected, host=opts.host, port=opts.port,
+                        secret=opts.secret or os.environ.get("EETOOL_SECRET"),
+                        max_connections=opts.max_connections, idle_timeout_s=opts.idle_timeout_s)
+    what = "whole model, input files" if opts.input_file else ("whole model" if opts.whole_model else "tail")
+    return server, fmt, precision, what
+
+
+def run_files(runner, bundle: Bundle, paths: Sequence[str]) -> List[Tuple[str, object]]:
+    """Preprocess each input file (image, or ``.npy`` in model layout) as the manifest says, check it
+    (:func:`check_input`) and run it through ``runner`` one sample at a time (exits decide per sample).
+    Returns ``[(name, runtime.device.Result)]``; a file holding N samples gives ``name[0] .. name[N-1]``."""
+    from .preprocess import load_inputs
+
+    out = []
+    for path in paths:
+        batch = check_input(load_inputs([path], bundle.manifest.preprocess), bundle, path)
+        for i in range(len(batch)):
+            name = os.path.basename(path) + ("[%d]" % i if len(batch) > 1 else "")
+            out.append((name, runner.infer(batch[i:i + 1])))
+    return out
+
+
+def check_input(x: np.ndarray, bundle: Bundle, source: str) -> np.ndarray:
+    """Refuse inputs ``x`` (float32 ``(N, C, H, W)``) that do not match the manifest's input shape or hold
+    NaN/Inf; returns ``x``. Raises ValueError naming ``source``."""
+    want = bundle.manifest.input.shape
+    if want and list(x.shape[1:]) != [d for d in want[1:]]:
+        raise ValueError("%s: input shape %s, the bundle expects (N, %s)" % (
+            source, tuple(x.shape), ", ".join(str(d) for d in want[1:])))
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError("%s: %d of %d samples contain NaN/Inf" % (source, int(bad.sum()), len(x)))
+    return x
