@@ -1,5 +1,7 @@
 """Board profiles (``boards/*.json``): CPU, memory, nominal throughput, power, energy sensor, backend, and
-whether this machine is the board a profile describes (:func:`check_board`).
+whether this machine is the board a profile describes (:func:`check_board`), and the pinned pip
+requirements of the board side (``requirements``, written into every bundle's ``requirements/BOARD.txt``
+and checked on aarch64 by ``make board-check``).
 
 The boards directory is looked up next to the runtime package (``<runtime>/../boards``), which
 holds both in the repository and in an exported bundle. Python 3.8 compatible, stdlib only.
@@ -9,17 +11,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from typing import Any, Dict, List, Optional
 
 __all__ = ["BoardError", "BoardMismatch", "ENERGY_SENSORS", "BACKENDS", "default_boards_dir", "list_boards", "load_board",
-           "validate_board", "allow_spinning", "this_machine", "board_mismatch", "check_board", "matching_boards"]
+           "validate_board", "allow_spinning", "this_machine", "board_mismatch", "check_board", "matching_boards",
+           "requirements_text"]
 
 SCHEMA = "eetool.board/1"
 ENERGY_SENSORS = ("none", "ina3221", "pmic", "rapl")
 BACKENDS = ("litert", "onnxruntime")
 #: every profile must say where each of these figures comes from.
-SOURCED_FIELDS = ("cpu", "memory_mb", "compute", "power", "energy_sensor", "backend", "python")
+SOURCED_FIELDS = ("cpu", "memory_mb", "compute", "power", "energy_sensor", "backend", "python", "requirements")
+#: a pinned requirement: ``name==version``
+_PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][0-9A-Za-z.+!-]*$")
 
 
 class BoardError(ValueError):
@@ -92,6 +98,12 @@ def validate_board(profile: Dict[str, Any], where: str = "board") -> Dict[str, A
     det = profile.get("detect", {})
     need(isinstance(det, dict) and isinstance(det.get("device_tree_model", ""), str),
          "detect must be an object whose device_tree_model is a string")
+    req = profile.get("requirements")
+    if isinstance(req, list) and req:
+        loose = [r for r in req if not isinstance(r, str) or not _PIN.match(r)]
+        need(not loose, "requirements must pin every package as name==version, got %s" % loose)
+    else:
+        errs.append("requirements must be a non-empty list of pins (name==version) for the board side")
     src = profile.get("sources")
     if isinstance(src, dict):
         missing = [k for k in SOURCED_FIELDS if not isinstance(src.get(k), str) or not src.get(k)]
@@ -139,6 +151,12 @@ def load_board(name_or_path: str, boards_dir: Optional[str] = None) -> Dict[str,
     if by_name and profile["name"] != text:
         raise BoardError("%s: field name %r does not match the file name %r" % (path, profile["name"], text))
     return profile
+
+
+def requirements_text(profile: Dict[str, Any]) -> str:
+    """The board's ``requirements`` as a pip requirements file (one pin per line, a header saying so)."""
+    return ("# pip install -r this file on the board (wheels only); from boards/%s.json\n" % profile["name"]
+            + "\n".join(profile["requirements"]) + "\n")
 
 
 # ----------------------------------------------------------------------------------- runtime settings

@@ -4,8 +4,8 @@
 #
 #   scripts/board_check.sh [--board rpi4|rpi5] [--bundle DIR] [--requirements FILE] [--wheels-only]
 #
-#  1. aarch64 wheels: `pip download --only-binary=:all:` of the requirements (bundle's requirements/BOARD.txt,
-#     else --requirements, else scripts/board-requirements-example.txt) for CPython 3.11 manylinux aarch64
+#  1. aarch64 wheels: `pip download --only-binary=:all:` of the requirements (--requirements, else the bundle's
+#     requirements/BOARD.txt, else the pins in boards/BOARD.json) for CPython 3.11 manylinux aarch64
 #     into $BOARD_CHECK_CACHE/wheels-aarch64.  A package without such a wheel fails here, naming the package.
 #  2. a minimal Debian bookworm arm64 root filesystem (debootstrap, cached in $BOARD_CHECK_CACHE/rootfs-bookworm-arm64),
 #     run through binfmt_misc + qemu-user-static, with QEMU_CPU set to the board's core (rpi4: cortex-a72,
@@ -58,10 +58,14 @@ if [ -n "$BUNDLE" ]; then
   BUNDLE=$(cd "$BUNDLE" && pwd)
   [ -z "$REQS" ] && REQS="$BUNDLE/requirements/$BOARD.txt"
 fi
-[ -z "$REQS" ] && REQS="$SCRIPTS/board-requirements-example.txt"
+[ -x "$HOST_PY" ] || HOST_PY=$(command -v python3)
+if [ -z "$REQS" ]; then  # the board profile's own pins, as every bundle's requirements/BOARD.txt carries them
+  mkdir -p "$CACHE/board-check"
+  REQS="$CACHE/board-check/requirements-$BOARD.txt"
+  "$HOST_PY" "$SCRIPTS/board_check_wheels.py" --requirements-of "$BOARD" > "$REQS" || exit 2
+fi
 [ -f "$REQS" ] || { echo "board-check: requirements file $REQS does not exist" >&2; exit 2; }
 REQS=$(cd "$(dirname "$REQS")" && pwd)/$(basename "$REQS")
-[ -x "$HOST_PY" ] || HOST_PY=$(command -v python3)
 
 T0=$(date +%s)
 log() { echo "board-check [$(( $(date +%s) - T0 ))s] $*"; }

@@ -1,6 +1,7 @@
 """Download, on the host, the aarch64 wheels a board's requirements file needs (step 1 of `make board-check`).
 
     python scripts/board_check_wheels.py REQUIREMENTS DEST [--python-version 3.11]
+    python scripts/board_check_wheels.py --requirements-of rpi4 > rpi4.txt   # the pins in boards/rpi4.json
 
 A Raspberry Pi has no compiler toolchain worth the name and hours to spare: every requirement must exist as a
 CPython 3.11 manylinux aarch64 wheel (Raspberry Pi OS / Debian bookworm: Python 3.11, glibc 2.36).  This runs
@@ -18,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Raspberry Pi OS bookworm (64-bit) = Debian bookworm arm64: glibc 2.36, CPython 3.11
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux2014_aarch64", "manylinux_2_17_aarch64")
@@ -94,12 +97,31 @@ def download_wheels(requirements, dest, python_version: str = PYTHON_VERSION,
     return sorted(dest.glob("*.whl"))
 
 
+def board_requirements(board: str) -> str:
+    """The pip requirements file text of ``board`` from its profile (boards/BOARD.json ``requirements``),
+    exactly as ``eetool export`` writes it into a bundle's requirements/BOARD.txt."""
+    sys.path.insert(0, str(REPO))
+    from runtime.boards import load_board, requirements_text
+
+    return requirements_text(load_board(board, str(REPO / "boards")))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("requirements")
-    ap.add_argument("dest")
+    ap.add_argument("requirements", nargs="?")
+    ap.add_argument("dest", nargs="?")
     ap.add_argument("--python-version", default=PYTHON_VERSION)
+    ap.add_argument("--requirements-of", metavar="BOARD", help="print the pins of boards/BOARD.json and exit")
     args = ap.parse_args(argv)
+    if args.requirements_of:
+        try:
+            sys.stdout.write(board_requirements(args.requirements_of))
+        except ValueError as e:  # runtime.boards.BoardError: unknown board, invalid profile
+            print("board-check: %s" % e, file=sys.stderr)
+            return 2
+        return 0
+    if not args.requirements or not args.dest:
+        ap.error("give REQUIREMENTS and DEST, or --requirements-of BOARD")
     try:
         wheels = download_wheels(args.requirements, args.dest, args.python_version)
     except WheelCheckError as e:

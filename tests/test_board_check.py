@@ -87,9 +87,12 @@ def test_dependency_without_wheel_is_named_with_its_parent(tmp_path, monkeypatch
     assert "needed by probe" in str(err.value)
 
 
-def test_example_board_requirements_resolve_to_aarch64_wheels():
-    """The draft pins in scripts/board-requirements-example.txt all have cp311 manylinux aarch64 wheels."""
-    wheels = download_wheels(SCRIPTS / "board-requirements-example.txt", CACHE / "wheels-aarch64")
+@pytest.mark.parametrize("board", ["rpi3", "rpi4", "rpi5"])
+def test_board_requirements_resolve_to_aarch64_wheels(board, tmp_path):
+    """The pins in boards/BOARD.json (Raspberry Pi OS bookworm, CPython 3.11) all have manylinux aarch64 wheels."""
+    req = tmp_path / ("%s.txt" % board)
+    req.write_text(board_check_wheels.board_requirements(board))
+    wheels = download_wheels(req, CACHE / "wheels-aarch64")
     names = {w.name.split("-")[0].lower() for w in wheels}
     assert {"numpy", "onnxruntime", "ai_edge_litert", "zstandard", "lz4", "pillow"} <= names
     for w in wheels:
@@ -117,6 +120,29 @@ def test_compare_rejects_wrong_machine_and_different_results():
     problems = board_check_compare.compare(_run("x86_64"), _run("x86_64", top1=8, conf=0.5))
     text = "\n".join(problems)
     assert "not aarch64" in text and "top1 differs" in text and "confidence final differs" in text
+
+
+def test_bundle_requirements_are_the_board_profiles_pins(tmp_path):
+    """One source of pins: what a bundle tells the board to install is boards/BOARD.json's requirements, and
+    `make board-check` without a bundle checks the same file."""
+    from runtime.boards import list_boards, load_board
+    from toolkit.bundle_writer import copy_support_files
+
+    copy_support_files(tmp_path, [])
+    for board in list_boards(str(REPO / "boards")):
+        pins = load_board(board)["requirements"]
+        text = (tmp_path / "requirements" / ("%s.txt" % board)).read_text()
+        assert [line for line in text.splitlines() if not line.startswith("#")] == pins
+        assert board_check_wheels.board_requirements(board) == text
+    assert "numpy==1.26.4" in load_board("rpi4")["requirements"]  # the set the emulated board run installs in CI
+    assert not (SCRIPTS / "board-requirements-example.txt").exists()
+
+
+def test_unknown_board_is_refused_before_any_download(tmp_path):
+    env = dict(os.environ, BOARD_CHECK_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "board_check_wheels.py"), "--requirements-of", "rpi9"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "unknown board 'rpi9'" in proc.stderr and "rpi4" in proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -191,3 +191,16 @@ def test_repo_make_bench_for_another_board_refuses_at_once(tmp_path):
     assert p.returncode != 0
     assert "make bench PLAN_BOARD=%s" % board in p.stderr and "make bench BOARD=%s` in it" % board in p.stderr
     assert not out.exists()  # refused before any export or measurement
+
+
+def test_requirements_are_pinned_per_board():
+    """Each profile carries its board side's pip pins (written into every bundle's requirements/)."""
+    for name in B.list_boards():
+        reqs = B.load_board(name)["requirements"]
+        assert reqs and all("==" in r for r in reqs) and any(r.startswith("numpy==") for r in reqs), name
+        assert B.requirements_text(B.load_board(name)).splitlines()[1:] == reqs
+    loose = dict(B.load_board("rpi4"), requirements=["numpy>=1.24", "lz4==4.4.5"])
+    with pytest.raises(B.BoardError, match="numpy>=1.24"):
+        B.validate_board(loose)
+    with pytest.raises(B.BoardError, match="requirements must be a non-empty list"):
+        B.validate_board(dict(B.load_board("rpi4"), requirements=[]))

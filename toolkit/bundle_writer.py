@@ -1,33 +1,18 @@
 """Write the self-contained bundle directory around the exported graphs: the runtime package, board
-profiles, per-board requirements, a Makefile, sample inputs, and the manifest with every file's sha256.
+profiles, per-board requirements (from each profile's ``requirements``), a Makefile, sample inputs, and the
+manifest with every file's sha256.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+from runtime.boards import list_boards, load_board, requirements_text
 from runtime.bundle import sha256_file
 from runtime.manifest import SCHEMA, Manifest, manifest_json
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-
-# Wheels for the board side: numpy + one interpreter (+ optional codecs and Pillow). Versions with
-# cp311 manylinux aarch64 wheels (Raspberry Pi OS bookworm) and cp38 ones (JetPack 5).
-BOARD_REQUIREMENTS = {
-    "rpi3": ["numpy==1.26.4", "ai-edge-litert==2.3.0", "onnxruntime==1.22.1", "zstandard==0.25.0", "lz4==4.4.5",
-             "pillow==11.3.0"],
-    "rpi4": ["numpy==1.26.4", "ai-edge-litert==2.3.0", "onnxruntime==1.22.1", "zstandard==0.25.0", "lz4==4.4.5",
-             "pillow==11.3.0"],
-    "rpi5": ["numpy==1.26.4", "ai-edge-litert==2.3.0", "onnxruntime==1.22.1", "zstandard==0.25.0", "lz4==4.4.5",
-             "pillow==11.3.0"],
-    # JetPack 5 ships Python 3.8: last numpy / onnxruntime releases for 3.8; LiteRT falls back to tflite-runtime.
-    "jetson-nano": ["numpy==1.24.4", "onnxruntime==1.16.3", "zstandard==0.23.0", "lz4==4.3.3", "pillow==10.4.0"],
-    "jetson-orin-nano": ["numpy==1.24.4", "onnxruntime==1.19.2", "zstandard==0.23.0", "lz4==4.3.3", "pillow==10.4.0"],
-    "jetson-agx-orin": ["numpy==1.24.4", "onnxruntime==1.19.2", "zstandard==0.23.0", "lz4==4.3.3", "pillow==10.4.0"],
-    "host": ["numpy==2.4.6", "onnxruntime==1.32.0", "ai-edge-litert==2.3.0", "zstandard==0.25.0", "lz4==4.4.5",
-             "pillow==13.0.0"],
-}
 
 
 def copy_support_files(out: Path, sample_files: list[Path]) -> None:
@@ -42,9 +27,9 @@ def copy_support_files(out: Path, sample_files: list[Path]) -> None:
         shutil.copy(REPO / "docs" / "protocol.md", out / "PROTOCOL.md")
     req = out / "requirements"
     req.mkdir(exist_ok=True)
-    for board, pins in BOARD_REQUIREMENTS.items():
-        (req / f"{board}.txt").write_text("# pip install -r this file on the board (wheels only)\n"
-                                          + "\n".join(pins) + "\n")
+    boards = str(REPO / "boards")
+    for board in list_boards(boards):  # each board's pins live in its profile (boards/NAME.json "requirements")
+        (req / f"{board}.txt").write_text(requirements_text(load_board(board, boards)))
     if sample_files:
         (out / "samples").mkdir(exist_ok=True)
         for f in sample_files:
