@@ -1,8 +1,10 @@
 """Benchmark of ONNX int8 recipes (toolkit.quantize_onnx) on EfficientNet-Lite0 with real ImageNet images.
 
-Data: the 800 images of /work/shared/data/imagenet-samples (label = line of synsets.txt), preprocessed
-like the bundle (shorter side 256 bilinear, centre crop 224, /255, ImageNet mean/std, NCHW). Calibration
-on every 4th image (200, or --ncal of them), evaluation on the other 600.
+Data: a labelled image folder read by :func:`calibration.readers.read_dataset` (``--data``; default
+:func:`calibration.readers.default_data`: the 800 images of ../shared/data/imagenet-samples or
+$EETOOL_IMAGENET_SAMPLES, label = line of synsets.txt), preprocessed like the bundle (shorter side 256
+bilinear, centre crop 224, /255, ImageNet mean/std, NCHW). Calibration on every 4th image (200, or --ncal of
+them), evaluation on the others.
 
 For each config: whole model quantized with image calibration; split chain head = stem+blocks.0..5
 (output ``blocks.5``), tail = blocks.6..end, head calibrated on images, tail calibrated on the float
@@ -11,6 +13,7 @@ Reports float top-1, int8 top-1 and top-1 agreement with float, plus 1-thread la
 
     python bench/int8_recipe.py                       # all configs
     python bench/int8_recipe.py --configs recipe      # only some
+    python bench/int8_recipe.py --data DIR            # another labelled image folder
     python bench/int8_recipe.py --x-npy /tmp/X.npy --y-npy /tmp/y.npy   # reuse preprocessed arrays
 """
 from __future__ import annotations
@@ -30,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.quantize_onnx import QuantConfig, quantize_graph  # noqa: E402
 
-SAMPLES = Path("/work/shared/data/imagenet-samples")
 CONFIGS = {
     "u8s8-minmax (ORT default)": QuantConfig(activation_type="uint8", weight_type="int8"),
     "u8s8-minmax reduce_range": QuantConfig(activation_type="uint8", weight_type="int8", reduce_range=True),
@@ -47,12 +49,15 @@ CONFIGS = {
 }
 
 
-def load_images() -> tuple[np.ndarray, np.ndarray]:
-    """The 800 ImageNet samples with labels, preprocessed exactly as the bundle's runtime does."""
-    from calibration.readers import read_dataset
+def load_images(data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled images (default: the ImageNet samples), preprocessed exactly as the bundle's runtime does.
+    Raises DataError for a source without labels."""
+    from calibration.readers import DataError, default_data, read_dataset
     from toolkit.sources import IMAGENET_PREPROCESS
 
-    ds = read_dataset(str(SAMPLES), IMAGENET_PREPROCESS, progress=True)
+    ds = read_dataset(data or default_data(IMAGENET_PREPROCESS), IMAGENET_PREPROCESS, progress=True)
+    if ds.y is None:
+        raise DataError(f"{ds.source}: no labels (needs synsets.txt, labels.txt or class folders) for top-1")
     return ds.x, ds.y
 
 
@@ -114,13 +119,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--ncal", type=int, default=200)
+    ap.add_argument("--data", help="labelled image folder (default: the ImageNet samples beside the checkout)")
     ap.add_argument("--x-npy"), ap.add_argument("--y-npy")
     ap.add_argument("--out", default="bench/results/int8_recipe.jsonl")
     ap.add_argument("--no-split", action="store_true")
     ap.add_argument("--latency", action="store_true")
     args = ap.parse_args()
 
-    X, y = (np.load(args.x_npy), np.load(args.y_npy)) if args.x_npy else load_images()
+    X, y = (np.load(args.x_npy), np.load(args.y_npy)) if args.x_npy else load_images(args.data)
     idx = np.arange(len(y))
     cal, ev = idx[idx % 4 == 0][: args.ncal], idx[idx % 4 != 0]
     XC, XE, ye = np.ascontiguousarray(X[cal]), np.ascontiguousarray(X[ev]), y[ev]

@@ -12,7 +12,7 @@ recipes (tail calibrated on the FLOAT head's outputs on the calibration images),
 Prints Markdown and writes JSON to ``--out``.
 
     python bench/tflite_latency.py --images /tmp/X.npy --labels /tmp/y.npy --ncal 150 --out out/tflite.json
-    python bench/tflite_latency.py --jpegs /work/shared/data/imagenet-samples --ncal 100 --out out/tflite.json
+    python bench/tflite_latency.py --jpegs ../shared/data/imagenet-samples --ncal 100 --out out/tflite.json
 """
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ DEFAULT_RECIPES = [
 ]
 
 
-def _load_jpegs(folder: str):
-    """A labelled image folder, preprocessed exactly as the bundle's runtime does."""
-    from calibration.readers import read_dataset
+def _load_jpegs(folder):
+    """A labelled image folder (None: :func:`calibration.readers.default_data`), preprocessed exactly as the
+    bundle's runtime does."""
+    from calibration.readers import default_data, read_dataset
     from toolkit.sources import IMAGENET_PREPROCESS
 
-    ds = read_dataset(folder, IMAGENET_PREPROCESS, progress=True)
+    ds = read_dataset(folder or default_data(IMAGENET_PREPROCESS), IMAGENET_PREPROCESS, progress=True)
     return ds.x, (ds.y if ds.y is not None else np.full(len(ds), -1))
 
 
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", help=".npy float32 (N,3,224,224) preprocessed images")
     ap.add_argument("--labels", help=".npy int labels for --images")
-    ap.add_argument("--jpegs", default="/work/shared/data/imagenet-samples")
+    ap.add_argument("--jpegs", help="labelled image folder (default: the ImageNet samples beside the checkout or "
+                                    "$EETOOL_IMAGENET_SAMPLES, else scikit-image's photos)")
     ap.add_argument("--ncal", type=int, default=150)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
     ap.add_argument("--recipes", nargs="*", default=DEFAULT_RECIPES)

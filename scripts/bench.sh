@@ -65,7 +65,7 @@ $BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOAR
 
 if [ -d "$SAMPLES" ]; then
   echo "== 4. int8 recipe and TFLite float-vs-int8 benchmarks"
-  $BIN/python bench/int8_recipe.py --configs "u8u8-minmax (recipe = QuantConfig())" --latency \
+  $BIN/python bench/int8_recipe.py --data "$SAMPLES" --configs "u8u8-minmax (recipe = QuantConfig())" --latency \
       --out "$REPORT/int8_recipe.json"
   $BIN/python bench/tflite_latency.py --jpegs "$SAMPLES" --ncal 200 --out "$REPORT/tflite_latency.json"
 fi
