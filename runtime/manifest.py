@@ -588,17 +588,17 @@ def _jtype(v: Any) -> str:
     return {"list": "a list", "dict": "an object"}.get(type(v).__name__, type(v).__name__)
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: Any, nested: bool = False) -> str:
     origin, args = getattr(tp, "__origin__", None), getattr(tp, "__args__", ())
     if tp is Any:
         return "any JSON"
     if origin is Union:
-        names = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names) + (" or null" if type(None) in args else "")
+        names = [_type_name(a, True) for a in args if a is not type(None)] + (["null"] if type(None) in args else [])
+        return ("(%s)" if nested else "%s") % " or ".join(names)
     if origin in (list, List):
-        return "list of %s" % _type_name(args[0])
+        return "list of %s" % _type_name(args[0], True)
     if origin in (dict, Dict):
-        return "object of %s" % _type_name(args[1])
+        return "object of %s" % _type_name(args[1], True)
     if dataclasses.is_dataclass(tp):
         return tp.__name__
     return {str: "string", int: "integer", float: "number", bool: "bool"}.get(tp, str(tp))

@@ -3,11 +3,15 @@ versions and migration. Needs no torch: runs under the Python 3.8 runtime venv t
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 
+from runtime.bundle import Bundle, BundleError
 from runtime.manifest import (SCHEMA, SCHEMA_VERSION, WRITTEN_SINCE, ExitBranch, Manifest, ManifestError,
-                              WireQuant, load_manifest, manifest_json, parse_manifest)
+                              WireQuant, doc_with_fields, load_manifest, manifest_json, parse_manifest)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _manifest() -> dict:
@@ -162,3 +166,27 @@ def test_parse_does_not_mutate_its_input():
     before = copy.deepcopy(d)
     parse_manifest(d)
     assert d == before
+
+
+def test_bundle_load_names_the_bad_field(tmp_path):
+    d = _manifest()
+    d["exits"][0]["rule"] = "margin"
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=r"manifest\.json: manifest\.exits\[0\]\.rule: 'margin' is not one of"):
+        Bundle.load(tmp_path, verify=False)
+    d["exits"][0]["rule"] = "max_softmax"
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    b = Bundle.load(tmp_path, verify=False)
+    assert b.exits[0].rule == "max_softmax" and b.tensor("stage2").quant.zero_point == -128
+    with pytest.raises(BundleError, match="not in the manifest's tensors"):
+        b.tensor("logits")
+
+
+def test_bundle_md_is_generated_from_the_schema():
+    path = os.path.join(REPO, "docs", "bundle.md")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    assert doc_with_fields(text) == text, "docs/bundle.md is stale: python -m runtime.manifest --write-doc docs/bundle.md"
+    for field in ("calibration", "threshold", "thresholds", "expected_exit_rate", "name_map", "batch", "tflite_name",
+                  "layer_profile_graph", "samples", "extensions", "exit_calibration"):
+        assert "| `%s` |" % field in text, field

@@ -7,8 +7,8 @@
    (or $EETOOL_PY38) exists, else with the current interpreter (always asserted, never skipped).
    (runtime/__main__ is byte-compiled but not imported: importing it would run the CLI.)
 3. When a 3.8 virtual environment with numpy + pytest exists (default <repo>/build/py38, or
-   $EETOOL_PY38_VENV), the runtime-only tests (codec, protocol, link, server, energy, boards) run
-   under it. Create one with:
+   $EETOOL_PY38_VENV), the runtime-only tests (codec, protocol, link, server, energy, boards, manifest,
+   quant) run under it. Create one with:
        /root/.pyenv/versions/3.8.18/bin/python -m venv build/py38
        build/py38/bin/pip install "numpy==1.24.4" "pytest<8.4" zstandard lz4
    They run with --noconftest: tests/conftest.py needs torch, which the 3.8 venv does not have.
@@ -26,7 +26,7 @@ RUNTIME_FILES = sorted(glob.glob(os.path.join(REPO, "runtime", "*.py")))
 PY38 = os.environ.get("EETOOL_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 #: runtime-only test files (no torch) that also run under the 3.8 venv.
 PY38_TESTS = ["tests/test_codec.py", "tests/test_protocol.py", "tests/test_link.py", "tests/test_server.py",
-              "tests/test_energy.py", "tests/test_boards.py"]
+              "tests/test_energy.py", "tests/test_boards.py", "tests/test_manifest.py", "tests/test_quant.py"]
 PY38_VENV = os.environ.get("EETOOL_PY38_VENV", os.path.join(REPO, "build", "py38"))
 
 HOOK = r"""
