@@ -1,10 +1,17 @@
 """Edge server: receives split tensors, runs the tail graph, replies with logits and top-k.
 
-One thread per connection (bounded by ``max_connections``); calls into the tail are serialised
-with a lock (one inference session). A bad frame only ever affects its own connection: framing
-errors (bad magic, oversize, truncated, timeout) get an ERROR frame when possible and the
-connection is closed; content errors (bad JSON, wrong names / shapes / dtypes, a failing tail)
-get an ERROR frame and the connection stays usable. The server never dies on peer input.
+One thread per connection (bounded by ``max_connections``) reads a frame, validates and decodes it,
+and hands the request to a :class:`runtime.batching.Batcher`: requests from every connection share
+one queue, and each of the batcher's workers (one tail session each) runs what has arrived as one
+batch. The connection thread then sends its own reply, so replies stay in order per connection and a
+client that vanishes costs only its reply. ``batching=False`` instead runs every request in its
+connection thread through one tail behind a lock (the server before batching; kept for comparison).
+
+A bad frame only ever affects its own connection: framing errors (bad magic, oversize, truncated,
+timeout) get an ERROR frame when possible and the connection is closed; content errors (bad JSON,
+wrong names / shapes / dtypes, a failing tail) get an ERROR frame and the connection stays usable. A
+tail that raises fails only the requests of its batch; a full queue answers ``busy`` at once. The
+server never dies on peer input.
 
 Logs go to the ``eetool.server`` logger (stderr when started through :func:`run_until_signal`).
 Python 3.8 compatible; numpy + stdlib only.
@@ -23,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import protocol as P
+from .batching import Batcher, BatchError
 
 __all__ = ["EdgeServer", "run_until_signal", "topk_softmax", "ERROR_CODES"]
 
@@ -37,7 +45,8 @@ ERROR_CODES = {
     "wrong_dtype": "a tensor cannot be converted to the tail's input dtype",
     "tail_failed": "the tail function raised or returned something unusable",
     "unexpected_type": "the client sent a frame type the server does not accept",
-    "busy": "too many connections",
+    "busy": "too many connections, or the request queue is full",
+    "tail_timeout": "the tail did not answer within the server's tail timeout",
     "shutting_down": "the server is stopping",
     "internal": "unexpected server error",
 }
@@ -80,8 +89,9 @@ class EdgeServer:
     """TCP server running the tail graph for device clients.
 
     Args:
-        tail: function name -> float32 array (the tail's inputs) to name -> array (its outputs).
-            The output named ``logits`` (or the only output) must be (N, C) float.
+        tail: function name -> float32 (B, ...) array (the tail's inputs, batch first) to name -> (B, ...)
+            array (its outputs), or a list of such functions, one per batching worker (each its own
+            session). The output named ``logits`` (or the only output) must be (B, C) float.
         expected: name -> {"shape": [None, C, H, W], "dtype": "float32"} of the tail's inputs;
             None in a shape matches any size.
         host: address to bind (default 127.0.0.1).
@@ -94,18 +104,34 @@ class EdgeServer:
         frame_timeout_s: seconds a client has from the first to the last byte of a frame.
         idle_timeout_s: seconds an idle connection is kept open between frames.
         reply_logits: include the full logits tensor in replies (False: top-k only).
+        batching: run requests through a :class:`runtime.batching.Batcher` (default); False: each
+            request in its connection thread through ``tail`` (one function) behind a lock, at its own batch.
+        max_batch: most samples in one batch.
+        max_wait_ms: longest a batch waits for more requests after its first arrived (ms).
+        max_queue: most requests waiting for a worker; beyond it a request gets ERROR "busy" at once
+            (default: 2 x max_batch x workers, at least 16).
+        prepare: optional function run on each request's decoded inputs in its connection thread, before
+            batching (e.g. decoding an image file); returns the tail's inputs with a batch dimension.
+        tail_timeout_s: longest a connection waits for its batch (s); then ERROR "tail_timeout".
 
     Raises:
         OSError: the address cannot be bound.
-        ValueError: bad ``expected`` description.
+        ValueError: bad ``expected`` description, bad batching limits, several tails without batching.
     """
 
-    def __init__(self, tail: TailFn, expected: Mapping[str, Mapping[str, Any]], host: str = "127.0.0.1",
-                 port: int = 0, secret: Union[None, str, bytes] = None,
+    def __init__(self, tail: Union[TailFn, Sequence[TailFn]], expected: Mapping[str, Mapping[str, Any]],
+                 host: str = "127.0.0.1", port: int = 0, secret: Union[None, str, bytes] = None,
                  max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES, topk: int = 5,
                  max_connections: int = 64, frame_timeout_s: float = 30.0, idle_timeout_s: float = 300.0,
-                 reply_logits: bool = True):
-        self._tail = tail
+                 reply_logits: bool = True, batching: bool = True, max_batch: int = 32, max_wait_ms: float = 2.0,
+                 max_queue: Optional[int] = None, prepare: Optional[TailFn] = None, tail_timeout_s: float = 60.0):
+        self._tails = list(tail) if isinstance(tail, (list, tuple)) else [tail]
+        if not self._tails or not all(callable(t) for t in self._tails):
+            raise ValueError("tail must be a function or a non-empty list of functions")
+        if not batching and len(self._tails) != 1:
+            raise ValueError("batching=False runs one tail; got %d" % len(self._tails))
+        self._tail = self._tails[0]
+        self._prepare = prepare
         self.expected = self._check_expected(expected)
         self.secret = secret
         self.max_frame_bytes = int(max_frame_bytes)
@@ -113,6 +139,7 @@ class EdgeServer:
         self.max_connections = int(max_connections)
         self.frame_timeout_s = float(frame_timeout_s)
         self.idle_timeout_s = float(idle_timeout_s)
+        self.tail_timeout_s = float(tail_timeout_s)
         self.reply_logits = bool(reply_logits)
         self._max_raw = self._max_raw_bytes()
         self._tail_lock = threading.Lock()
@@ -127,6 +154,24 @@ class EdgeServer:
         self._listener.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self.batcher = None  # type: Optional[Batcher]
+        if batching:
+            queue = max_queue if max_queue is not None else max(16, 2 * int(max_batch) * len(self._tails))
+            try:
+                self.batcher = Batcher(self._tails, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=queue,
+                                       sources=lambda: len(self._conns))
+            except ValueError:
+                for s in (self._listener, self._wake_r, self._wake_w):
+                    s.close()
+                raise
+
+    def describe(self) -> Dict[str, Any]:
+        """How requests are run: workers, batching limits (for the startup log and tests)."""
+        if self.batcher is None:
+            return {"batching": False, "workers": 1}
+        b = self.batcher
+        return {"batching": True, "workers": len(b.runners), "max_batch": b.max_batch,
+                "max_wait_ms": b.max_wait_s * 1e3, "max_queue": b.max_queue}
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
@@ -255,16 +300,25 @@ class EdgeServer:
             self._validate(specs)  # before any decompression
             msg = P.RequestMessage(rid, specs, P.decode_tensors(frame.payload, specs, rid))
             inputs = self._to_inputs(msg)
-            with self._tail_lock:
-                t0 = time.perf_counter()
+            if self._prepare is not None:
                 try:
-                    outputs = self._tail(inputs)
+                    inputs = self._prepare(inputs)
                 except Exception as exc:
-                    log.exception("%s: tail raised on request %d", peer, rid)
-                    raise _RequestError("tail_failed", "tail raised %s: %s" % (type(exc).__name__, exc))
-                tail_ms = (time.perf_counter() - t0) * 1000.0
+                    raise _RequestError("tail_failed", "preparing the input failed: %s: %s" % (type(exc).__name__, exc))
+            meta = None
+            if self.batcher is not None:
+                outputs, tail_ms, meta = self._run_batched(inputs)
+            else:
+                with self._tail_lock:
+                    t0 = time.perf_counter()
+                    try:
+                        outputs = self._tail(inputs)
+                    except Exception as exc:
+                        log.exception("%s: tail raised on request %d", peer, rid)
+                        raise _RequestError("tail_failed", "tail raised %s: %s" % (type(exc).__name__, exc))
+                    tail_ms = (time.perf_counter() - t0) * 1000.0
             reply = self._reply_tensors(outputs)
-            out = P.encode_reply(rid, reply, tail_ms, self.secret)
+            out = P.encode_reply(rid, reply, tail_ms, self.secret, meta=meta)
             self._count("replies")
             return out
         except P.ProtocolError as exc:
@@ -279,6 +333,18 @@ class EdgeServer:
             self._count("errors")
             log.exception("%s: request %d failed", peer, rid)
             return P.encode_error(rid, "internal", "%s: %s" % (type(exc).__name__, exc), self.secret)
+
+    def _run_batched(self, inputs: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], float, Dict[str, Any]]:
+        """Queue one request, wait for its batch; (its outputs, the batch's tail ms, reply meta)."""
+        try:
+            pending = self.batcher.submit(inputs)
+            outputs = pending.wait(self.tail_timeout_s)
+        except BatchError as exc:
+            code = "tail_timeout" if exc.code == "timeout" else exc.code
+            raise _RequestError(code, exc.message)
+        except ValueError as exc:
+            raise _RequestError("wrong_shape", str(exc))
+        return outputs, pending.run_ms, {"batch": pending.batch, "queue_ms": round(pending.queue_ms, 3)}
 
     def _describe_expected(self) -> str:
         return ", ".join("%s %s %s" % (n, _fmt_shape(s["shape"]), s["dtype"]) for n, s in self.expected.items())
@@ -385,6 +451,8 @@ class EdgeServer:
             except OSError:
                 pass
         deadline = time.monotonic() + timeout_s
+        if self.batcher is not None:  # queued requests end with shutting_down; running batches finish
+            self.batcher.close(timeout_s)
         for _, thread in items:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
