@@ -1,6 +1,7 @@
 """Runtime command line, for boards and edge servers that have only the runtime installed:
 
-    python -m runtime serve BUNDLE [--host 127.0.0.1] [--port 8470] [--secret S]
+    python -m runtime serve BUNDLE [--host 127.0.0.1] [--port 8470] [--secret S] [--workers N] [--device cuda]
+    python -m runtime loadtest BUNDLE [--server HOST:PORT] [--clients 1,8,32,64] [--duration S] [--json]
     python -m runtime run   BUNDLE --server HOST:PORT [--json] INPUT...
     python -m runtime bench BUNDLE [--board rpi4] [--server HOST:PORT] [--out DIR]
 
@@ -28,17 +29,9 @@ def device_options(args) -> S.DeviceOptions:
 
 
 def cmd_serve(args) -> int:
-    from .server import run_until_signal
+    from .serving import serve_command
 
-    bundle = Bundle.load(args.bundle)
-    server, fmt, precision, what = S.make_server(bundle, S.ServerOptions(
-        backend=args.backend, precision=args.precision, threads=args.threads, spinning=args.spinning,
-        host=args.host, port=args.port, secret=args.secret, max_connections=args.max_connections,
-        idle_timeout_s=args.idle_timeout, whole_model=args.whole_model, input_file=args.input_file))
-    host, port = server.address
-    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what, fmt, precision, host, port), flush=True)
-    run_until_signal(server)
-    return 0
+    return serve_command(args)
 
 
 def cmd_run(args) -> int:
@@ -113,7 +106,8 @@ def _common(p):
     p.add_argument("--spinning", choices=["on", "off"],
                    help="onnxruntime worker threads spin-wait between inferences (on) or sleep (off); default: "
                         "the board profile's backend.allow_spinning (off on every board) for run / bench, "
-                        "onnxruntime's default (on) for serve")
+                        "for serve: off with several batching workers (they share the cores), else onnxruntime's "
+                        "default (on)")
     p.add_argument("--secret", help="shared secret for HMAC frame authentication (or $EETOOL_SECRET)")
 
 
@@ -139,8 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=8470)
-    p.add_argument("--max-connections", type=int, default=64, help="concurrent connections served")
+    p.add_argument("--max-connections", type=int, default=256, help="concurrent connections served (devices)")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle connection is kept")
+    p.add_argument("--workers", type=int, help="batching workers, each with its own session (default: from the machine)")
+    p.add_argument("--max-batch", type=int, help="most samples in one batch (default: measured at start-up)")
+    p.add_argument("--max-wait-ms", type=float, help="longest a batch waits for more requests (default: half the "
+                                                      "batch-1 tail time; a lone device never waits)")
+    p.add_argument("--max-queue", type=int, help="requests waiting beyond which the server answers busy "
+                                                 "(default: 2 x max-batch x workers)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="run each request alone in its connection's thread through one session (no queue)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="run the tail on the CPU or on a GPU (onnxruntime-gpu's CUDA provider, TensorRT's where installed)")
+    p.add_argument("--provider", help="an onnxruntime execution provider by name, e.g. CUDAExecutionProvider")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: batching workers in this process; ray: a Ray Serve deployment (pip install eetool[ray])")
+    p.add_argument("--replicas", type=int, default=2, help="--engine ray: replicas of the tail deployment")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: cluster to join (default: $RAY_ADDRESS, a running 'ray start' cluster, or a local one)")
     p.add_argument("--whole-model", action="store_true",
                    help="run the whole model on the server (edge computing: the device sends its input)")
     p.add_argument("--input-file", action="store_true",

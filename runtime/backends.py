@@ -43,21 +43,32 @@ def session_options(threads: Optional[int] = None, allow_spinning: Optional[bool
 
 
 class OrtSession:
-    """onnxruntime session on the CPU execution provider.
+    """onnxruntime session, on the CPU execution provider unless ``providers`` says otherwise.
 
     ``threads``: intra-op threads (``None`` = onnxruntime's default, one per core); ``allow_spinning``:
-    see :func:`session_options`. Inputs and outputs are float32 NCHW arrays with the batch first, keyed
-    by tensor name. ``options`` is the SessionOptions it was created with.
+    see :func:`session_options`. ``providers``: execution providers in priority order (from
+    :func:`runtime.providers.select_providers`); a GPU provider onnxruntime could not load raises
+    :class:`runtime.providers.ProviderError` instead of silently running on the CPU. Inputs and outputs
+    are float32 NCHW arrays with the batch first, keyed by tensor name. ``options`` is the SessionOptions
+    it was created with; ``batch`` the graph's fixed batch (None: dynamic).
     """
 
-    def __init__(self, path, threads: Optional[int] = None, allow_spinning: Optional[bool] = None):
+    def __init__(self, path, threads: Optional[int] = None, allow_spinning: Optional[bool] = None,
+                 providers: Optional[List[str]] = None):
         import onnxruntime as ort
 
         self.options = session_options(threads, allow_spinning)
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=self.options, providers=["CPUExecutionProvider"])
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+        if self.providers != ["CPUExecutionProvider"]:
+            from .providers import check_session_providers
+
+            check_session_providers(self.providers, self.session.get_providers(), self.path.name)
         self.input_names: List[str] = [i.name for i in self.session.get_inputs()]
         self.output_names: List[str] = [o.name for o in self.session.get_outputs()]
+        dim0 = self.session.get_inputs()[0].shape[0] if self.session.get_inputs()[0].shape else None
+        self.batch: Optional[int] = dim0 if isinstance(dim0, int) and dim0 > 0 else None
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Run on ``feeds`` (name -> float32 array) and return name -> float32 array for every output.
@@ -72,14 +83,18 @@ class OrtSession:
 
 
 def open_session(path, fmt: str, threads: Optional[int] = None, name_map: Optional[Dict[str, str]] = None,
-                 allow_spinning: Optional[bool] = None):
+                 allow_spinning: Optional[bool] = None, providers: Optional[List[str]] = None):
     """Open ``path`` with the backend for ``fmt`` (``onnx`` or ``tflite``). ``name_map`` maps our tensor
-    names to the graph's own (TFLite signature) names; ``allow_spinning`` applies to onnxruntime (see
-    :func:`session_options`; LiteRT has no such setting). Raises BackendError for an unknown format."""
+    names to the graph's own (TFLite signature) names; ``allow_spinning`` and ``providers`` apply to
+    onnxruntime (see :class:`OrtSession`; LiteRT has no such settings). Raises BackendError for an unknown
+    format or a GPU provider asked of a TFLite graph."""
     if fmt == "onnx":
-        return OrtSession(path, threads, allow_spinning)
+        return OrtSession(path, threads, allow_spinning, providers)
     if fmt == "tflite":
         from .backend_litert import LiteRTSession
 
+        if providers and list(providers) != ["CPUExecutionProvider"]:
+            raise BackendError(f"{Path(path).name}: TFLite graphs run on the CPU here; use the bundle's ONNX graphs "
+                               f"(--backend onnx) with {providers[0]}")
         return LiteRTSession(path, threads=threads, name_map=name_map)
     raise BackendError(f"unknown graph format {fmt!r}: expected onnx or tflite")

@@ -18,14 +18,17 @@ class Chain:
     """Sessions for the segments of one ``side`` (``device``, ``server`` or ``all``) and, on the device,
     the exits, in ``fmt`` (``onnx``/``tflite``) and ``precision`` (``fp32``/``int8``).
 
-    ``threads`` and ``allow_spinning`` configure every session (:func:`runtime.backends.session_options`).
+    ``threads`` and ``allow_spinning`` configure every session (:func:`runtime.backends.session_options`);
+    ``providers`` are onnxruntime's execution providers (see :class:`runtime.backends.OrtSession`).
     Raises ``BundleError`` when the bundle lacks a graph in that format and precision."""
 
     def __init__(self, bundle: Bundle, side: str = "all", fmt: str = "onnx", precision: str = "fp32",
-                 threads: Optional[int] = None, with_exits: bool = True, allow_spinning: Optional[bool] = None):
+                 threads: Optional[int] = None, with_exits: bool = True, allow_spinning: Optional[bool] = None,
+                 providers: Optional[List[str]] = None):
         self.bundle = bundle
         self.fmt, self.precision = fmt, precision
         self.allow_spinning = allow_spinning
+        self.providers = providers
         segs = bundle.segments if side == "all" else [s for s in bundle.segments if s.side == side]
         self.segments: List[Tuple[Segment, object]] = [(s, self._open(s, threads)) for s in segs]
         # exits keyed by the tensor they read; only exits whose input this chain produces
@@ -39,7 +42,8 @@ class Chain:
     def _open(self, owner: Union[Segment, ExitBranch], threads: Optional[int]):
         key = self.bundle.graph_key(owner, self.fmt, self.precision)
         g = self.bundle.graph(key)
-        return open_session(self.bundle.graph_path(key), g.format, threads, g.name_map, self.allow_spinning)
+        return open_session(self.bundle.graph_path(key), g.format, threads, g.name_map, self.allow_spinning,
+                            self.providers)
 
     def run_segments(self, tensors: Dict[str, np.ndarray], timings: Optional[Dict[str, float]] = None
                      ) -> Dict[str, np.ndarray]:
