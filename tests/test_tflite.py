@@ -230,3 +230,21 @@ def test_first_convolutions_stay_float_in_the_image_graph(exported, images, tmp_
     got = LiteRTSession(str(out), name_map=eh.get("name_map")).run({"input": check[:4]})["blocks.2"]
     cos = (ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got))
     assert cos > 0.98
+
+
+def test_fixed_batch_graph_runs_a_larger_batch_as_a_loop_and_serve_names_it(exported, images):
+    """serve's batches reach a TFLite graph exported at a fixed batch as a loop over slices; serving lists it."""
+    from types import SimpleNamespace
+
+    from runtime.serving import fixed_batch_graphs
+
+    d, eh, et = exported
+    s = LiteRTSession(str(d / "head.fp32.tflite"), threads=2, name_map=eh["name_map"])
+    assert s.batch is not None  # litert-torch keeps the trace batch
+    x = np.concatenate([images[1][:s.batch], images[1][:s.batch][:, :, ::-1]])
+    whole = s.run({"input": x})["blocks.2"]
+    parts = np.concatenate([s.run({"input": x[i:i + s.batch]})["blocks.2"] for i in range(0, len(x), s.batch)])
+    assert whole.shape[0] == 2 * s.batch
+    np.testing.assert_array_equal(whole, parts)
+    chain = SimpleNamespace(segments=[({"name": "seg0"}, s)])
+    assert fixed_batch_graphs(chain) == ["seg0"]
