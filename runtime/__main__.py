@@ -69,6 +69,12 @@ def cmd_bench(args) -> int:
         compare=not args.no_compare))
 
 
+def cmd_loadtest(args) -> int:
+    from .loadtest import run_loadtest
+
+    return run_loadtest(args)
+
+
 def cmd_report(args) -> int:
     from .report import run
 
@@ -192,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true",
                    help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("loadtest", help="many client processes against an edge server, every reply checked; "
+                                        "the bare-session ceiling in the same run")
+    from .loadtest import add_arguments as loadtest_arguments
+
+    loadtest_arguments(p)
+    p.set_defaults(fn=cmd_loadtest)
     p = sub.add_parser("report", help="one Markdown page from bench report folders and plan JSONs")
     from .report import add_arguments
 

@@ -237,6 +237,118 @@ def write(out: Path, r: dict) -> None:
     (Path(out) / "report.md").write_text(render_markdown(r), encoding="utf-8")
 
 
+# --------------------------------------------------------------------------- load test
+def _srv_label(label: str) -> str:
+    return {"batching": "serve (batching)", "no batching": "serve --no-batching"}.get(label, label)
+
+
+def loadtest_markdown(r: dict, plot: Optional[str] = None, level: int = 1) -> str:
+    """A ``python -m runtime loadtest`` result (``loadtest.json``) as Markdown: one row per server and
+    client count, the ceiling, the targets checked, the defaults each server chose and the conditions."""
+    h = "#" * level
+    labels = [k for k in r["levels"][0] if k != "clients"]
+    lines = ["%s eetool load test: %s (%s/%s) on %s, %d cores" % (h, r["bundle"], r["backend"], r["precision"],
+                                                                r["processor"], r["cores"]), "",
+             "%d s per client count and server in %d interleaved rounds; each client a separate process on its own "
+             "connection, one request at a time (%d distinct real inputs, int8 wire); every reply checked against "
+             "the tail run locally (wrong: top-1 differs or logits off by more than %g x (1 + max |logit|)); "
+             "lost: no answer at all." % (r["duration_s"], r["rounds"], r["request_inputs"], r["tolerance"]), "",
+             "| server | clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | wrong | lost | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for lv in r["levels"]:
+        for label in labels:
+            c = lv[label]
+            lines.append("| %s | %d | %.1f | %s | %s | %s | %s | %d | %d | %s |" % (
+                _srv_label(label), lv["clients"], c["req_per_s"], *("%.1f" % c[k] if k in c else "-"
+                                                                     for k in ("p50_ms", "p90_ms", "p99_ms")),
+                "%.1f" % c["mean_batch"] if "mean_batch" in c else "-", c["wrong"], c["lost"],
+                ", ".join("%s %d" % kv for kv in sorted(c["errors"].items())) or "0"))
+    ceil = r.get("ceiling")
+    if ceil:
+        best = ceil["best"]
+        lines += ["", "Ceiling (bare tail sessions, no server, same machine, %.0f s per point): best %.1f samples/s at "
+                  "batch %d with %d session(s) x %s thread(s)." % (ceil["seconds_per_point"], best["samples_per_s"],
+                                                                  best["batch"], best["sessions"], best["threads"]), "",
+                  "| sessions x threads | " + " | ".join("batch %d" % b for b in sorted({p["batch"] for p in ceil["points"]})) + " |",
+                  "|---|" + "---:|" * len({p["batch"] for p in ceil["points"]})]
+        layouts = list(dict.fromkeys((p["sessions"], p["threads"]) for p in ceil["points"]))
+        for lay in layouts:
+            row = {p["batch"]: p["samples_per_s"] for p in ceil["points"] if (p["sessions"], p["threads"]) == lay}
+            lines.append("| %d x %s | " % lay + " | ".join("%.1f" % row[b] if b in row else "-" for b in sorted(row)) + " |")
+    t = r.get("targets") or {}
+    lines += ["", "Targets:"]
+    if "throughput_vs_ceiling" in t:
+        x = t["throughput_vs_ceiling"]
+        lines.append("- at %d clients, batching serves %.1f req/s = %.2fx the ceiling (target >= %.1fx): %s" % (
+            x["clients"], x["req_per_s"], x["ratio"], x["target"], "met" if x["ratio"] >= x["target"] else "NOT met"))
+    if "p99_over_p50" in t:
+        x = t["p99_over_p50"]
+        lines.append("- at %d clients, p99 / p50 = %.2f (target <= %.1f): %s" % (
+            x["clients"], x["ratio"], x["target"], "met" if x["ratio"] <= x["target"] else "NOT met"))
+    if "lone_device_p50_vs_no_batching" in t:
+        x = t["lone_device_p50_vs_no_batching"]
+        lines.append("- at %d client, p50 %.2f ms with batching vs %.2f ms without = %.3fx (target <= %.2fx): %s" % (
+            x["clients"], x["batching_p50_ms"], x["no_batching_p50_ms"], x["ratio"], x["target"],
+            "met" if x["ratio"] <= x["target"] else "NOT met"))
+    lines.append("- wrong answers %d, lost replies %d (target 0): %s" % (
+        t.get("wrong_answers", 0), t.get("lost_replies", 0),
+        "met" if not t.get("wrong_answers") and not t.get("lost_replies") else "NOT met"))
+    lines += ["", "What each server it started chose (its start-up log):"]
+    for label, srv in r["servers"].items():
+        plan = srv.get("plan")
+        if not plan:
+            lines.append("- %s: %s, started elsewhere (its defaults are in its own log)" % (_srv_label(label), srv["address"]))
+            continue
+        lines.append("- %s: %s" % (_srv_label(label), "workers %s, threads %s, max-batch %s, max-wait-ms %s, max-queue %s, "
+                                   "%s" % (plan.get("workers"), plan.get("threads"), plan.get("max_batch"),
+                                           plan.get("max_wait_ms"), plan.get("max_queue"), "/".join(plan.get("providers", [])))
+                                   if plan.get("batching") else "batching off, threads %s" % plan.get("threads")))
+        for reason in plan.get("reasons", []):
+            lines.append("  - " + reason)
+    la = r.get("load_average") or {}
+    if la.get("before"):
+        lines += ["", "Conditions: %s, Python %s, load average before %s, after %s (1/5/15 min; other jobs share "
+                  "this machine when it exceeds the core count); the whole run took %.0f s." % (
+                      r["machine"], r["python"], "/".join("%.1f" % v for v in la["before"]),
+                      "/".join("%.1f" % v for v in la["after"]), r.get("wall_s", 0))]
+    if plot:
+        lines += ["", "![throughput and p99 against clients](%s)" % plot]
+    return "\n".join(lines) + "\n"
+
+
+def loadtest_plot(r: dict, path: Path) -> Optional[str]:
+    """Throughput and p99 against clients for each server, with the ceiling; the PNG path, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [k for k in r["levels"][0] if k != "clients"]
+    ks = [lv["clients"] for lv in r["levels"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for label in labels:
+        a1.plot(ks, [lv[label]["req_per_s"] for lv in r["levels"]], marker="o", label=_srv_label(label))
+        a2.plot(ks, [lv[label].get("p99_ms", float("nan")) for lv in r["levels"]], marker="o", label=_srv_label(label))
+    if r.get("ceiling"):
+        a1.axhline(r["ceiling"]["best"]["samples_per_s"], color="k", ls="--", lw=1, label="ceiling (bare sessions)")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("clients")
+    a1.set_ylabel("replies / s")
+    a2.set_ylabel("p99 latency (ms)")
+    a1.legend(fontsize=7)
+    fig.suptitle("%s (%s/%s), %d cores" % (os.path.basename(str(r["bundle"]).rstrip("/")), r["backend"],
+                                           r["precision"], r["cores"]))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
 # --------------------------------------------------------------------------- one page for a whole run
 def plan_claim(plan: dict) -> str:
     """Neurosurgeon's claim for one ``eetool plan --json`` result: the best split moves with bandwidth
