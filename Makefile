@@ -16,7 +16,7 @@ export BOARD_CHECK_CACHE ?= /var/cache/eetool-board-check
 $(BIN)/eetool: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -e '.[tflite,test]'
+	$(BIN)/pip install --quiet -e '.[tflite,test,ray]'
 	touch $@
 
 install: $(BIN)/eetool

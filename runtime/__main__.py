@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: batching workers in this process; ray: a Ray Serve deployment (pip install eetool[ray])")
     p.add_argument("--replicas", type=int, default=2, help="--engine ray: replicas of the tail deployment")
     p.add_argument("--ray-address", default=None,
-                   help="--engine ray: cluster to join (default: $RAY_ADDRESS, a running 'ray start' cluster, or a local one)")
+                   help="--engine ray: cluster to join (default: $RAY_ADDRESS, a running 'ray start' cluster, or a "
+                        "local one); 'local': always a new instance on this machine, bound to 127.0.0.1")
     p.add_argument("--whole-model", action="store_true",
                    help="run the whole model on the server (edge computing: the device sends its input)")
     p.add_argument("--input-file", action="store_true",

@@ -2,7 +2,8 @@
 
 On a timeout or a refused connection :class:`EdgeClient.infer` raises :class:`ServerUnavailable`
 so the device can fall back to its best early-exit result. A connection that breaks (reset, closed,
-broken pipe) is re-established once and the request resent (inference is idempotent).
+broken pipe) is re-established once and the request resent (inference is idempotent); so is a request the
+server answers ``replica_lost`` (a scale-out replica died while running it).
 
 Python 3.8 compatible; numpy + stdlib only (zstandard / lz4 for those codecs).
 """
@@ -23,6 +24,8 @@ from .link import LinkShaper
 __all__ = ["EdgeClient", "Reply", "EdgeClientError", "ServerUnavailable", "ServerError", "BadReply"]
 
 _BROKEN = (P.CLOSED, P.TRUNCATED)
+#: ERROR codes after which the request is sent once more (the server says resending is safe)
+RETRY_ONCE_CODES = frozenset(["replica_lost"])
 _CLOSE_AFTER = frozenset([P.BAD_MAGIC, P.UNSUPPORTED_VERSION, P.BAD_TYPE, P.BAD_FLAGS, P.OVERSIZE,
                           P.TRUNCATED, P.TIMEOUT, P.AUTH_REQUIRED, P.BAD_HMAC, "busy", "shutting_down"])
 
@@ -141,6 +144,7 @@ class EdgeClient:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.reconnects = 0
+        self.retries = 0  # requests resent after a replica_lost answer
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> socket.socket:
@@ -252,7 +256,16 @@ class EdgeClient:
                                      secret=self.secret, level=self.level, meta=meta)
             encode_ms = (time.perf_counter() - t0) * 1000.0
             answer, network_ms, attempts = self._exchange(frame)
-            self._check_answer(answer, rid)
+            try:
+                self._check_answer(answer, rid)
+            except ServerError as exc:
+                if exc.code not in RETRY_ONCE_CODES or attempts > 1:
+                    raise
+                # the same retry-once budget as a broken connection: inference is idempotent
+                self.retries += 1
+                answer, network_ms, _ = self._exchange(frame)
+                attempts = 2
+                self._check_answer(answer, rid)
             if answer.msg_type != P.REPLY:
                 self.close()
                 raise BadReply(P.BAD_TYPE, "expected REPLY, got %s" % answer.type_name)

@@ -32,7 +32,7 @@ import numpy as np
 from . import protocol as P
 from .batching import Batcher, BatchError
 
-__all__ = ["EdgeServer", "run_until_signal", "topk_softmax", "ERROR_CODES"]
+__all__ = ["EdgeServer", "TailError", "run_until_signal", "topk_softmax", "ERROR_CODES"]
 
 log = logging.getLogger("eetool.server")
 
@@ -47,6 +47,7 @@ ERROR_CODES = {
     "unexpected_type": "the client sent a frame type the server does not accept",
     "busy": "too many connections, or the request queue is full",
     "tail_timeout": "the tail did not answer within the server's tail timeout",
+    "replica_lost": "the replica running the request died (scale-out engine); resending it is safe",
     "shutting_down": "the server is stopping",
     "internal": "unexpected server error",
 }
@@ -74,11 +75,29 @@ def topk_softmax(logits: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int32), np.take_along_axis(prob, idx, axis=1).astype(np.float32)
 
 
+class TailError(Exception):
+    """Raised by a tail function to answer the request with ERROR ``code`` (one of ERROR_CODES, e.g.
+    ``replica_lost`` or ``busy``) instead of ``tail_failed``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__("%s: %s" % (code, message))
+        self.code = code
+        self.message = message
+
+
 class _RequestError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class _NoLock(object):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _fmt_shape(shape: Sequence[Any]) -> str:
@@ -106,6 +125,8 @@ class EdgeServer:
         reply_logits: include the full logits tensor in replies (False: top-k only).
         batching: run requests through a :class:`runtime.batching.Batcher` (default); False: each
             request in its connection thread through ``tail`` (one function) behind a lock, at its own batch.
+        concurrent_tail: with ``batching=False``, call ``tail`` from every connection thread at once, without
+            the lock (a tail that batches on its own, e.g. a Ray Serve deployment handle).
         max_batch: most samples in one batch.
         max_wait_ms: longest a batch waits for more requests after its first arrived (ms).
         max_queue: most requests waiting for a worker; beyond it a request gets ERROR "busy" at once
@@ -124,7 +145,8 @@ class EdgeServer:
                  max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES, topk: int = 5,
                  max_connections: int = 64, frame_timeout_s: float = 30.0, idle_timeout_s: float = 300.0,
                  reply_logits: bool = True, batching: bool = True, max_batch: int = 32, max_wait_ms: float = 2.0,
-                 max_queue: Optional[int] = None, prepare: Optional[TailFn] = None, tail_timeout_s: float = 60.0):
+                 max_queue: Optional[int] = None, prepare: Optional[TailFn] = None, tail_timeout_s: float = 60.0,
+                 concurrent_tail: bool = False):
         self._tails = list(tail) if isinstance(tail, (list, tuple)) else [tail]
         if not self._tails or not all(callable(t) for t in self._tails):
             raise ValueError("tail must be a function or a non-empty list of functions")
@@ -142,7 +164,7 @@ class EdgeServer:
         self.tail_timeout_s = float(tail_timeout_s)
         self.reply_logits = bool(reply_logits)
         self._max_raw = self._max_raw_bytes()
-        self._tail_lock = threading.Lock()
+        self._tail_lock = _NoLock() if concurrent_tail else threading.Lock()
         self._conn_lock = threading.Lock()
         self._conns: Dict[socket.socket, threading.Thread] = {}
         self._stop = threading.Event()
@@ -313,6 +335,9 @@ class EdgeServer:
                     t0 = time.perf_counter()
                     try:
                         outputs = self._tail(inputs)
+                    except TailError as exc:
+                        log.warning("%s: request %d: %s", peer, rid, exc)
+                        raise _RequestError(exc.code, exc.message)
                     except Exception as exc:
                         log.exception("%s: tail raised on request %d", peer, rid)
                         raise _RequestError("tail_failed", "tail raised %s: %s" % (type(exc).__name__, exc))
