@@ -407,9 +407,11 @@ def plan_table(plan: dict, h: str = "##") -> List[str]:
     return lines
 
 
-def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], title: str) -> str:
-    """One Markdown page for a ``make bench`` run: claims first, then each plan and each bench report.
-    ``benches``: ``(relative directory, report.json dict)``; ``plans``: ``eetool plan --json`` dicts."""
+def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], title: str,
+                   loadtests: Sequence[Tuple[str, dict]] = ()) -> str:
+    """One Markdown page for a ``make bench`` run: claims first, then each plan, each bench report and each
+    load test. ``benches`` / ``loadtests``: ``(relative directory, JSON dict)``; ``plans``: ``eetool plan
+    --json`` dicts."""
     claims = [plan_claim(p) for p in plans]
     claims += [c for c in (feature_vs_jpeg_claim(p) for p in plans[:1]) if c]
     for _, r in benches:
@@ -433,11 +435,15 @@ def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], t
         lines += [""] + plan_table(p)
     for rel, r in benches:
         lines += ["", render_markdown(r, level=2, plots_prefix=(rel.rstrip("/") + "/") if rel else "")]
+    for rel, r in loadtests:
+        plot = (rel.rstrip("/") + "/loadtest.png") if (rel and r.get("plot")) else None
+        lines += ["", loadtest_markdown(r, plot, level=2)]
     return "\n".join(lines) + "\n"
 
 
 BENCH_KEYS = ("bundle", "split", "board", "machine", "stages_ms", "bytes_sent_mean", "input_file_bytes_mean")
 PLAN_KEYS = ("model", "board", "best", "options", "bandwidths", "total_mflops")
+LOADTEST_KEYS = ("bundle", "levels", "servers", "cores")
 
 
 def _load(path, keys, what: str, made_by: str) -> dict:
@@ -458,6 +464,8 @@ def add_arguments(p) -> None:
     p.add_argument("--bench", nargs="*", default=[], metavar="DIR",
                    help="folders written by 'python -m runtime bench' (each holds report.json)")
     p.add_argument("--plan", nargs="*", default=[], metavar="PLAN.json", help="'eetool plan --json' outputs")
+    p.add_argument("--loadtest", nargs="*", default=[], metavar="DIR",
+                   help="folders written by 'python -m runtime loadtest' (each holds loadtest.json)")
     p.add_argument("--title", default="eetool bench")
 
 
@@ -476,8 +484,16 @@ def run(a) -> int:
         benches.append((os.path.relpath(Path(d).resolve(), page), r))
     for f in a.plan:
         plans.append(_load(f, PLAN_KEYS, "a plan", "eetool plan --json"))
-    if not benches and not plans:
-        raise ValueError("nothing to report: give --bench DIR and/or --plan FILE")
-    Path(a.out).write_text(render_summary(benches, plans, a.title), encoding="utf-8")
+    loadtests = []
+    for d in getattr(a, "loadtest", []) or []:
+        f = Path(d) / "loadtest.json"
+        if not f.is_file():
+            raise ValueError("%s: no loadtest.json (run 'python -m runtime loadtest BUNDLE --out %s' first)" % (d, d))
+        r = _load(f, LOADTEST_KEYS, "a load test", "python -m runtime loadtest")
+        r["plot"] = (Path(d) / "loadtest.png").is_file()
+        loadtests.append((os.path.relpath(Path(d).resolve(), page), r))
+    if not benches and not plans and not loadtests:
+        raise ValueError("nothing to report: give --bench DIR, --plan FILE and/or --loadtest DIR")
+    Path(a.out).write_text(render_summary(benches, plans, a.title, loadtests), encoding="utf-8")
     print("report written to %s" % a.out)
     return 0

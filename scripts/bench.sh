@@ -9,7 +9,9 @@
 #     images: LC / LC+EE / EC / SC / SC+EE;
 #  3. the split planner fed with step 1's per-layer profile (device = this board, and a target board
 #     whose device side is a labelled FLOPs estimate), then one Markdown page of it all;
-#  4. with the ImageNet samples: the int8 recipe and TFLite float-vs-int8 benchmarks (JSON beside it).
+#  4. the edge server under load: step 1's bundle (fp32 tail, int8 wire) served with batching and without,
+#     1/8/32/64 client processes, every reply checked, and the bare-session ceiling, in one interleaved run;
+#  5. with the ImageNet samples: the int8 recipe and TFLite float-vs-int8 benchmarks (JSON beside it).
 # Every number describes the machine that runs this script: BOARD must be this machine's profile (checked
 # first, before any work; FORCE_BOARD=1 overrides the CPU / board-model detection, never the architecture).
 # To plan for another board from here, use PLAN_BOARD.
@@ -60,11 +62,15 @@ for PB in $(echo "$BOARD $PLAN_BOARD" | tr ' ' '\n' | awk '!seen[$0]++'); do
   PLANS+=("$REPORT/plan-$PB.json")
 done
 
+echo "== 4. edge server load test (batching vs none, and the bare-session ceiling)"
+$BIN/python -m runtime loadtest "$EFF" --precision fp32 --clients "${LOADTEST_CLIENTS:-1,8,32,64}" \
+    --duration "${LOADTEST_DURATION:-10}" --out "$REPORT/loadtest" >/dev/null
+
 $BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOARD" \
-    --bench "${BENCHES[@]}" --plan "${PLANS[@]}"
+    --bench "${BENCHES[@]}" --plan "${PLANS[@]}" --loadtest "$REPORT/loadtest"
 
 if [ -d "$SAMPLES" ]; then
-  echo "== 4. int8 recipe and TFLite float-vs-int8 benchmarks"
+  echo "== 5. int8 recipe and TFLite float-vs-int8 benchmarks"
   $BIN/python bench/int8_recipe.py --data "$SAMPLES" --configs "u8u8-minmax (recipe = QuantConfig())" --latency \
       --out "$REPORT/int8_recipe.json"
   $BIN/python bench/tflite_latency.py --jpegs "$SAMPLES" --ncal 200 --out "$REPORT/tflite_latency.json"
