@@ -378,3 +378,40 @@ def test_run_until_signal_shuts_down_cleanly(sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_client_resends_once_after_replica_lost():
+    """ERROR replica_lost (a scale-out replica died running the request) is resent once, like a broken
+    connection; a second one reaches the caller as ServerError."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.settimeout(5)
+    seen = []
+
+    def fake_server(answers):
+        c, _ = lst.accept()
+        c.settimeout(5)
+        for lost in answers:
+            f = P.read_frame(c, 1 << 20, 5.0)
+            seen.append(f.request_id)
+            if lost:
+                c.sendall(P.encode_error(f.request_id, "replica_lost", "replica died"))
+            else:
+                logits = reference(P.decode_request(f).tensors["feat"])
+                idx, sc = topk_softmax(logits, 2)
+                c.sendall(P.encode_reply(f.request_id, {"logits": logits, "topk_indices": idx, "topk_scores": sc}, 1.0))
+        c.close()
+
+    try:
+        th = threading.Thread(target=fake_server, args=([True, False, True, True],), daemon=True)
+        th.start()
+        cli = EdgeClient(*lst.getsockname()[:2], timeout_s=5.0)
+        q = make_input(9)
+        r = cli.infer({"feat": q}, QUANT)
+        assert r.attempts == 2 and cli.retries == 1 and seen == [1, 1]  # the same request, resent once
+        np.testing.assert_allclose(r.logits, reference(q))
+        with pytest.raises(ServerError) as ei:
+            cli.infer({"feat": q}, QUANT)
+        assert ei.value.code == "replica_lost" and cli.retries == 2 and seen == [1, 1, 2, 2]
+        th.join(5)
+    finally:
+        lst.close()
