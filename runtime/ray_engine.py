@@ -148,19 +148,20 @@ def serve_ray(args, bundle, side: str, fmt: str, precision: str, expected, secre
     # Ray Serve takes over this process's stdout once it starts; keep a handle on the real one for the
     # start-up lines (the address and the plan) that scripts read
     out = os.fdopen(os.dup(1), "w", buffering=1)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address == "local":
+        # a new single-machine instance on the loopback interface (Ray's own switch, read at import)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray, serve = _import_ray()
     max_batch = args.max_batch or 16
     max_wait_ms = 2.0 if args.max_wait_ms is None else args.max_wait_ms
     threads = args.threads or 1
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # no address: Ray joins the cluster 'ray start' left on this machine, or starts a local one
         # py_modules ships this runtime package to every node: a 'ray start' cluster needs only Ray, numpy and
         # onnxruntime installed there
-        # ('local': a new single-machine instance bound to 127.0.0.1, reachable from this machine only)
-        kw = {"_node_ip_address": "127.0.0.1"} if address == "local" else {}
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]}, **kw)
+                 runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
     try:
         serve.start(http_options={"location": "NoServer"})
         dep = make_deployment(serve, args.replicas, max_batch, max_wait_ms, threads, max_queued=args.max_queue or 256)

@@ -33,6 +33,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test instance; a second driver joins it to kill a replica
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on 127.0.0.1 only (what serve --ray-address local sets)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env
 
