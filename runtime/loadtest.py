@@ -286,8 +286,8 @@ def _merge(parts: List[dict]) -> dict:
 def ceiling(bundle, fmt: str, precision: str, layouts: Sequence[tuple], batches: Sequence[int], sample: dict,
             seconds: float = 2.0) -> dict:
     """Bare tail sessions, no server: samples/s at each batch size for each (sessions, threads) layout,
-    the sessions running concurrently (spinning off when more than one). Returns {"points": [...],
-    "best": {...}}."""
+    the sessions running concurrently (spinning off when more than one), the median of three windows of
+    ``seconds / 3``. Returns {"points": [...], "best": {...}}."""
     from .chain import Chain
 
     points = []
@@ -298,23 +298,25 @@ def ceiling(bundle, fmt: str, precision: str, layouts: Sequence[tuple], batches:
             feeds = {k: np.ascontiguousarray(np.repeat(v, b, axis=0)) for k, v in sample.items()}
             for c in chains:
                 c.run_segments(feeds)  # warm-up at this shape
-            counts = [0] * sessions
-            end = time.perf_counter() + seconds
+            rates = []
+            for _ in range(3):  # the median of three windows: one quiet moment on a shared machine is no ceiling
+                counts = [0] * sessions
+                end = time.perf_counter() + seconds / 3
 
-            def work(i):
-                while time.perf_counter() < end:
-                    chains[i].run_segments(feeds)
-                    counts[i] += b
+                def work(i):
+                    while time.perf_counter() < end:
+                        chains[i].run_segments(feeds)
+                        counts[i] += b
 
-            t0 = time.perf_counter()
-            threads_ = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
-            for t in threads_:
-                t.start()
-            for t in threads_:
-                t.join()
-            elapsed = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                threads_ = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+                for t in threads_:
+                    t.start()
+                for t in threads_:
+                    t.join()
+                rates.append(sum(counts) / (time.perf_counter() - t0))
             points.append({"sessions": sessions, "threads": threads, "batch": b,
-                           "samples_per_s": sum(counts) / elapsed})
+                           "samples_per_s": float(np.median(rates)), "windows": [round(v, 1) for v in rates]})
     best = max(points, key=lambda p: p["samples_per_s"])
     return {"points": points, "best": best, "seconds_per_point": seconds}
 

@@ -266,7 +266,8 @@ def loadtest_markdown(r: dict, plot: Optional[str] = None, level: int = 1) -> st
     ceil = r.get("ceiling")
     if ceil:
         best = ceil["best"]
-        lines += ["", "Ceiling (bare tail sessions, no server, same machine, %.0f s per point): best %.1f samples/s at "
+        lines += ["", "Ceiling (bare tail sessions, no server, same machine, %.0f s per point, median of 3 windows): best "
+                  "%.1f samples/s at "
                   "batch %d with %d session(s) x %s thread(s)." % (ceil["seconds_per_point"], best["samples_per_s"],
                                                                   best["batch"], best["sessions"], best["threads"]), "",
                   "| sessions x threads | " + " | ".join("batch %d" % b for b in sorted({p["batch"] for p in ceil["points"]})) + " |",
