@@ -293,7 +293,7 @@ def ceiling(bundle, fmt: str, precision: str, layouts: Sequence[tuple], batches:
     points = []
     for sessions, threads in layouts:
         chains = [Chain(bundle, "server", fmt, precision, threads, with_exits=False,
-                        spinning=False if sessions > 1 else None) for _ in range(sessions)]
+                        allow_spinning=False if sessions > 1 else None) for _ in range(sessions)]
         for b in batches:
             feeds = {k: np.ascontiguousarray(np.repeat(v, b, axis=0)) for k, v in sample.items()}
             for c in chains:
