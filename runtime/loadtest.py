@@ -371,6 +371,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-baseline", action="store_true", help="do not measure 'serve --no-batching' alongside")
     p.add_argument("--serve-args", default="", help="extra arguments for the batching server it starts, e.g. "
                                                     "'--workers 1 --max-batch 16'")
+    p.add_argument("--baseline-args", default="", help="extra arguments for the 'serve --no-batching' server, "
+                                                       "e.g. '--spinning off' (same session options as the workers)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="graphs for the servers it starts, the references and the ceiling")
@@ -431,7 +433,9 @@ def run_loadtest(args) -> int:
                 p, addr, plan = start_server(str(bundle.root), common + shlex.split(args.serve_args), out / "serve.log")
                 servers.append(("batching", p, addr, plan))
                 if not args.no_baseline:
-                    p, addr, plan = start_server(str(bundle.root), common + ["--no-batching"], out / "serve-nobatch.log")
+                    p, addr, plan = start_server(str(bundle.root), common + ["--no-batching"]
+                                                 + shlex.split(getattr(args, "baseline_args", "") or ""),
+                                                 out / "serve-nobatch.log")
                     servers.append(("no batching", p, addr, plan))
             pool = ClientPool(max(clients), Path(tmp))
             cells: Dict[tuple, List[dict]] = {}

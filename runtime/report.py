@@ -238,6 +238,12 @@ def write(out: Path, r: dict) -> None:
 
 
 # --------------------------------------------------------------------------- load test
+def _spin(plan: dict) -> str:
+    if "allow_spinning" not in plan:
+        return "-"
+    return {None: "on (onnxruntime's default)", True: "on", False: "off"}[plan["allow_spinning"]]
+
+
 def _srv_label(label: str) -> str:
     return {"batching": "serve (batching)", "no batching": "serve --no-batching"}.get(label, label)
 
@@ -301,9 +307,12 @@ def loadtest_markdown(r: dict, plot: Optional[str] = None, level: int = 1) -> st
             lines.append("- %s: %s, started elsewhere (its defaults are in its own log)" % (_srv_label(label), srv["address"]))
             continue
         lines.append("- %s: %s" % (_srv_label(label), "workers %s, threads %s, max-batch %s, max-wait-ms %s, max-queue %s, "
-                                   "%s" % (plan.get("workers"), plan.get("threads"), plan.get("max_batch"),
-                                           plan.get("max_wait_ms"), plan.get("max_queue"), "/".join(plan.get("providers", [])))
-                                   if plan.get("batching") else "batching off, threads %s" % plan.get("threads")))
+                                   "spinning %s, %s" % (plan.get("workers"), plan.get("threads"), plan.get("max_batch"),
+                                                        plan.get("max_wait_ms"), plan.get("max_queue"),
+                                                        _spin(plan),
+                                                        "/".join(plan.get("providers", []) or ["Ray Serve"]))
+                                   if plan.get("batching") else "batching off, threads %s, spinning %s" % (
+                                       plan.get("threads"), _spin(plan))))
         for reason in plan.get("reasons", []):
             lines.append("  - " + reason)
     la = r.get("load_average") or {}

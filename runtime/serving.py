@@ -73,11 +73,12 @@ class ServePlan:
     looped: List[str] = field(default_factory=list)  # graphs with a fixed batch, run once per sample
     probe_ms: Dict[int, float] = field(default_factory=dict)  # batch -> ms per batch (worker 0, start-up)
     reasons: List[str] = field(default_factory=list)
+    allow_spinning: Optional[bool] = None  # onnxruntime's worker spin-wait (None: its default, on)
 
     def to_json(self) -> dict:
         return {"workers": self.workers, "threads": self.threads, "max_batch": self.max_batch,
                 "max_wait_ms": round(self.max_wait_ms, 3), "max_queue": self.max_queue, "device": self.device, "providers": self.providers,
-                "looped": self.looped, "probe_ms": {str(k): round(v, 3) for k, v in self.probe_ms.items()},
+                "looped": self.looped, "allow_spinning": self.allow_spinning, "probe_ms": {str(k): round(v, 3) for k, v in self.probe_ms.items()},
                 "reasons": self.reasons}
 
 
@@ -161,7 +162,8 @@ def build_workers(bundle: Bundle, side: str, fmt: str, precision: str, workers: 
     chains = [Chain(bundle, side, fmt, precision, threads, with_exits=False, allow_spinning=spin, providers=providers)
               for _ in range(workers)]
     plan = ServePlan(workers, threads, max_batch or 32, 2.0 if max_wait_ms is None else float(max_wait_ms),
-                     max_queue or 0, "gpu" if gpu else "cpu", providers, fixed_batch_graphs(chains[0]), reasons=reasons)
+                     max_queue or 0, "gpu" if gpu else "cpu", providers, fixed_batch_graphs(chains[0]), reasons=reasons,
+                     allow_spinning=spin)
     if (max_batch is None or max_wait_ms is None or max_queue is None) and probe and sample is not None:
         plan.probe_ms = probe_batches(chains[0].run_segments, sample, GPU_PROBE_BATCHES if gpu else PROBE_BATCHES)
         table = ", ".join("%d: %.2f" % (b, ms / b) for b, ms in sorted(plan.probe_ms.items()))
@@ -271,7 +273,8 @@ def serve_command(args) -> int:
     print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what, fmt, precision, host, port), flush=True)
     info = dict(plan.to_json(), **server.describe())
     if not batching:
-        print("  batching off: each request runs alone in its connection's thread through one session", flush=True)
+        print("  batching off: each request runs alone in its connection's thread through one session (spinning %s)"
+              % {None: "onnxruntime's default", True: "on", False: "off"}[plan.allow_spinning], flush=True)
     for line in plan.reasons:
         print("  " + line, flush=True)
     print("plan " + json.dumps(info, sort_keys=True), flush=True)
