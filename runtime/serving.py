@@ -9,8 +9,8 @@ Defaults, when not given on the command line:
   sessions yield the cores to each other instead of spinning: a lone device's request runs on all the
   cores, as it would in a server without batching, and under load the two batches share them;
 - ``max_batch``: measured at start-up on worker 0's session: the tail is timed at batch 1, 2, 4, ... and the
-  smallest batch within 10 % of the best time per sample is taken, at least 8 (so the hand-off per batch
-  stays small against the batch);
+  smallest batch within 10 % of the best time per sample is taken (a larger batch only adds latency; on a
+  small CPU whose caches hold one sample's activations, batch 1 can be the fastest per sample);
 - ``max_wait_ms``: half of the measured batch-1 tail time, so that a batch gathering requests under load
   costs a request at most half a tail run. A lone device never waits (see runtime.batching);
 - ``max_queue``: about 2 s of work at the measured rate, at least 16: beyond it a request is answered
@@ -168,9 +168,9 @@ def build_workers(bundle: Bundle, side: str, fmt: str, precision: str, workers: 
         plan.probe_ms = probe_batches(chains[0].run_segments, sample, GPU_PROBE_BATCHES if gpu else PROBE_BATCHES)
         table = ", ".join("%d: %.2f" % (b, ms / b) for b, ms in sorted(plan.probe_ms.items()))
         if max_batch is None:
-            plan.max_batch = max(min(8, max(plan.probe_ms)), choose_max_batch(plan.probe_ms))
+            plan.max_batch = choose_max_batch(plan.probe_ms)
             reasons.append("max-batch %d: smallest batch within 10 %% of the best tail time per sample measured at "
-                           "start-up, at least 8 (ms per sample by batch: %s)" % (plan.max_batch, table))
+                           "start-up (ms per sample by batch: %s)" % (plan.max_batch, table))
         if max_wait_ms is None:
             plan.max_wait_ms = round(min(20.0, max(0.2, plan.probe_ms[1] / 2)), 2)
             reasons.append("max-wait-ms %.2f: half the batch-1 tail time (%.2f ms); a lone device never waits"

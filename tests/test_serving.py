@@ -101,7 +101,7 @@ def test_build_workers_defaults_from_the_machine(effnet_bundle):
     assert (plan.workers, plan.threads, len(chains)) == (2, 2, 2)
     assert chains[0] is not chains[1] and chains[0].segments[0][1] is not chains[1].segments[0][1]  # own sessions
     probed = sorted(plan.probe_ms)
-    assert probed[:2] == [1, 2] and plan.max_batch in probed and plan.max_batch >= min(8, probed[-1])
+    assert probed[:2] == [1, 2] and plan.max_batch == choose_max_batch(plan.probe_ms)
     assert plan.max_wait_ms == pytest.approx(min(20.0, max(0.2, plan.probe_ms[1] / 2)), abs=0.01)
     assert plan.max_queue >= 16 and plan.looped == []
     text = "\n".join(plan.reasons)
