@@ -28,10 +28,38 @@ def device_options(args) -> S.DeviceOptions:
                            wire_dtype=args.wire_dtype, local_tail=args.local_tail)
 
 
-def cmd_serve(args) -> int:
-    from .serving import serve_command
+def server_options(args) -> S.ServerOptions:
+    """The ``serve`` arguments as :class:`runtime.session.ServerOptions`."""
+    return S.ServerOptions(
+        backend=args.backend, precision=args.precision, threads=args.threads, spinning=args.spinning,
+        host=args.host, port=args.port, secret=args.secret, max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout, whole_model=args.whole_model, input_file=args.input_file,
+        batching=not args.no_batching, workers=args.workers, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, device=args.device, provider=args.provider)
 
-    return serve_command(args)
+
+def cmd_serve(args) -> int:
+    """Serve until SIGINT / SIGTERM. stdout: ``eetool server: ... on HOST:PORT`` first, then one line per
+    default chosen (with its reason) and ``plan {json}`` (scripts read these)."""
+    from .server import run_until_signal
+
+    bundle = Bundle.load(args.bundle)
+    opts = server_options(args)
+    if args.engine == "ray":
+        from .ray_engine import serve_ray
+
+        return serve_ray(args, bundle, opts)
+    server, fmt, precision, what, plan = S.make_server(bundle, opts)
+    host, port = server.address
+    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what, fmt, precision, host, port), flush=True)
+    if not opts.batching:
+        print("  batching off: each request runs alone in its connection's thread through one session (spinning %s)"
+              % {None: "onnxruntime's default", True: "on", False: "off"}[plan.allow_spinning], flush=True)
+    for line in plan.reasons:
+        print("  " + line, flush=True)
+    print("plan " + json.dumps(dict(plan.to_json(), **server.describe()), sort_keys=True), flush=True)
+    run_until_signal(server)
+    return 0
 
 
 def cmd_run(args) -> int:

@@ -50,8 +50,7 @@ def prepare_requests(bundle, fmt: str, precision: str, limit: int = 16, threads:
         ValueError: the bundle has no samples/ or no server side.
     """
     from .chain import Chain
-    from .codec import dequantize
-    from .device import quantize_wire
+    from .device import quantize_wire, wire_params
     from .preprocess import list_images, load_inputs
 
     files = [str(p) for p in list_images(bundle.root / "samples")] if (bundle.root / "samples").is_dir() else []
@@ -60,16 +59,18 @@ def prepare_requests(bundle, fmt: str, precision: str, limit: int = 16, threads:
     if not bundle.server_segments:
         raise ValueError("the bundle has no server segments: nothing to load-test")
     files = files[:limit]
+    m = bundle.manifest
     head = Chain(bundle, "device", fmt, precision, threads, with_exits=False)
     tail = Chain(bundle, "server", fmt, precision, threads, with_exits=False)
+    params = wire_params(bundle, "int8")
     tensors, refs, quant = [], [], {}
     for f in files:
-        x = load_inputs([f], bundle.manifest["preprocess"])
-        values = head.run_segments({bundle.manifest["input"]["name"]: x[:1]})
-        t, quant = quantize_wire(bundle, values, "int8")
-        feed = {n: dequantize(t[n], quant[n]["scale"], quant[n]["zero_point"]) for n in t}
+        x = load_inputs([f], m.preprocess)
+        values = head.run_segments({m.input.name: x[:1]})
+        t, quant = quantize_wire(params, values)
+        feed = {n: params[n].dequantize(t[n]) for n in t}  # what the server dequantises
         tensors.append(t)
-        refs.append(tail.run_segments(feed)["logits"].astype(np.float32))
+        refs.append(tail.run_segments(feed)[m.output.name].astype(np.float32))
     return {"tensors": tensors, "quant": quant, "reference": refs, "files": [os.path.basename(f) for f in files]}
 
 
@@ -398,8 +399,8 @@ def run_loadtest(args) -> int:
     """The ``loadtest`` command (see the module doc). Raises ValueError for bad options."""
     import shlex
 
-    from .__main__ import pick_backend, pick_precision
     from .bundle import Bundle
+    from .session import pick_backend, pick_precision
     from .serving import probe_sample, usable_cores
 
     clients = _ints(args.clients, "--clients")

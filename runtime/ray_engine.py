@@ -46,11 +46,10 @@ def _import_ray():
 
 def bundle_files(bundle, side: str, fmt: str, precision: str) -> Dict[str, bytes]:
     """The manifest and the graphs of ``side`` as relative path -> bytes: what a replica on another node needs."""
-    segs = bundle.segments if side == "all" else [s for s in bundle.segments if s["side"] == side]
+    segs = bundle.segments if side == "all" else [s for s in bundle.segments if s.side == side]
     files = {"manifest.json": (bundle.root / "manifest.json").read_bytes()}
     for s in segs:
-        key = bundle.graph_key(s, fmt, precision)
-        rel = bundle.manifest["graphs"][key]["file"]
+        rel = bundle.graph(bundle.graph_key(s, fmt, precision)).file
         files[rel] = (bundle.root / rel).read_bytes()
     return files
 
@@ -73,11 +72,12 @@ class TailReplica(object):
         bundle = Bundle.load(self._dir, verify=False)
         bundle.verify([rel for rel in files if rel != "manifest.json"])  # what arrived is what was exported
         self.chain = Chain(bundle, side, fmt, precision, threads, with_exits=False)
+        self.output = bundle.manifest.output.name
 
     def run_batch(self, requests: List[Dict[str, np.ndarray]]) -> List[Dict[str, np.ndarray]]:
         counts = [len(next(iter(r.values()))) for r in requests]
         feeds = {k: np.concatenate([r[k] for r in requests], axis=0) for k in requests[0]}
-        logits = self.chain.run_segments(feeds)["logits"]
+        logits = self.chain.run_segments(feeds)[self.output]
         if len(logits) != sum(counts):
             raise ValueError("tail returned %d rows for a batch of %d" % (len(logits), sum(counts)))
         out, start = [], 0
@@ -133,12 +133,18 @@ def make_tail(ray, handle, timeout_s: float = 60.0):
     return tail
 
 
-def serve_ray(args, bundle, side: str, fmt: str, precision: str, expected, secret, what: str) -> int:
-    """Deploy the tail on Ray Serve and serve devices through the TCP front end until SIGINT / SIGTERM."""
+def serve_ray(args, bundle, opts) -> int:
+    """Deploy the tail on Ray Serve and serve devices through the TCP front end until SIGINT / SIGTERM.
+    ``opts``: the :class:`runtime.session.ServerOptions` of the command; ``args`` adds ``replicas`` and
+    ``ray_address``."""
     import json
 
     from .server import EdgeServer, run_until_signal
+    from .session import server_inputs
 
+    fmt, precision, expected, what = server_inputs(bundle, opts)
+    side = "all" if opts.whole_model else "server"
+    secret = opts.secret or os.environ.get("EETOOL_SECRET")
     if args.replicas < 1:
         raise ValueError("--replicas %d: must be at least 1" % args.replicas)
     if args.input_file:

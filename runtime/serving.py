@@ -1,4 +1,4 @@
-"""What ``python -m runtime serve`` runs: one tail session per batching worker, and the defaults this
+"""What ``python -m runtime serve`` runs (through :func:`runtime.session.make_server`): one tail session per batching worker, and the defaults this
 machine gets (workers, threads per worker, largest batch, longest wait), each with the reason it was chosen.
 
 Defaults, when not given on the command line:
@@ -31,7 +31,8 @@ import numpy as np
 from .bundle import Bundle
 from .chain import Chain
 
-__all__ = ["ServePlan", "usable_cores", "build_workers", "probe_batches", "choose_max_batch"]
+__all__ = ["ServePlan", "usable_cores", "build_workers", "probe_batches", "choose_max_batch", "tail_inputs",
+           "probe_sample"]
 
 log = logging.getLogger("eetool.server")
 
@@ -85,7 +86,7 @@ class ServePlan:
 def fixed_batch_graphs(chain: Chain) -> List[str]:
     """Names of the chain's segments whose graph has a fixed batch (a TFLite graph exported at batch 1):
     they accept any batch by running once per slice of their batch, not as one batch."""
-    return [spec["name"] for spec, sess in chain.segments if getattr(sess, "batch", None) is not None]
+    return [spec.name for spec, sess in chain.segments if getattr(sess, "batch", None) is not None]
 
 
 def probe_batches(run: Callable[[Dict[str, np.ndarray]], object], sample: Dict[str, np.ndarray],
@@ -198,85 +199,20 @@ def tail_inputs(bundle: Bundle, whole_model: bool, input_file: bool) -> Dict[str
     the model input (``whole_model``), or an encoded image file (``input_file``)."""
     from .protocol import FILE_TENSOR
 
-    inp = bundle.manifest["input"]
+    inp = bundle.manifest.input
     if input_file:
         return {FILE_TENSOR: {"shape": [None], "dtype": "uint8"}}
     if whole_model:
-        return {inp["name"]: {"shape": inp["shape"], "dtype": "float32"}}
-    return {n: {"shape": bundle.tensor(n)["shape"], "dtype": "float32"} for n in bundle.wire_tensors}
+        return {inp.name: {"shape": list(inp.shape), "dtype": "float32"}}
+    return {n: {"shape": list(bundle.tensor(n).shape), "dtype": "float32"} for n in bundle.wire_tensors}
 
 
 def probe_sample(bundle: Bundle, whole_model: bool) -> Dict[str, np.ndarray]:
     """name -> (1, ...) float32 random tail input, for timing batch sizes (a CNN's time does not depend on values)."""
     rng = np.random.default_rng(0)
     if whole_model:
-        inp = bundle.manifest["input"]
-        shapes = {inp["name"]: inp["shape"]}
+        inp = bundle.manifest.input
+        shapes = {inp.name: inp.shape}
     else:
-        shapes = {n: bundle.tensor(n)["shape"] for n in bundle.wire_tensors}
+        shapes = {n: bundle.tensor(n).shape for n in bundle.wire_tensors}
     return {n: rng.standard_normal([1] + [int(d) for d in s[1:]]).astype(np.float32) for n, s in shapes.items()}
-
-
-def serve_command(args) -> int:
-    """``python -m runtime serve``: build the workers and the plan, print where it listens and what it chose
-    (first stdout line ``eetool server: ... on HOST:PORT``, then one line per choice and ``plan {json}``),
-    serve until SIGINT / SIGTERM."""
-    import json
-
-    from .__main__ import pick_backend, pick_precision
-    from .bundle import BundleError
-    from .server import EdgeServer, run_until_signal
-
-    bundle = Bundle.load(args.bundle)
-    if not bundle.server_segments:
-        raise BundleError("the bundle has no server segments: the whole model runs on the device")
-    if args.input_file and not args.whole_model:
-        raise ValueError("--input-file needs --whole-model (the server then decodes and runs everything)")
-    if not 0 <= args.port < 65536:
-        raise ValueError("--port %d: ports are 0-65535" % args.port)
-    fmt = pick_backend(bundle, args.backend, None)
-    precision = pick_precision(bundle, fmt, args.precision)
-    # --whole-model: edge computing (EC), the device offloads its input and the server runs everything
-    side = "all" if args.whole_model else "server"
-    expected = tail_inputs(bundle, args.whole_model, args.input_file)
-    secret = args.secret or os.environ.get("EETOOL_SECRET")
-    what = "whole model, input files" if args.input_file else ("whole model" if args.whole_model else "tail")
-    if getattr(args, "engine", "local") == "ray":
-        from .ray_engine import serve_ray
-
-        return serve_ray(args, bundle, side, fmt, precision, expected, secret, what)
-    batching = not args.no_batching
-    chains, plan = build_workers(bundle, side, fmt, precision, 1 if not batching else args.workers, args.threads,
-                                 1 if not batching else args.max_batch, 0.0 if not batching else args.max_wait_ms,
-                                 1 if not batching else args.max_queue,
-                                 None if args.spinning is None else args.spinning == "on", args.device, args.provider,
-                                 probe_sample(bundle, args.whole_model))
-    prepare = None
-    if args.input_file:
-        from .preprocess import decode_image
-        from .protocol import FILE_TENSOR
-
-        inp = bundle.manifest["input"]
-
-        def prepare(feeds):  # decoded in the request's own thread, in parallel with the batches
-            return {inp["name"]: decode_image(feeds[FILE_TENSOR], bundle.manifest["preprocess"], "request file")[None]}
-
-    def make_tail(chain):
-        return lambda feeds: {"logits": chain.run_segments(feeds)["logits"]}
-
-    tails = [make_tail(c) for c in chains]
-    server = EdgeServer(tails if batching else tails[0], expected, host=args.host, port=args.port, secret=secret,
-                        max_connections=args.max_connections, idle_timeout_s=args.idle_timeout, batching=batching,
-                        max_batch=plan.max_batch, max_wait_ms=plan.max_wait_ms, max_queue=plan.max_queue,
-                        prepare=prepare)
-    host, port = server.address
-    print("eetool server: %s %s (%s/%s) on %s:%d" % (bundle.root, what, fmt, precision, host, port), flush=True)
-    info = dict(plan.to_json(), **server.describe())
-    if not batching:
-        print("  batching off: each request runs alone in its connection's thread through one session (spinning %s)"
-              % {None: "onnxruntime's default", True: "on", False: "off"}[plan.allow_spinning], flush=True)
-    for line in plan.reasons:
-        print("  " + line, flush=True)
-    print("plan " + json.dumps(info, sort_keys=True), flush=True)
-    run_until_signal(server)
-    return 0

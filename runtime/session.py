@@ -16,7 +16,8 @@ import numpy as np
 from .bundle import Bundle, BundleError
 
 __all__ = ["DeviceOptions", "ServerOptions", "board_profile", "check_input", "make_runner", "make_server",
-           "parse_server_address", "parse_thresholds", "pick_backend", "pick_precision", "run_files", "runtime_threads"]
+           "parse_server_address", "parse_thresholds", "pick_backend", "pick_precision", "run_files", "runtime_threads",
+           "server_inputs"]
 
 
 def board_profile(name: Optional[str]) -> Optional[dict]:
@@ -140,7 +141,10 @@ class ServerOptions:
     """How the edge server runs (``runtime serve`` options). ``whole_model``: edge computing (EC), the
     device offloads its input and the server runs every segment; ``input_file``: with ``whole_model``, the
     request carries the input image file's bytes, decoded and preprocessed on the server; ``spinning``:
-    ``on`` / ``off`` (None: onnxruntime's default, spinning on, as a server serving many clients wants)."""
+    ``on`` / ``off`` (None: off with several batching workers, else onnxruntime's default, on).
+    ``workers``, ``threads``, ``max_batch``, ``max_wait_ms``, ``max_queue``: dynamic batching (None: chosen
+    from the machine, see :mod:`runtime.serving`); ``batching=False``: each request alone through one
+    session; ``device`` / ``provider``: onnxruntime execution providers (:mod:`runtime.providers`)."""
 
     backend: str = "auto"
     precision: str = "auto"
@@ -149,52 +153,73 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8470
     secret: Optional[str] = None
-    max_connections: int = 64
+    max_connections: int = 256
     idle_timeout_s: float = 60.0
     whole_model: bool = False
     input_file: bool = False
+    batching: bool = True
+    workers: Optional[int] = None
+    max_batch: Optional[int] = None
+    max_wait_ms: Optional[float] = None
+    max_queue: Optional[int] = None
+    device: str = "cpu"
+    provider: Optional[str] = None
 
 
-def make_server(bundle: Bundle, opts: ServerOptions):
-    """An :class:`runtime.server.EdgeServer` running the bundle's tail (or, with ``whole_model``, every
-    segment), bound and ready for :func:`runtime.server.run_until_signal`. Returns ``(server, fmt,
-    precision, what)``. Raises BundleError (no server segments, missing graphs) or ValueError (options)."""
-    from .chain import Chain
-    from .protocol import FILE_TENSOR
-    from .server import EdgeServer
+def server_inputs(bundle: Bundle, opts: ServerOptions):
+    """``(fmt, precision, expected inputs, what)`` of the server ``opts`` describe. Raises BundleError /
+    ValueError."""
+    from .serving import tail_inputs
 
-    fmt = pick_backend(bundle, opts.backend, None)
-    precision = pick_precision(bundle, fmt, opts.precision)
-    spin = None if opts.spinning is None else opts.spinning == "on"
-    chain = Chain(bundle, "all" if opts.whole_model else "server", fmt, precision, opts.threads, with_exits=False,
-                  allow_spinning=spin)
-    if not chain.segments or not bundle.server_segments:
+    if not bundle.server_segments:
         raise BundleError("the bundle has no server segments: the whole model runs on the device")
     if opts.input_file and not opts.whole_model:
         raise ValueError("--input-file needs --whole-model (the server then decodes and runs everything)")
     if not 0 <= opts.port < 65536:
         raise ValueError("--port %d: ports are 0-65535" % opts.port)
-    m = bundle.manifest
-    if opts.input_file:
-        # EC as usually deployed: the device sends its image file as it is; the server decodes it
-        expected = {FILE_TENSOR: {"shape": [None], "dtype": "uint8"}}
-    elif opts.whole_model:
-        expected = {m.input.name: {"shape": m.input.shape, "dtype": "float32"}}
-    else:
-        expected = {n: {"shape": bundle.tensor(n).shape, "dtype": "float32"} for n in bundle.wire_tensors}
-
-    def tail(feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        if opts.input_file:
-            from .preprocess import decode_image
-
-            feeds = {m.input.name: decode_image(feeds[FILE_TENSOR], m.preprocess, "request file")[None]}
-        return {"logits": chain.run_segments(feeds)[m.output.name]}  # "logits": the reply's key (protocol)
-
-    server = EdgeServer(tail, expected, host=opts.host, port=opts.port,
-                        secret=opts.secret or os.environ.get("EETOOL_SECRET"),
-                        max_connections=opts.max_connections, idle_timeout_s=opts.idle_timeout_s)
+    fmt = pick_backend(bundle, opts.backend, None)
+    precision = pick_precision(bundle, fmt, opts.precision)
     what = "whole model, input files" if opts.input_file else ("whole model" if opts.whole_model else "tail")
-    return server, fmt, precision, what
+    return fmt, precision, tail_inputs(bundle, opts.whole_model, opts.input_file), what
+
+
+def make_server(bundle: Bundle, opts: ServerOptions):
+    """An :class:`runtime.server.EdgeServer` running the bundle's tail (or, with ``whole_model``, every
+    segment) on batching workers, bound and ready for :func:`runtime.server.run_until_signal`. Returns
+    ``(server, fmt, precision, what, plan)``, ``plan`` a :class:`runtime.serving.ServePlan` (what was chosen
+    and why). Raises BundleError (no server segments, missing graphs), ValueError (options) or
+    runtime.providers.ProviderError (a device that cannot run here)."""
+    from .serving import build_workers, probe_sample
+    from .server import EdgeServer
+
+    fmt, precision, expected, what = server_inputs(bundle, opts)
+    m = bundle.manifest
+    one = not opts.batching
+    chains, plan = build_workers(bundle, "all" if opts.whole_model else "server", fmt, precision,
+                                 1 if one else opts.workers, opts.threads, 1 if one else opts.max_batch,
+                                 0.0 if one else opts.max_wait_ms, 1 if one else opts.max_queue,
+                                 None if opts.spinning is None else opts.spinning == "on", opts.device, opts.provider,
+                                 probe_sample(bundle, opts.whole_model))
+    prepare = None
+    if opts.input_file:
+        from .preprocess import decode_image
+        from .protocol import FILE_TENSOR
+
+        def prepare(feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+            # EC as usually deployed: the device sends its image file as it is; the server decodes it, in the
+            # request's own thread, in parallel with the batches
+            return {m.input.name: decode_image(feeds[FILE_TENSOR], m.preprocess, "request file")[None]}
+
+    def make_tail(chain):
+        return lambda feeds: {"logits": chain.run_segments(feeds)[m.output.name]}  # "logits": the reply's key
+
+    tails = [make_tail(c) for c in chains]
+    server = EdgeServer(tails[0] if one else tails, expected, host=opts.host, port=opts.port,
+                        secret=opts.secret or os.environ.get("EETOOL_SECRET"),
+                        max_connections=opts.max_connections, idle_timeout_s=opts.idle_timeout_s, batching=not one,
+                        max_batch=plan.max_batch, max_wait_ms=plan.max_wait_ms, max_queue=plan.max_queue,
+                        prepare=prepare)
+    return server, fmt, precision, what, plan
 
 
 def run_files(runner, bundle: Bundle, paths: Sequence[str]) -> List[Tuple[str, object]]:

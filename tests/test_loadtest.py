@@ -17,8 +17,8 @@ def test_prepare_requests_are_what_a_device_sends(effnet_bundle):
     name = bundle.wire_tensors[0]
     assert len(req["tensors"]) == len(req["reference"]) >= 1
     t = req["tensors"][0][name]
-    assert t.dtype == np.int8 and t.shape[0] == 1 and list(t.shape[1:]) == bundle.tensor(name)["shape"][1:]
-    assert req["quant"][name]["scale"] == bundle.tensor(name)["quant"]["scale"]
+    assert t.dtype == np.int8 and t.shape[0] == 1 and list(t.shape[1:]) == list(bundle.tensor(name).shape[1:])
+    assert req["quant"][name]["scale"] == bundle.tensor(name).quant.scale
     assert req["reference"][0].shape == (1, 1000)
 
 

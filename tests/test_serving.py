@@ -120,7 +120,7 @@ def test_build_workers_defaults_from_the_machine(effnet_bundle):
 def test_every_tail_graph_accepts_a_batch(effnet_bundle):
     """A batch of 3 through each server graph the bundle ships equals 3 runs at batch 1."""
     bundle = Bundle.load(effnet_bundle[0])
-    x = np.random.default_rng(3).standard_normal([3] + bundle.tensor(bundle.wire_tensors[0])["shape"][1:])
+    x = np.random.default_rng(3).standard_normal([3] + list(bundle.tensor(bundle.wire_tensors[0]).shape[1:]))
     x = x.astype(np.float32)
     pairs = [p for p in bundle.formats() if p.startswith("onnx/")]
     assert pairs

@@ -246,5 +246,5 @@ def test_fixed_batch_graph_runs_a_larger_batch_as_a_loop_and_serve_names_it(expo
     parts = np.concatenate([s.run({"input": x[i:i + s.batch]})["blocks.2"] for i in range(0, len(x), s.batch)])
     assert whole.shape[0] == 2 * s.batch
     np.testing.assert_array_equal(whole, parts)
-    chain = SimpleNamespace(segments=[({"name": "seg0"}, s)])
+    chain = SimpleNamespace(segments=[(SimpleNamespace(name="seg0"), s)])
     assert fixed_batch_graphs(chain) == ["seg0"]
