@@ -139,12 +139,13 @@ def read_dataset(data: str, preprocess: Preprocess | dict, limit: int | None = N
     data, fold = parse_fold(data)
     if fold is not None:
         k, n = fold
-        ds = read_dataset(data, preprocess, None, 0, progress, False, exclude)
+        # folds are positions in the source's own order: exclusions apply inside the fold, never before it
+        ds = read_dataset(data, preprocess, None, 0, progress, False)
         ds = ds.subset(np.arange(k, len(ds), n))
         if not len(ds):
             raise DataError(f"{data}: fold {k}/{n} is empty ({len(ds)} samples)")
         ds.source = f"{data}:fold={k}/{n}"
-        keep = _select(ds.names, offset, limit, spread, set(), ds.source)
+        keep = _select(ds.names, offset, limit, spread, exclude, ds.source)
         return ds.subset(keep)
     if data == "samples":
         files = skimage_photo_paths()

@@ -84,3 +84,15 @@ def test_interleaved_folds_are_disjoint_and_cover_the_source(imagenet_source):
     assert a.source.endswith(":fold=0/2")
     with pytest.raises(DataError, match="fold"):
         read_dataset("samples:fold=2/2", IMAGENET_PREPROCESS)
+
+
+def test_exclusions_apply_inside_a_fold(imagenet_source):
+    # a fold is positions in the source's order: excluding other samples must not move images between folds
+    whole = read_dataset(imagenet_source, IMAGENET_PREPROCESS, limit=8)
+    fold1 = read_dataset(f"{imagenet_source}:fold=1/2", IMAGENET_PREPROCESS, limit=3)
+    assert fold1.names == whole.names[1:6:2]
+    fold0 = read_dataset(f"{imagenet_source}:fold=0/2", IMAGENET_PREPROCESS, limit=2)
+    again = read_dataset(f"{imagenet_source}:fold=1/2", IMAGENET_PREPROCESS, limit=3, exclude=fold0.names)
+    assert again.names == fold1.names  # fold-0 names excluded: fold 1 unchanged
+    less = read_dataset(f"{imagenet_source}:fold=1/2", IMAGENET_PREPROCESS, limit=2, exclude=fold1.names[:1])
+    assert less.names == fold1.names[1:3]
