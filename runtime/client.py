@@ -5,7 +5,7 @@ so the device can fall back to its best early-exit result. A connection that bre
 broken pipe) is re-established once and the request resent (inference is idempotent); so is a request the
 server answers ``replica_lost`` (a scale-out replica died while running it).
 
-Python 3.8 compatible; numpy + stdlib only (zstandard / lz4 for those codecs).
+Python 3.8 compatible; numpy + stdlib only (zstandard / lz4 / brotli for those codecs).
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class EdgeClient:
         secret: shared secret (str or bytes) for HMAC-SHA256 tags; must match the server's.
         timeout_s: seconds for connecting and for each reply (server time included).
         shaper: optional :class:`runtime.link.LinkShaper` emulating a slower link.
-        codec: "zstd", "lz4" or "none" for the request tensors.
+        codec: "zstd", "lz4", "brotli" or "none" for the request tensors.
         level: codec level (None: codec default).
         max_frame_bytes: largest reply accepted (bytes).
         layout: layout label sent with 4-D tensors.
@@ -234,10 +234,11 @@ class EdgeClient:
         """Run the tail on the server.
 
         Args:
-            tensors: name -> already-quantized integer array (int8/uint8, e.g. (N, C, H, W)), or
-                float16/float32 arrays sent unquantized.
+            tensors: name -> already-quantized integer array (int8/uint8, e.g. (N, C, H, W); uint8
+                codes for n-bit tensors), or float16/float32 arrays sent unquantized.
             quant: name -> {"scale": float, "zero_point": int, "dtype": "int8"|"uint8"} for each
-                quantized tensor.
+                quantized tensor, or the n-bit form {"bits", "scale", "zero_point", "axis"}
+                (see :func:`runtime.protocol.encode_request`).
             meta: optional JSON object passed to the server.
 
         Returns:

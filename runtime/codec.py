@@ -5,9 +5,11 @@ Quantization follows the bundle contract (docs/bundle.md)::
     q = clip(round(x / scale) + zero_point, qmin, qmax)      # round half to even (numpy.rint)
     x ~= (q - zero_point) * scale
 
-Compression wraps ``zstandard`` and ``lz4.frame``; both are optional and imported lazily, so
-this module imports with numpy and the standard library alone. Decompression always runs with
-an output-size limit (decompression-bomb guard).
+Compression wraps ``zstandard``, ``lz4.frame`` and ``brotli``; all are optional and imported lazily,
+so this module imports with numpy and the standard library alone. Decompression always runs with
+an output-size limit (decompression-bomb guard). zstd is the default; brotli (context-modelled
+entropy coding, quality 11 by default) compresses bit-packed n-bit feature codes about 3 % smaller
+(measured in README "Feature codec"), at a higher encode cost.
 
 Python 3.8 compatible; no pickle anywhere.
 """
@@ -38,10 +40,9 @@ __all__ = [
 QUANT_RANGES: Dict[str, Tuple[int, int]] = {"int8": (-128, 127), "uint8": (0, 255)}
 
 #: Codec names accepted by :func:`compress` / :func:`decompress`.
-CODECS: Tuple[str, ...] = ("none", "zstd", "lz4")
+CODECS: Tuple[str, ...] = ("none", "zstd", "lz4", "brotli")
 
-_DEFAULT_LEVEL = {"zstd": 3, "lz4": 0}
-_PIP_NAME = {"zstd": "zstandard", "lz4": "lz4"}
+_DEFAULT_LEVEL = {"zstd": 3, "lz4": 0, "brotli": 11}
 
 
 class CodecError(ValueError):
@@ -139,6 +140,15 @@ def _import_codec(codec: str):
                 "(pip install lz4), or use codec 'zstd' / 'none'"
             ) from exc
         return lz4frame
+    if codec == "brotli":
+        try:
+            import brotli  # noqa: WPS433
+        except ImportError as exc:  # pragma: no cover
+            raise CodecUnavailable(
+                "codec 'brotli' requested but the 'brotli' package is not installed "
+                "(pip install brotli), or use codec 'zstd' / 'none'"
+            ) from exc
+        return brotli
     raise CodecError("unknown codec %r; expected one of %s" % (codec, list(CODECS)))
 
 
@@ -152,7 +162,7 @@ def check_codec(codec: str) -> None:
 def available_codecs() -> List[str]:
     """Names of the codecs usable in this interpreter (``"none"`` always first)."""
     out = ["none"]
-    for name in ("zstd", "lz4"):
+    for name in CODECS[1:]:
         try:
             _import_codec(name)
         except CodecUnavailable:
@@ -167,9 +177,9 @@ def compress(data: bytes, codec: str = "zstd", level: Optional[int] = None) -> b
     Args:
         data: bytes-like object to compress (e.g. ``q.tobytes()``).
         codec: ``"none"`` (returns the bytes unchanged), ``"zstd"`` (one zstd frame with the
-            content size in its header) or ``"lz4"`` (one LZ4 frame).
+            content size in its header), ``"lz4"`` (one LZ4 frame) or ``"brotli"`` (one brotli stream).
         level: codec level; default 3 for zstd (1..22, negative = fast), 0 for lz4
-            (0 = fast mode, 3..16 = high compression).
+            (0 = fast mode, 3..16 = high compression), 11 for brotli (0..11).
 
     Returns:
         The compressed bytes.
@@ -183,6 +193,8 @@ def compress(data: bytes, codec: str = "zstd", level: Optional[int] = None) -> b
     lvl = _DEFAULT_LEVEL[codec] if level is None else int(level)
     if codec == "zstd":
         return mod.ZstdCompressor(level=lvl, write_content_size=True).compress(data)
+    if codec == "brotli":
+        return mod.compress(bytes(data), quality=lvl)
     return mod.compress(data, compression_level=lvl, store_size=True)
 
 
@@ -191,7 +203,7 @@ def decompress(data: bytes, codec: str, max_output_bytes: int, expected_size: Op
 
     Args:
         data: the compressed bytes (exactly one frame; trailing bytes are an error).
-        codec: ``"none"``, ``"zstd"`` or ``"lz4"``.
+        codec: ``"none"``, ``"zstd"``, ``"lz4"`` or ``"brotli"``.
         max_output_bytes: hard ceiling on the decompressed size in bytes (decompression-bomb
             guard). Output is produced incrementally and stops one byte past this limit.
         expected_size: if given, the decompressed size must equal it exactly (bytes).
@@ -216,6 +228,8 @@ def decompress(data: bytes, codec: str, max_output_bytes: int, expected_size: Op
         mod = _import_codec(codec)
         if codec == "zstd":
             out = _zstd_bounded(mod, data, limit)
+        elif codec == "brotli":
+            out = _brotli_bounded(mod, data, limit)
         else:
             out = _lz4_bounded(mod, data, limit)
     if expected_size is not None and len(out) != expected_size:
@@ -273,4 +287,21 @@ def _lz4_bounded(lz4frame, data: bytes, limit: int) -> bytes:
         raise CodecError("truncated lz4 frame")
     if dec.unused_data:
         raise CodecError("%d trailing bytes after the lz4 frame" % len(dec.unused_data))
+    return out
+
+
+def _brotli_bounded(brotli, data: bytes, limit: int) -> bytes:
+    dec = brotli.Decompressor()
+    try:
+        # the output buffer stops growing past the limit (in chunks of at most 32 KiB)
+        out = dec.process(bytes(data), output_buffer_limit=limit + 1)
+    except TypeError as exc:  # brotli < 1.2 cannot bound its output
+        raise CodecUnavailable("brotli %s cannot bound decompressed sizes; pip install 'brotli>=1.2'"
+                               % getattr(brotli, "__version__", "?")) from exc
+    except brotli.error as exc:  # corrupt data, or bytes after the end of the stream
+        raise CodecError("corrupt brotli data: %s" % exc)
+    if len(out) > limit:
+        raise DecompressionBomb("brotli output exceeds the limit of %d bytes" % limit)
+    if not dec.is_finished():
+        raise CodecError("truncated brotli stream")
     return out

@@ -8,10 +8,11 @@ A frame is::
 
 ``tag`` is HMAC-SHA256(secret, prefix + header + payload), present iff ``flags & FLAG_HMAC``.
 docs/protocol.md documents every byte. Tensors are described in the JSON header (name, dtype,
-shape, layout, scale, zero_point, codec, nbytes, wire_nbytes, offset) and stored back to back in
-the payload, each compressed on its own, little-endian, C order.
+shape, layout, scale, zero_point, codec, nbytes, wire_nbytes, offset; bits and axis for n-bit codes)
+and stored back to back in the payload, each compressed on its own, little-endian, C order; n-bit
+codes are bit-packed (:mod:`runtime.nbit`) before compression.
 
-Only numpy and the standard library are needed (zstandard / lz4 when those codecs are used).
+Only numpy and the standard library are needed (zstandard / lz4 / brotli when those codecs are used).
 Nothing is ever unpickled; every length, dtype and shape from the peer is validated before use.
 Python 3.8 compatible.
 """
@@ -24,11 +25,13 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import codec as _codec
+from . import nbit as _nbit
+from .quant import QuantError, QuantParams
 
 __all__ = [
     "MAGIC", "VERSION", "PREFIX", "PREFIX_SIZE", "TAG_SIZE", "FLAG_HMAC",
@@ -140,25 +143,44 @@ class TensorSpec:
     ``nbytes`` is the raw (decompressed) size in bytes, ``wire_nbytes`` the size in the payload,
     ``offset`` its position in the payload (bytes). ``scale`` / ``zero_point`` are set for
     affinely quantized int8/uint8 tensors and None otherwise.
+
+    n-bit codes (``bits`` 2..8, dtype uint8) are bit-packed before compression, so ``nbytes`` is
+    ``ceil(prod(shape) * bits / 8)``; their ``scale`` / ``zero_point`` are tuples (one value per slice
+    along ``axis``) when per channel. ``bits`` and ``axis`` are None for whole-byte tensors.
     """
 
     name: str
     dtype: str
     shape: Tuple[int, ...]
     layout: Optional[str]
-    scale: Optional[float]
-    zero_point: Optional[int]
+    scale: Union[None, float, Tuple[float, ...]]
+    zero_point: Union[None, int, Tuple[int, ...]]
     codec: str
     nbytes: int
     wire_nbytes: int
     offset: int
+    bits: Optional[int] = None
+    axis: Optional[int] = None
+
+    @property
+    def nbit(self) -> Optional[QuantParams]:
+        """The n-bit quantisation of this tensor (``uint8`` codes of ``bits`` bits; None for whole-byte tensors)."""
+        if self.bits is None:
+            return None
+        return QuantParams("uint8", self.scale, self.zero_point, self.axis, self.bits)
 
     def to_json(self) -> Dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape), "layout": self.layout,
-            "scale": self.scale, "zero_point": self.zero_point, "codec": self.codec,
-            "nbytes": self.nbytes, "wire_nbytes": self.wire_nbytes, "offset": self.offset,
+            "scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+            "zero_point": list(self.zero_point) if isinstance(self.zero_point, tuple) else self.zero_point,
+            "codec": self.codec, "nbytes": self.nbytes, "wire_nbytes": self.wire_nbytes, "offset": self.offset,
         }
+        if self.bits is not None:
+            out["bits"] = self.bits
+        if self.axis is not None:
+            out["axis"] = self.axis
+        return out
 
 
 @dataclass
@@ -176,7 +198,9 @@ class RequestMessage:
         out: Dict[str, np.ndarray] = {}
         for spec in self.specs:
             arr = self.tensors[spec.name]
-            if spec.scale is not None:
+            if spec.bits is not None:
+                out[spec.name] = spec.nbit.dequantize(arr)
+            elif spec.scale is not None:
                 out[spec.name] = _codec.dequantize(arr, spec.scale, int(spec.zero_point or 0))
             else:
                 out[spec.name] = arr.astype(np.float32)
@@ -434,8 +458,10 @@ def _encode_tensors(tensors: Mapping[str, np.ndarray], quant: Optional[Mapping[s
             raise ValueError("tensor %r has dtype %s; allowed: %s" % (name, dname, ", ".join(ALLOWED_DTYPES)))
         if arr.ndim > MAX_NDIM:
             raise ValueError("tensor %r has %d dims (max %d)" % (name, arr.ndim, MAX_NDIM))
-        scale = zero_point = None
-        if name in quant:
+        scale = zero_point = nq = None
+        if name in quant and quant[name].get("bits") is not None:
+            nq = _nbit_quant(name, arr, quant[name])
+        elif name in quant:
             q = quant[name]
             qdtype = q.get("dtype", dname)
             if dname != qdtype or dname not in _codec.QUANT_RANGES:
@@ -446,7 +472,10 @@ def _encode_tensors(tensors: Mapping[str, np.ndarray], quant: Optional[Mapping[s
             lay = layout.get(name)
         else:
             lay = layout if (layout is not None and len(layout) == arr.ndim) else None
-        raw = arr.astype(_le(arr.dtype), copy=False).tobytes()
+        if nq is not None:
+            raw = _nbit.pack_bits(arr, nq.bits)
+        else:
+            raw = arr.astype(_le(arr.dtype), copy=False).tobytes()
         used = codec_name
         wire = raw
         if codec_name != "none" and raw:
@@ -455,14 +484,47 @@ def _encode_tensors(tensors: Mapping[str, np.ndarray], quant: Optional[Mapping[s
                 wire, used = raw, "none"
         elif codec_name != "none":
             used = "none"
-        entries.append({
+        entry = {
             "name": name, "dtype": dname, "shape": [int(d) for d in arr.shape], "layout": lay,
             "scale": scale, "zero_point": zero_point, "codec": used,
             "nbytes": len(raw), "wire_nbytes": len(wire), "offset": offset,
-        })
+        }
+        if nq is not None:
+            entry.update(scale=nq.to_json()["scale"], zero_point=nq.to_json()["zero_point"], bits=nq.bits)
+            if nq.axis is not None:
+                entry["axis"] = nq.axis
+        entries.append(entry)
         chunks.append(wire)
         offset += len(wire)
     return entries, b"".join(chunks)
+
+
+def _nbit_quant(name: str, arr: np.ndarray, q: Mapping[str, Any]) -> QuantParams:
+    """Validated n-bit parameters for the uint8 codes ``arr`` (raises ValueError, naming the tensor)."""
+    if arr.dtype != np.uint8:
+        raise ValueError("tensor %r: n-bit codes must be uint8 (got %s); quantise with "
+                         "QuantParams('uint8', ..., bits=N)" % (name, arr.dtype))
+    try:
+        nq = QuantParams("uint8", q["scale"], q["zero_point"], q.get("axis"), q["bits"])
+        if not _nbit.MIN_BITS <= nq.bits <= _nbit.MAX_BITS:
+            raise QuantError("bits must be in %d..%d, got %d" % (_nbit.MIN_BITS, _nbit.MAX_BITS, nq.bits))
+        _check_channels(nq, arr.shape)
+    except (KeyError, QuantError) as exc:
+        raise ValueError("tensor %r: bad n-bit quantisation %s: %s" % (name, dict(q), exc))
+    if arr.size and int(arr.max()) > nq.qmax:
+        raise ValueError("tensor %r: code %d does not fit in %d bits" % (name, int(arr.max()), nq.bits))
+    return nq
+
+
+def _check_channels(q: QuantParams, shape: Sequence[int]) -> None:
+    """QuantError unless per-channel parameters fit ``shape``: axis in ``0..ndim-1``, one value per channel."""
+    if q.axis is None:
+        return
+    if not 0 <= q.axis < len(shape):
+        raise QuantError("axis %d out of range for a %d-D tensor" % (q.axis, len(shape)))
+    if shape[q.axis] != len(q.scale):
+        raise QuantError("%d per-channel values for %d channels (axis %d of shape %s)"
+                         % (len(q.scale), shape[q.axis], q.axis, list(shape)))
 
 
 def _is_int(v: Any) -> bool:
@@ -512,11 +574,19 @@ def parse_tensor_specs(header: Mapping[str, Any], payload_len: int, request_id: 
         cname = t.get("codec")
         if cname not in _codec.CODECS:
             raise ProtocolError(BAD_CODEC, "tensor %r: unknown codec %r" % (name, cname), rid)
+        bits = t.get("bits")
+        if bits is not None and (not _is_int(bits) or not _nbit.MIN_BITS <= bits <= _nbit.MAX_BITS or dname != "uint8"):
+            raise ProtocolError(BAD_HEADER, "tensor %r: bits must be an int in %d..%d on a uint8 tensor, got %r (%s)"
+                                % (name, _nbit.MIN_BITS, _nbit.MAX_BITS, bits, dname), rid)
         itemsize = np.dtype(dname).itemsize
         count = 1
         for d in shape:
             count *= d
-        if count * itemsize != nbytes:
+        if bits is not None:
+            if _nbit.packed_nbytes(count, bits) != nbytes:
+                raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: %d codes of %d bits pack into %d bytes, not nbytes %d"
+                                    % (name, count, bits, _nbit.packed_nbytes(count, bits), nbytes), rid)
+        elif count * itemsize != nbytes:
             raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: shape %s x %d bytes != nbytes %d"
                                 % (name, shape, itemsize, nbytes), rid)
         if nbytes > max_raw_bytes:
@@ -531,7 +601,12 @@ def parse_tensor_specs(header: Mapping[str, Any], payload_len: int, request_id: 
         scale, zp = t.get("scale"), t.get("zero_point")
         if (scale is None) != (zp is None):
             raise ProtocolError(BAD_HEADER, "tensor %r: scale and zero_point must both be set or both null" % name, rid)
-        if scale is not None:
+        axis = t.get("axis")
+        if bits is not None:
+            scale, zp, axis = _nbit_params(name, t, bits, shape, rid)
+        elif axis is not None or isinstance(scale, list) or isinstance(zp, list):
+            raise ProtocolError(BAD_HEADER, "tensor %r: per-channel scale / zero_point / axis need 'bits'" % name, rid)
+        elif scale is not None:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise ProtocolError(BAD_HEADER, "tensor %r: scale must be a number" % name, rid)
             if not _is_int(zp):
@@ -543,11 +618,35 @@ def parse_tensor_specs(header: Mapping[str, Any], payload_len: int, request_id: 
         layout = t.get("layout")
         if layout is not None and (not isinstance(layout, str) or len(layout) > 16):
             raise ProtocolError(BAD_HEADER, "tensor %r: layout must be null or a short string" % name, rid)
-        specs.append(TensorSpec(name, dname, tuple(shape), layout,
-                                None if scale is None else float(scale), zp, cname, nbytes, wire, off))
+        if bits is None:
+            scale = None if scale is None else float(scale)
+        specs.append(TensorSpec(name, dname, tuple(shape), layout, scale, zp, cname, nbytes, wire, off, bits, axis))
     if offset != payload_len:
         raise ProtocolError(PAYLOAD_MISMATCH, "tensors cover %d bytes but the payload has %d" % (offset, payload_len), rid)
     return specs
+
+
+def _nbit_params(name: str, t: Mapping[str, Any], bits: int, shape: List[int], rid: Optional[int]):
+    """(scale, zero_point, axis) of an n-bit tensor entry, as floats / ints or tuples of them per channel;
+    raises ProtocolError ``bad_header`` for anything :class:`runtime.quant.QuantParams` refuses or a list
+    that does not fit the shape."""
+    scale, zp, axis = t.get("scale"), t.get("zero_point"), t.get("axis")
+    for key, v in (("scale", scale), ("zero_point", zp)):
+        items = v if isinstance(v, list) else [v]
+        kinds = (int, float) if key == "scale" else (int,)
+        if not items or len(items) > 2 ** 16 or not all(isinstance(e, kinds) and not isinstance(e, bool) for e in items):
+            raise ProtocolError(BAD_HEADER, "tensor %r: n-bit %s must be a %s or a list of them"
+                                % (name, key, "number" if key == "scale" else "int"), rid)
+    if axis is not None and not _is_int(axis):
+        raise ProtocolError(BAD_HEADER, "tensor %r: axis must be null or an int" % name, rid)
+    if (isinstance(scale, list) or isinstance(zp, list)) and axis is None:
+        raise ProtocolError(BAD_HEADER, "tensor %r: per-channel scale / zero_point lists need an axis" % name, rid)
+    try:
+        q = QuantParams("uint8", scale, zp, axis, bits)
+        _check_channels(q, shape)
+    except QuantError as exc:
+        raise ProtocolError(BAD_HEADER, "tensor %r: %s" % (name, exc), rid)
+    return q.scale, q.zero_point, q.axis
 
 
 def decode_tensors(payload: bytes, specs: List[TensorSpec], request_id: Optional[int] = None) -> Dict[str, np.ndarray]:
@@ -577,6 +676,13 @@ def decode_tensors(payload: bytes, specs: List[TensorSpec], request_id: Optional
                 raise ProtocolError(BAD_COMPRESSION, "tensor %r: %s" % (spec.name, exc), request_id)
         if len(raw) != spec.nbytes:
             raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: %d bytes, expected %d" % (spec.name, len(raw), spec.nbytes), request_id)
+        if spec.bits is not None:
+            count = int(np.prod(spec.shape, dtype=np.int64))
+            try:
+                out[spec.name] = _nbit.unpack_bits(raw, spec.bits, count).reshape(spec.shape)
+            except _nbit.NBitError as exc:
+                raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: %s" % (spec.name, exc), request_id)
+            continue
         wire_dtype = _le(np.dtype(spec.dtype))
         arr = np.frombuffer(raw, dtype=wire_dtype).reshape(spec.shape)
         out[spec.name] = arr.astype(wire_dtype.newbyteorder("="), copy=False)
@@ -612,14 +718,16 @@ def encode_request(request_id: int, tensors: Mapping[str, np.ndarray], quant: Op
     Args:
         request_id: u64 chosen by the client; the REPLY echoes it.
         tensors: name -> array. Quantized tensors must already be int8/uint8 (see
-            :func:`runtime.codec.quantize`); float16/float32 tensors may be sent unquantized.
-            Allowed dtypes: ALLOWED_DTYPES.
+            :func:`runtime.codec.quantize`), n-bit ones uint8 codes (:func:`runtime.nbit.quantize`);
+            float16/float32 tensors may be sent unquantized. Allowed dtypes: ALLOWED_DTYPES.
         quant: name -> {"scale": float, "zero_point": int, "dtype": "int8"|"uint8"} for each
-            quantized tensor (the manifest's ``tensors[...].quant`` works as is).
+            quantized tensor, or {"bits": 2..8, "scale": float | [float], "zero_point": int | [int],
+            "axis": int | None} for n-bit codes, bit-packed on the wire (the manifest's
+            ``tensors[...].quant`` works as is).
         layout: a layout string such as "NCHW" applied to tensors of matching rank, or a
             name -> layout mapping.
-        codec: "zstd", "lz4" or "none"; applied per tensor, falling back to "none" for a tensor
-            that does not shrink.
+        codec: "zstd", "lz4", "brotli" or "none"; applied per tensor, falling back to "none" for a
+            tensor that does not shrink.
         secret: shared secret for the HMAC tag (None: no tag).
         level: codec level (see :func:`runtime.codec.compress`).
         meta: optional JSON object passed through to the server (e.g. device-side timings).

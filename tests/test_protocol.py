@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from runtime import codec
+from runtime import codec, nbit
+from runtime.quant import QuantParams
 from runtime import protocol as P
 from runtime.protocol import ProtocolError
 
@@ -333,3 +334,123 @@ def test_frame_overhead_numbers():
     signed = P.encode_request(1, {"blocks.5": q}, {"blocks.5": {"scale": 0.0421, "zero_point": -128, "dtype": "int8"}},
                               codec="none", secret="k")
     assert len(signed) - len(raw) == 32
+
+
+# ------------------------------------------------------------------ n-bit feature codes
+def _nbit_request(bits=4, per_channel=True, codec_name="zstd", n=1, seed=0, relu=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, 6, 5, 5)) * 2).astype(np.float32)
+    if relu:  # mostly zeros, like a post-activation feature: every codec shrinks it
+        x = np.maximum(x - 2, 0)
+    if per_channel:
+        q = QuantParams("uint8", [0.5, 0.25, 1.0, 0.75, 2.0, 0.3], [1, 2, 3, 0, 1, (1 << bits) - 1], axis=1, bits=bits)
+    else:
+        q = QuantParams("uint8", 0.5, 1 << (bits - 1), bits=bits)
+    codes = q.quantize(x)
+    return codes, q, {"feat": q.to_json()}
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("name", codec.available_codecs())
+def test_nbit_request_round_trip_is_exact(bits, per_channel, name):
+    codes, q, quant = _nbit_request(bits, per_channel, name, n=2, seed=bits)
+    buf = P.encode_request(3, {"feat": codes}, quant, codec=name)
+    frame = P.parse_frame(buf)
+    t = frame.header["tensors"][0]
+    assert t["bits"] == bits and t["dtype"] == "uint8" and t["nbytes"] == -(-codes.size * bits // 8)
+    assert t.get("axis") == (1 if per_channel else None)
+    assert t["scale"] == q.to_json()["scale"] and t["zero_point"] == q.to_json()["zero_point"]
+    msg = P.decode_request(frame)
+    got = msg.tensors["feat"]
+    assert got.dtype == np.uint8 and got.shape == codes.shape and got.tobytes() == codes.tobytes()
+    spec = msg.specs[0]
+    assert spec.bits == bits and spec.nbit == q and spec.to_json() == t
+    np.testing.assert_array_equal(msg.dequantized()["feat"], q.dequantize(codes))
+
+
+def test_nbit_payload_is_the_packed_codes():
+    codes, q, quant = _nbit_request(3, True)
+    frame = P.parse_frame(P.encode_request(1, {"feat": codes}, quant, codec="none"))
+    assert frame.payload == nbit.pack_bits(codes, 3)
+    assert len(frame.payload) == -(-150 * 3 // 8)
+
+
+def test_nbit_encode_side_validation():
+    codes, q, quant = _nbit_request(3, True)
+    with pytest.raises(ValueError, match="must be uint8"):
+        P.encode_request(1, {"feat": codes.astype(np.int8)}, quant)
+    with pytest.raises(ValueError, match="does not fit in 3 bits"):
+        P.encode_request(1, {"feat": codes | 8}, quant)
+    with pytest.raises(ValueError, match="6 per-channel values for 5 channels"):
+        P.encode_request(1, {"feat": codes[:, :5]}, quant)
+    with pytest.raises(ValueError, match="bits"):
+        P.encode_request(1, {"feat": codes}, {"feat": {**quant["feat"], "bits": 9}})
+
+
+def _nbit_header(**over):
+    codes, q, quant = _nbit_request(4, True, "none")
+    frame = P.parse_frame(P.encode_request(11, {"feat": codes}, quant, codec="none"))
+    t = dict(frame.header["tensors"][0])
+    t.update(over)
+    return {"tensors": [t]}, frame.payload
+
+
+@pytest.mark.parametrize("over,code", [
+    ({"bits": 1}, P.BAD_HEADER), ({"bits": 9}, P.BAD_HEADER), ({"bits": 4.0}, P.BAD_HEADER),
+    ({"bits": True}, P.BAD_HEADER), ({"dtype": "int8"}, P.BAD_HEADER),
+    ({"axis": None}, P.BAD_HEADER), ({"axis": 2}, P.BAD_HEADER), ({"axis": -1}, P.BAD_HEADER), ({"axis": 7}, P.BAD_HEADER),
+    ({"axis": "1"}, P.BAD_HEADER), ({"scale": [0.5] * 5}, P.BAD_HEADER), ({"scale": [0.5] * 5 + [0.0]}, P.BAD_HEADER),
+    ({"scale": [0.5] * 5 + [True]}, P.BAD_HEADER), ({"scale": []}, P.BAD_HEADER), ({"scale": "0.5"}, P.BAD_HEADER),
+    ({"zero_point": [1, 2, 3, 0, 1, 16]}, P.BAD_HEADER), ({"zero_point": [1, 2, 3, 0, 1, 1.5]}, P.BAD_HEADER),
+    ({"zero_point": None}, P.BAD_HEADER), ({"scale": None}, P.BAD_HEADER),
+    ({"nbytes": 150, "wire_nbytes": 150}, P.PAYLOAD_MISMATCH),  # nbytes as if one byte per code
+])
+def test_nbit_header_errors(over, code):
+    header, payload = _nbit_header(**over)
+    err = pytest.raises(ProtocolError, P.decode_request, _raw_frame(header, payload)).value
+    assert err.code == code, err
+    assert not err.fatal
+
+
+def test_per_channel_lists_need_bits():
+    t = _tensor(scale=[0.5, 0.5], zero_point=[0, 0], axis=1)
+    assert _code(P.decode_request, _raw_frame({"tensors": [t]}, bytes(8))) == P.BAD_HEADER
+
+
+def test_nbit_set_padding_bits_are_refused():
+    codes, q, quant = _nbit_request(3, True, "none")  # 150 codes x 3 bits = 450 bits -> 6 padding bits
+    frame = P.parse_frame(P.encode_request(11, {"feat": codes}, quant, codec="none"))
+    bad = frame.payload[:-1] + bytes([frame.payload[-1] | 1])
+    assert _code(P.decode_request, _raw_frame(frame.header, bad)) == P.PAYLOAD_MISMATCH
+
+
+@pytest.mark.parametrize("name", codec.available_codecs()[1:])
+def test_nbit_truncated_and_garbage_payloads_get_error_codes(name):
+    """Every cut of a compressed n-bit payload and random garbage in its place: a ProtocolError with
+    a content code, never another exception and never a wrong tensor."""
+    codes, q, quant = _nbit_request(4, True, name, n=4, relu=True)
+    frame = P.parse_frame(P.encode_request(11, {"feat": codes}, quant, codec=name))
+    t = frame.header["tensors"][0]
+    assert t["codec"] == name
+    rng = np.random.default_rng(5)
+    bad_payloads = [frame.payload[:k] for k in range(0, len(frame.payload), max(1, len(frame.payload) // 40))]
+    bad_payloads += [rng.bytes(len(frame.payload)) for _ in range(20)]
+    bad_payloads += [frame.payload[:-1] + bytes([frame.payload[-1] ^ 0xFF])]
+    for bad in bad_payloads:
+        header = {"tensors": [dict(t, wire_nbytes=len(bad))]}
+        try:
+            msg = P.decode_request(_raw_frame(header, bad))
+        except ProtocolError as err:
+            assert err.code in (P.BAD_COMPRESSION, P.PAYLOAD_MISMATCH, P.TOO_LARGE), err
+            assert not err.fatal
+        else:  # a corruption the codec cannot see still decodes to in-range codes of the declared shape
+            got = msg.tensors["feat"]
+            assert got.shape == codes.shape and int(got.max()) < 16
+
+
+def test_old_style_int8_header_is_unchanged():
+    # whole-byte tensors carry no bits/axis keys: frames of earlier versions and sizes stay as they were
+    buf = P.encode_request(1, {"feat": _feat()}, QUANT, codec="none")
+    t = P.parse_frame(buf).header["tensors"][0]
+    assert "bits" not in t and "axis" not in t

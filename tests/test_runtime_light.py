@@ -11,7 +11,7 @@
    quant) run under it. Create one with:
        /root/.pyenv/versions/3.8.18/bin/python -m venv build/py38
        build/py38/bin/pip install "numpy==1.24.4" "pytest<8.4" zstandard lz4
-   They run with --noconftest: tests/conftest.py needs torch, which the 3.8 venv does not have.
+   (brotli too, for that codec's tests). They run with --noconftest: tests/conftest.py needs torch, which the 3.8 venv does not have.
 What ran is written to the test's properties, to stdout and (warning) to the summary when 3.8 was absent.
 """
 import glob
@@ -25,8 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_FILES = sorted(glob.glob(os.path.join(REPO, "runtime", "*.py")))
 PY38 = os.environ.get("EETOOL_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 #: runtime-only test files (no torch) that also run under the 3.8 venv.
-PY38_TESTS = ["tests/test_codec.py", "tests/test_protocol.py", "tests/test_link.py", "tests/test_server.py",
-              "tests/test_batching.py", "tests/test_energy.py", "tests/test_boards.py", "tests/test_manifest.py",
+PY38_TESTS = ["tests/test_codec.py", "tests/test_nbit.py", "tests/test_protocol.py", "tests/test_link.py",
+              "tests/test_server.py", "tests/test_batching.py", "tests/test_energy.py", "tests/test_boards.py",
+              "tests/test_manifest.py",
               "tests/test_quant.py"]
 PY38_VENV = os.environ.get("EETOOL_PY38_VENV", os.path.join(REPO, "build", "py38"))
 
