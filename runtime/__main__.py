@@ -147,9 +147,11 @@ def _common(p):
 
 def _device_opts(p):
     p.add_argument("--board", help="board profile name (boards/*.json) or path")
-    p.add_argument("--codec", default="zstd", choices=["zstd", "lz4", "none"])
+    p.add_argument("--codec", choices=["zstd", "lz4", "brotli", "none"],
+                   help="entropy coder for the split tensor (default: the bundle's, from export --wire-codec)")
     p.add_argument("--wire-dtype", default="int8", choices=["int8", "float32"],
-                   help="send the split tensor int8-quantised (default) or as float32")
+                   help="send the split tensor quantised as the manifest says (int8 or n-bit codes; default) "
+                        "or as float32")
     p.add_argument("--bandwidth", type=_bandwidth,
                    help="emulate a link (token bucket on the send path): b = bit, B = byte, k/M/G decimal, /s or "
                         "ps optional, e.g. 10mbit, 10Mb/s, 500kB/s; a bare number is Mbit/s")

@@ -61,9 +61,17 @@ def wire_params(bundle: Bundle, wire_dtype: str = "int8") -> Dict[str, Optional[
     return out
 
 
+def wire_codec(bundle: Bundle) -> str:
+    """The entropy coder the bundle's wire tensors were exported with (``zstd`` for bundles that name none)."""
+    if not bundle.server_segments:
+        return "zstd"
+    return bundle.tensor(bundle.wire_tensors[0]).codec or "zstd"
+
+
 def quantize_wire(params: Dict[str, Optional[QuantParams]], values: Dict[str, np.ndarray]):
-    """Wire tensors by name and their quantisation header entries (``{name: {dtype, scale, zero_point}}``)
-    from :func:`wire_params`; tensors whose params are None go as float32 (no quant entry)."""
+    """Wire tensors by name and their quantisation header entries (``{name: {dtype, scale, zero_point}}``, plus
+    ``bits`` / ``axis`` for n-bit codes, which the protocol bit-packs) from :func:`wire_params`; tensors whose
+    params are None go as float32 (no quant entry)."""
     tensors, quant = {}, {}
     for name, p in params.items():
         x = values[name]

@@ -216,12 +216,16 @@ class WireQuant(_Node):
     dtype: str = doc("integer type on the wire", required=True, choices=("int8", "uint8"))
     scale: Union[float, List[float]] = doc("real value of one step (> 0); one per channel with `axis`", required=True)
     zero_point: Union[int, List[int]] = doc("integer that represents 0.0; one per channel with `axis`", required=True)
-    axis: Optional[int] = doc("channel axis of per-channel parameters (null: per tensor; the wire protocol carries "
-                              "one scale per tensor, so this runtime refuses per-channel wire tensors)")
-    bits: Optional[int] = doc("use only a `bits`-wide integer range inside `dtype` (2..8; null: all 8 bits)")
-    scheme: Optional[str] = doc("description, e.g. `per-tensor affine`")
-    range: Optional[str] = doc("where the range came from: `minmax` over the calibration set, or `int8 head output` "
-                               "(the int8 head graph's own output encoding, sent without requantisation)")
+    axis: Optional[int] = doc("channel axis of per-channel parameters (1 for NCHW; null: per tensor)")
+    bits: Optional[int] = doc("n-bit codes: `uint8` codes in `0..2^bits - 1` (2..8), bit-packed on the wire "
+                              "(docs/protocol.md); null: whole bytes")
+    scheme: Optional[str] = doc("description, e.g. `per-tensor affine` or `per-tensor affine, 4-bit`")
+    range: Optional[str] = doc("where the range came from: `minmax` over the calibration set, `int8 head output` "
+                               "(the int8 head graph's own output encoding, sent without requantisation), `mse` "
+                               "(least squared quantisation error) or `tail-kl` (the min/max range shrunk by `alpha`, "
+                               "whose codes keep the float tail's output closest to the float model's)")
+    alpha: Optional[float] = doc("with `tail-kl`: the factor (0..1] the min/max range was shrunk by")
+    kl_curve: Optional[List[List[float]]] = doc("with `tail-kl`: `[alpha, mean KL divergence]` for each factor tried")
     samples: Optional[int] = doc("calibration inputs the range was measured on")
 
     def params(self) -> Any:
@@ -237,9 +241,10 @@ class WireQuant(_Node):
             self.params()
         except QuantError as e:
             raise ManifestError(path, str(e))
-        if self.axis is not None:
-            raise ManifestError(path + ".axis", "per-channel wire quantisation is not supported by this runtime "
-                                                "(one scale / zero point per tensor on the wire)")
+        if self.axis is not None and self.bits is None:
+            raise ManifestError(path + ".bits", "per-channel wire codes travel as n-bit codes: give `bits` (2..8)")
+        if self.bits is not None and self.dtype != "uint8":
+            raise ManifestError(path + ".dtype", "n-bit wire codes are uint8, got %r" % self.dtype)
 
 
 @dataclass
@@ -251,6 +256,8 @@ class WireTensor(_Node):
     layout: Optional[str] = doc("NCHW for 4-d feature maps")
     quant: Optional[WireQuant] = doc("how the device quantises it before sending (absent in bundles written "
                                      "by eetool 0.1.0 from .onnx models: send it as float32 then)")
+    codec: Optional[str] = doc("entropy coder of its (bit-packed) codes on the wire (`eetool export --wire-codec`; "
+                               "runtime `--codec` overrides; null: zstd)", choices=("zstd", "lz4", "brotli", "none"))
 
 
 @dataclass

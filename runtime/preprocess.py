@@ -41,14 +41,19 @@ def _pil():
     return Image
 
 
-def load_image(path, spec: Union[Preprocess, Dict[str, Any]]) -> np.ndarray:
-    """One image file -> float32 ``(C, H, W)`` (NCHW layout without the batch), as ``spec`` (the manifest's
-    ``preprocess``) says. Raises PreprocessError."""
+def model_crop(path, spec: Union[Preprocess, Dict[str, Any]], crop_sized_as_is: bool = False):
+    """The RGB (or L) Pillow image the model sees, before normalisation: decoded, converted to ``channels``,
+    shorter side resized to ``resize_shorter`` px, center-cropped to ``crop`` (H, W). With
+    ``crop_sized_as_is`` an image already of the crop size is taken as the crop (no resize): a device may
+    send the preprocessed crop, re-encoded, instead of its original file. Raises PreprocessError."""
     spec = as_preprocess(spec)
     Image = _pil()
     try:
         with Image.open(path) as im:
             im = im.convert(spec.channels or ("L" if len(spec.mean or [0, 0, 0]) == 1 else "RGB"))
+            ch, cw = spec.crop or (im.size[1], im.size[0])
+            if crop_sized_as_is and im.size == (cw, ch):
+                return im
             w, h = im.size
             short = int(spec.resize_shorter or min(w, h))
             s = short / min(w, h)
@@ -56,25 +61,31 @@ def load_image(path, spec: Union[Preprocess, Dict[str, Any]]) -> np.ndarray:
                 spec.interpolation or "bilinear"]
             if (round(w * s), round(h * s)) != (w, h):
                 im = im.resize((round(w * s), round(h * s)), resample)
-            ch, cw = spec.crop or (im.size[1], im.size[0])
             w, h = im.size
             left, top = (w - cw) // 2, (h - ch) // 2
-            im = im.crop((left, top, left + cw, top + ch))
-            arr = np.asarray(im, dtype=np.float32)
+            return im.crop((left, top, left + cw, top + ch))
     except (OSError, ValueError) as e:
         raise PreprocessError(f"{path}: cannot read as an image ({e})")
+
+
+def load_image(path, spec: Union[Preprocess, Dict[str, Any]], crop_sized_as_is: bool = False) -> np.ndarray:
+    """One image file -> float32 ``(C, H, W)`` (NCHW layout without the batch), as ``spec`` (the manifest's
+    ``preprocess``) says, via :func:`model_crop`. Raises PreprocessError."""
+    spec = as_preprocess(spec)
+    arr = np.asarray(model_crop(path, spec, crop_sized_as_is), dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return normalize(arr.transpose(2, 0, 1), spec)
 
 
 def decode_image(data: bytes, spec: Union[Preprocess, Dict[str, Any]], name: str = "image bytes") -> np.ndarray:
-    """An encoded image file held in memory (JPEG, PNG, ...) -> float32 ``(C, H, W)``, exactly as
-    :func:`load_image` does for a file. Raises PreprocessError naming ``name``."""
+    """An encoded image file held in memory (JPEG, PNG, ...) -> float32 ``(C, H, W)``, as :func:`load_image`
+    does for a file, except that an image already of the crop size is taken as it is (the device sent the
+    preprocessed crop). Raises PreprocessError naming ``name``."""
     import io
 
     try:
-        return load_image(io.BytesIO(bytes(data)), spec)
+        return load_image(io.BytesIO(bytes(data)), spec, crop_sized_as_is=True)
     except PreprocessError as e:
         raise PreprocessError("%s (%d B): %s" % (name, len(data), str(e).split(": ", 1)[-1]))
 

@@ -96,7 +96,8 @@ class DeviceOptions:
     profile's ``backend.allow_spinning``); ``server``: ``HOST:PORT`` of the edge server (None: no server;
     exits or ``local_tail`` decide); ``bandwidth`` / ``rtt``: emulated link (``10mbit`` or Mbit/s,
     ``20ms``); ``thresholds``: per-exit overrides; ``exits=False`` disables early exits; ``wire_dtype``:
-    ``int8`` or ``float32`` on the wire."""
+    ``int8`` (quantised as the manifest says: int8 or n-bit codes) or ``float32`` on the wire; ``codec``: the
+    entropy coder (None: the bundle's, :func:`runtime.device.wire_codec`)."""
 
     backend: str = "auto"
     precision: str = "auto"
@@ -105,7 +106,7 @@ class DeviceOptions:
     server: Optional[str] = None
     secret: Optional[str] = None
     timeout_s: float = 5.0
-    codec: str = "zstd"
+    codec: Optional[str] = None
     bandwidth: Optional[Union[str, float]] = None
     rtt: str = "0ms"
     thresholds: Dict[str, float] = field(default_factory=dict)
@@ -119,7 +120,7 @@ def make_runner(bundle: Bundle, board: Optional[dict], opts: DeviceOptions):
     ``opts.server`` is set) and the ``(runner, fmt, precision)`` it runs. Raises BundleError / ValueError."""
     from .boards import allow_spinning
     from .client import EdgeClient
-    from .device import DeviceRunner
+    from .device import DeviceRunner, wire_codec
     from .link import LinkShaper
 
     fmt = pick_backend(bundle, opts.backend, board)
@@ -129,7 +130,7 @@ def make_runner(bundle: Bundle, board: Optional[dict], opts: DeviceOptions):
         host, port = parse_server_address(opts.server)
         shaper = LinkShaper.from_strings(opts.bandwidth, opts.rtt) if opts.bandwidth else None
         client = EdgeClient(host, port, secret=opts.secret or os.environ.get("EETOOL_SECRET"),
-                            timeout_s=opts.timeout_s, shaper=shaper, codec=opts.codec)
+                            timeout_s=opts.timeout_s, shaper=shaper, codec=opts.codec or wire_codec(bundle))
     runner = DeviceRunner(bundle, client, fmt, precision, runtime_threads(opts.threads, board), opts.thresholds,
                           exits=opts.exits, wire_dtype=opts.wire_dtype, local_tail=opts.local_tail,
                           allow_spinning=allow_spinning(board, opts.spinning))

@@ -19,6 +19,7 @@ from calibration.readers import Dataset
 from runtime import __version__
 from runtime.manifest import (Calibration, ExitBranch, GraphEntry, Manifest, ModelInfo, Preprocess, ProfileGraph,
                               Samples, Segment, TensorSpec, WireTensor)
+from . import calibrate
 from .bundle_writer import copy_support_files, write_array_samples, write_manifest
 from .flops import module_flops, param_count
 from .graph import SplitError, TracedModel
@@ -56,6 +57,7 @@ class ExportOptions:
     # measure per-layer latency for `eetool plan --measurements` (costs one more fp32 graph in the bundle)
     layer_profile_graph: bool = True
     samples: int = 8  # verification inputs copied into samples/ (with their labels, when known)
+    wire: "calibrate.WireCodec" = None  # how the device encodes the split feature (None: int8 + zstd)
 
 
 def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec]) -> tuple[list, object]:
@@ -81,7 +83,7 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
     with ``opts.int8``, for quantisation; ``verify_data`` holds other real inputs for verification.
     Raises SplitError for bad split/exit names and ExportError when a graph misses its tolerance (the
     bundle and report are still written, for diagnosis)."""
-    from . import calibrate, verify
+    from . import verify
 
     model = source.model
     sample = torch.from_numpy(calib.x[:1])
@@ -143,7 +145,7 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
 
     # Real intermediate tensors from the float graphs: calibration of later graphs and wire int8 ranges.
     inputs_per_graph = calibrate.graph_inputs(out, manifest, calib.x, progress=opts.progress)
-    calibrate.set_wire_qparams(manifest, inputs_per_graph, len(calib))
+    calibrate.set_wire_qparams(manifest, inputs_per_graph, len(calib), opts.wire or calibrate.WireCodec(), out)
     report: dict = {"calibration": {"source": calib.source, "samples": len(calib)}}
     if opts.int8:
         report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, inputs_per_graph, opts.quant, opts.progress)
