@@ -3,7 +3,8 @@
 - :func:`render_markdown` / :func:`write`: one ``python -m runtime bench`` run (``report.json``) as
   ``report.md`` plus plots.
 - :func:`render_summary` / ``python -m runtime report``: one page for a whole ``make bench`` run: each
-  bench report (e.g. the split bundle and an early-exit bundle), each ``eetool plan`` JSON, and the
+  bench report (e.g. the split bundle and an early-exit bundle), each ``eetool plan`` JSON, each
+  ``eetool rate`` JSON (bytes vs top-1 of split points against JPEG / WebP of the same crop), and the
   qualitative claims of the split-computing / early-exit literature checked against those numbers
   (Matsubara, Levorato & Restuccia, "Split Computing and Early Exiting for Deep Learning Applications";
   Kang et al., Neurosurgeon, ASPLOS 2017; Scardapane et al., "Why Should We Add Early Exits to Neural
@@ -31,8 +32,9 @@ def findings(r: dict) -> List[str]:
     out = []
     sent, jpeg = r["bytes_sent_mean"], r["input_file_bytes_mean"]
     if sent:
-        out.append("bytes sent per request (%.0f B mean, int8 + %s, 0 when an exit fires) are %s than the input "
-                   "file (%.0f B mean)" % (sent, r["codec"], "smaller" if sent < jpeg else "NOT smaller", jpeg))
+        out.append("bytes sent per request (%.0f B mean, %s + %s, 0 when an exit fires) are %s than the input "
+                   "file (%.0f B mean)" % (sent, r.get("wire") or "int8", r["codec"],
+                                           "smaller" if sent < jpeg else "NOT smaller", jpeg))
     sweep = r.get("bandwidth_sweep") or []
     if len(sweep) > 1:
         lo, hi = sweep[0], sweep[-1]
@@ -76,7 +78,7 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
                                                    (" -> `%s/`" % plots_prefix.rstrip("/")) if plots_prefix else ""), "",
              "model %s, split after `%s`, backend %s/%s, %s threads, codec %s, wire %s, %d requests over %d "
              "inputs" % (r.get("model") or "-", r["split"], r["backend"], r["precision"], r["threads"] or "default",
-                         r["codec"], r["wire_dtype"], r["requests"], r["inputs"])]
+                         r["codec"], r.get("wire") or r["wire_dtype"], r["requests"], r["inputs"])]
     if r.get("board_forced"):
         lines += ["", "WARNING: run with --force-board on a machine that does not look like %s (%s): latency is "
                   "this machine's, and energy comes from its sensor or, without one, the %s power model" % (
@@ -398,9 +400,9 @@ def plan_table(plan: dict, h: str = "##") -> List[str]:
     bws = plan["bandwidths"]
     lines = ["%s Split point plan: %s on %s, server %s" % (h, plan["model"], plan["board"], plan["server_profile"]),
              "", "device latency: %s (%s); server latency: %s (%s); bytes measured on %d real inputs from %s, "
-                 "codec %s, rtt %g ms" % (plan["device_label"], plan["device_source"], plan["server_label"],
-                                          plan["server_source"], plan["samples"], plan["data"], plan["codec"],
-                                          plan["rtt_ms"]),
+                 "wire %s, rtt %g ms" % (plan["device_label"], plan["device_source"], plan["server_label"],
+                                         plan["server_source"], plan["samples"], plan["data"],
+                                         plan.get("wire") or "int8 + %s" % plan["codec"], plan["rtt_ms"]),
              "", "| option | device ms | bytes / sample | server ms | " + " | ".join(
                  "ms @ %g Mbit/s" % b["mbps"] for b in bws) + " |", "|---|---:|---:|---:|" + "---:|" * len(bws)]
     for o in plan["options"]:
@@ -417,12 +419,56 @@ def plan_table(plan: dict, h: str = "##") -> List[str]:
     return lines
 
 
+def rate_claims(rate: dict) -> List[str]:
+    """From one ``eetool rate`` report: does the split frontier dominate every JPEG / WebP row (fewer bytes at
+    equal or better top-1), and the fewest bytes of a split point within 0.5 pt of the float model."""
+    out = []
+    dom = rate.get("dominance") or []
+    if dom:
+        missed = [d["image"] for d in dom if not d["dominated_by"]]
+        out.append("the split points' frontier %s the image encodings of the same crop (JPEG / WebP at every quality "
+                   "tried, PNG)%s" % (
+            "dominates" if not missed else "does NOT dominate",
+            "" if not missed else " (not dominated: %s)" % ", ".join(missed)))
+    f = rate.get("float") or {}
+    splits = [p for p in rate.get("points", []) if p["kind"] == "split"]
+    if f.get("top1") is not None and splits:
+        near = [p for p in splits if p["top1"] is not None and p["top1"] >= f["top1"] - 0.005]
+        if near:
+            b = min(near, key=lambda p: p["bytes_mean"])
+            out.append("fewest bytes within 0.5 pt of float (%.2f %%): %s, %s B per sample (p90 %s), top-1 %.2f %%" % (
+                100 * f["top1"], b["label"], "{:,.0f}".format(b["bytes_mean"]), "{:,.0f}".format(b["bytes_p90"]),
+                100 * b["top1"]))
+    return out + list(rate.get("notes") or [])
+
+
+def rate_table(rate: dict, h: str = "##") -> List[str]:
+    """One ``eetool rate`` report as Markdown: every point's bytes (mean, p90) and top-1, and the plot."""
+    f = rate["float"]
+    lines = ["%s Rate vs accuracy: %s, %d inputs from %s" % (h, f.get("model"), rate["samples"], rate["data"]), "",
+             "bytes: %s; float model: %s%s" % (rate["units"]["bytes"], f["graphs"],
+                                               ", top-1 %.2f %%" % (100 * f["top1"]) if f["top1"] is not None else ""),
+             "", "| point | bytes / sample (mean) | p90 | top-1 | agreement with float |", "|---|---:|---:|---:|---:|"]
+    for p in rate["points"]:
+        lines.append("| %s%s | %s | %s | %s | %.2f %% |" % (
+            p["label"], " (frontier)" if p["label"] in rate.get("frontier", []) else "",
+            "{:,.0f}".format(p["bytes_mean"]), "{:,.0f}".format(p["bytes_p90"]), _pct(p["top1"]),
+            100 * p["agreement"]))
+    lines += [""] + ["- %s: %s" % (d["image"], "dominated by %s (%s B)" % (d["dominated_by"], "{:,.0f}".format(
+        d["by_bytes"])) if d["dominated_by"] else "NOT dominated") for d in rate.get("dominance", [])]
+    if rate.get("plot"):
+        lines += ["", "![rate vs accuracy](%s)" % os.path.basename(rate["plot"])]
+    return lines
+
+
 def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], title: str,
-                   loadtests: Sequence[Tuple[str, dict]] = ()) -> str:
-    """One Markdown page for a ``make bench`` run: claims first, then each plan, each bench report and each
-    load test. ``benches`` / ``loadtests``: ``(relative directory, JSON dict)``; ``plans``: ``eetool plan
-    --json`` dicts."""
+                   loadtests: Sequence[Tuple[str, dict]] = (), rates: Sequence[dict] = ()) -> str:
+    """One Markdown page for a ``make bench`` run: claims first, then each plan, each rate comparison, each
+    bench report and each load test. ``benches`` / ``loadtests``: ``(relative directory, JSON dict)``;
+    ``plans``: ``eetool plan --json`` dicts; ``rates``: ``eetool rate --json`` dicts."""
     claims = [plan_claim(p) for p in plans]
+    for r in rates:
+        claims += rate_claims(r)
     claims += [c for c in (feature_vs_jpeg_claim(p) for p in plans[:1]) if c]
     for _, r in benches:
         modes = (r.get("comparison") or {}).get("modes", {})
@@ -443,6 +489,8 @@ def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], t
     lines += ["- " + c for c in claims]
     for p in plans:
         lines += [""] + plan_table(p)
+    for r in rates:
+        lines += [""] + rate_table(r)
     for rel, r in benches:
         lines += ["", render_markdown(r, level=2, plots_prefix=(rel.rstrip("/") + "/") if rel else "")]
     for rel, r in loadtests:
@@ -454,6 +502,7 @@ def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], t
 BENCH_KEYS = ("bundle", "split", "board", "machine", "stages_ms", "bytes_sent_mean", "input_file_bytes_mean")
 PLAN_KEYS = ("model", "board", "best", "options", "bandwidths", "total_mflops")
 LOADTEST_KEYS = ("bundle", "levels", "servers", "cores")
+RATE_KEYS = ("points", "float", "dominance", "samples", "data")
 
 
 def _load(path, keys, what: str, made_by: str) -> dict:
@@ -476,6 +525,7 @@ def add_arguments(p) -> None:
     p.add_argument("--plan", nargs="*", default=[], metavar="PLAN.json", help="'eetool plan --json' outputs")
     p.add_argument("--loadtest", nargs="*", default=[], metavar="DIR",
                    help="folders written by 'python -m runtime loadtest' (each holds loadtest.json)")
+    p.add_argument("--rate", nargs="*", default=[], metavar="RATE.json", help="'eetool rate' JSON outputs")
     p.add_argument("--title", default="eetool bench")
 
 
@@ -502,8 +552,9 @@ def run(a) -> int:
         r = _load(f, LOADTEST_KEYS, "a load test", "python -m runtime loadtest")
         r["plot"] = (Path(d) / "loadtest.png").is_file()
         loadtests.append((os.path.relpath(Path(d).resolve(), page), r))
-    if not benches and not plans and not loadtests:
-        raise ValueError("nothing to report: give --bench DIR, --plan FILE and/or --loadtest DIR")
-    Path(a.out).write_text(render_summary(benches, plans, a.title, loadtests), encoding="utf-8")
+    rates = [_load(f, RATE_KEYS, "a rate report", "eetool rate") for f in getattr(a, "rate", []) or []]
+    if not benches and not plans and not loadtests and not rates:
+        raise ValueError("nothing to report: give --bench DIR, --plan FILE, --rate FILE and/or --loadtest DIR")
+    Path(a.out).write_text(render_summary(benches, plans, a.title, loadtests, rates), encoding="utf-8")
     print("report written to %s" % a.out)
     return 0

@@ -1,4 +1,4 @@
-"""The ``eetool`` command line: inspect, export, eval (toolkit side) and serve, run, bench (runtime side)."""
+"""The ``eetool`` command line: inspect, export, eval, rate (toolkit side) and serve, run, bench (runtime side)."""
 from __future__ import annotations
 
 import json
@@ -108,9 +108,20 @@ def inspect(model, weights, input_shape, preprocess, depth, as_json):
               help="verification inputs copied into the bundle's samples/ (labels go in the manifest)")
 @click.option("--no-profile-graph", is_flag=True,
               help="leave out profile/model.fp32.onnx (the whole model, for per-layer latency in 'runtime bench')")
+@click.option("--wire-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+              help="bits per split-feature value on the wire: 8 = int8 (the int8 head's own encoding with --int8); "
+                   "2..7 = n-bit codes, bit-packed")
+@click.option("--wire-per-channel", is_flag=True,
+              help="one scale / zero point per channel (n-bit codes; costs about 10 header bytes per channel and frame)")
+@click.option("--wire-range", type=click.Choice(["tail-kl", "minmax", "mse"]), default="tail-kl", show_default=True,
+              help="n-bit range: tail-kl = the clipping whose codes keep the tail's output closest to float; "
+                   "minmax = nothing clipped; mse = least squared quantisation error")
+@click.option("--wire-codec", type=click.Choice(["zstd", "brotli", "lz4", "none"]), default="zstd", show_default=True,
+              help="entropy coder of the (bit-packed) codes; the runtime uses it unless run with --codec")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
 def export(model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
-           calib_method, int8_weights, verify_data, verify_samples, n_samples, no_profile_graph, out):
+           calib_method, int8_weights, verify_data, verify_samples, n_samples, no_profile_graph, wire_bits,
+           wire_per_channel, wire_range, wire_codec, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
@@ -146,9 +157,16 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
     quant = {"method": calib_method} if calib_method else {}
     if int8_weights == "int8":  # u8s8 saturates 16-bit intermediates without VNNI unless ranges are reduced
         quant.update(weight_type="int8", reduce_range=True)
+    from runtime.codec import check_codec
+
+    from .calibrate import WireCodec
+
+    check_codec(wire_codec)
+    wire = WireCodec(wire_bits, wire_per_channel, wire_range, wire_codec)
     report = export_bundle(src, ExportOptions(split=[s for s in split.split(",") if s], out=Path(out),
                                               exits=exits, formats=fmts, int8=int8, quant=quant,
-                                              layer_profile_graph=not no_profile_graph, samples=n_samples),
+                                              layer_profile_graph=not no_profile_graph, samples=n_samples,
+                                              wire=wire),
                            calib_ds, verify_ds)
     _print_export_summary(Path(out), report)
 
@@ -327,6 +345,72 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, serv
         fmt, precision = next(iter(results)).split("/")
         T.plot_curve([T.curve(bundle_profile(Bundle.load(bundle), ds, fmt, precision), rule)], curve,
                      title=f"{Path(bundle).name}: accuracy vs expected device MFLOPs")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give comma-separated integers, e.g. 10,25,50", param_hint=what)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="labelled image files (folder, :fold=K/N allowed; default: as eetool eval); images a "
+                             "bundle was calibrated on are left out")
+@click.option("--limit", type=int, help="use at most this many inputs")
+@click.option("--jpeg", default="10,25,50,75,90", show_default=True, help="JPEG qualities of the crop ('' for none)")
+@click.option("--webp", default="10,25,50,75,90", show_default=True, help="WebP qualities of the crop ('' for none)")
+@click.option("--wire-bits", help="also measure these wire bit depths, e.g. 8,6,4,3,2, each calibrated on the "
+                                  "bundle's own representative data as export --wire-bits N does")
+@click.option("--wire-per-channel", is_flag=True, help="with --wire-bits: per-channel scales / zero points")
+@click.option("--wire-range", type=click.Choice(["tail-kl", "minmax", "mse"]), default="tail-kl", show_default=True,
+              help="with --wire-bits: the range method")
+@click.option("--codecs", help="entropy coders to measure on the same codes, e.g. zstd,brotli (default: each "
+                               "bundle's own)")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="head and tail graphs (ONNX) of the split rows")
+@click.option("-o", "--out", "plot_path", default="rate.png", show_default=True, help="plot (PNG); the JSON beside it")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def rate(bundles, data, limit, jpeg, webp, wire_bits, wire_per_channel, wire_range, codecs, precision, plot_path,
+         as_json):
+    """Rate vs accuracy on the same images: every BUNDLE's split feature as its wire codec encodes it (and with
+    --wire-bits, other bit depths), against JPEG and WebP of the same 224x224 crop and the original file, each
+    sent as a real frame and decoded as the edge server does. Bytes per sample (mean, p90, framing included),
+    top-1 against labels and agreement with the float model; plot with bytes on a log axis."""
+    from runtime.codec import check_codec
+
+    from .calibrate import WireCodec
+    from .rate import plot, render, run_rate
+
+    coders = [c for c in (codecs or "").split(",") if c] or None
+    for c in coders or []:
+        check_codec(c)
+    bits = _int_list(wire_bits, "--wire-bits")
+    if any(not 2 <= b <= 8 for b in bits):
+        raise click.BadParameter(f"{wire_bits}: bits are 2..8", param_hint="--wire-bits")
+    wire = [WireCodec(b, wire_per_channel, wire_range) for b in bits]
+    first = Bundle.load(bundles[0])
+    source = data or default_data(first.manifest.preprocess)
+    say = None if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
+    report = run_rate(list(bundles), source, _int_list(jpeg, "--jpeg"), _int_list(webp, "--webp"), wire, coders,
+                      precision, limit, say)
+    plot(report, plot_path)
+    report["plot"] = str(plot_path)
+    json_path = Path(plot_path).with_suffix(".json")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+
+    Console(width=max(120, int(os.environ.get("COLUMNS", 160)))).print(render(report))
+    for d in report["dominance"]:
+        click.echo(f"{d['image']}: " + (f"dominated by {d['dominated_by']} ({d['by_bytes']:,.0f} B)" if d["dominated_by"]
+                                        else "NOT dominated by any split point"))
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"plot: {plot_path}; JSON: {json_path}")
 
 
 def _runtime_passthrough(name: str, help_text: str):
