@@ -22,7 +22,7 @@ import numpy as np
 
 from . import session as S
 from .bundle import Bundle
-from .device import percentiles
+from .device import percentiles, wire_codec
 
 
 def start_server(bundle_dir: str, extra: List[str]) -> tuple:
@@ -334,7 +334,8 @@ def _measure(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions, bundl
         "bundle": str(bundle.root), "split": bundle.manifest.split, "board": board.get("name"),
         "model": bundle.manifest.model.source,
         "machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
-        "precision": precision, "threads": threads, "codec": device.codec, "wire_dtype": device.wire_dtype,
+        "precision": precision, "threads": threads, "codec": device.codec or wire_codec(bundle),
+        "wire_dtype": device.wire_dtype, "wire": wire_description(bundle, device.wire_dtype),
         "allow_spinning": spinning,
         "requests": n, "inputs": len(xs), "preprocess_ms_mean": preprocess_ms,
         "labelled_inputs": len(labels) if labels else 0,
@@ -358,6 +359,18 @@ def _measure(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions, bundl
         report["runtime_vs_bare_onnxruntime"] = runtime_overhead(bundle, xs, threads, opts.repeat, max(1, opts.warmup),
                                                                  allow_spinning=spinning)
     return report
+
+
+def wire_description(bundle: Bundle, wire_dtype: str = "int8") -> str:
+    """How the split feature travels, from the manifest: e.g. ``int8 per-tensor`` or ``4-bit per-channel``."""
+    if wire_dtype == "float32" or not bundle.server_segments:
+        return "float32" if bundle.server_segments else "-"
+    q = bundle.tensor(bundle.wire_tensors[0]).quant
+    if q is None:
+        return "float32"
+    if q.bits is not None:
+        return "%d-bit %s" % (q.bits, "per-channel" if q.axis is not None else "per-tensor")
+    return "%s per-tensor" % q.dtype
 
 
 def accuracy(top1: List[int], labels: List[int]) -> float:
@@ -450,7 +463,7 @@ def compare_modes(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions, 
                                  + (["--input-file"] if from_files else []))
     try:
         host, port = S.parse_server_address(address)
-        client = EdgeClient(host, port, codec=device.codec)
+        client = EdgeClient(host, port, codec=device.codec or "zstd")
 
         def offload(item):
             if from_files:

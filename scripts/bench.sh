@@ -3,12 +3,14 @@
 #  1. EfficientNet-Lite0 split after blocks.5 (int8): the runtime's report on this board (latency per
 #     stage, bytes, energy, bandwidth sweep, LC / EC / SC, per-layer profile -> layers.json), on the
 #     labelled ImageNet samples beside the repo when present (calibration images left out), else the
-#     bundle's own samples;
+#     bundle's own samples; then `eetool rate`: bytes vs top-1 of its wire codecs (int8, 6..2-bit; zstd
+#     and brotli) against JPEG / WebP of the same crop, on fold 1/2 of the samples (calibrated on fold 0/2);
 #  2. with Fashion-MNIST installed (apt-get install -y dataset-fashion-mnist): the reference CNN with two
 #     trained exits, thresholds calibrated on held-out training images, benched on 2000 labelled test
 #     images: LC / LC+EE / EC / SC / SC+EE;
 #  3. the split planner fed with step 1's per-layer profile (device = this board, and a target board
-#     whose device side is a labelled FLOPs estimate), then one Markdown page of it all;
+#     whose device side is a labelled FLOPs estimate; that board again with the 4-bit feature codec),
+#     then one Markdown page of it all;
 #  4. the edge server under load: step 1's bundle (fp32 tail, int8 wire) served with batching and without,
 #     1/8/32/64 client processes, every reply checked, and the bare-session ceiling, in one interleaved run;
 #  5. with the ImageNet samples: the int8 recipe and TFLite float-vs-int8 benchmarks (JSON beside it).
@@ -32,11 +34,19 @@ BENCHES=()
 
 echo "== 1. EfficientNet-Lite0, split after blocks.5, int8"
 EFF="$BUNDLES/efficientnet-lite0-blocks.5"
-$BIN/eetool export efficientnet-lite0 --split blocks.5 --int8 -o "$EFF"
+# with the ImageNet samples: calibrate on fold 0 of 2, measure accuracy on fold 1 (disjoint images)
+CALIB=(); EVAL=samples
+[ -d "$SAMPLES" ] && CALIB=(--calib "$SAMPLES:fold=0/2" --calib-samples 200) && EVAL="$SAMPLES:fold=1/2"
+$BIN/eetool export efficientnet-lite0 --split blocks.5 --int8 "${CALIB[@]}" -o "$EFF"
 INPUTS=()
 [ -d "$SAMPLES" ] && INPUTS=(--inputs "$SAMPLES" --max-inputs 64)
 $BIN/python -m runtime bench "$EFF" --board "$BOARD" $FORCE --repeat 2 "${INPUTS[@]}" --out "$REPORT/efficientnet-lite0" >/dev/null
 BENCHES+=("$REPORT/efficientnet-lite0")
+
+echo "== 1b. rate vs accuracy: the split feature's wire codecs against JPEG / WebP of the same crop"
+# RATE_BUNDLES (space-separated bundle folders) adds other operating points, e.g. bottleneck bundles
+$BIN/eetool rate "$EFF" ${RATE_BUNDLES:-} --data "$EVAL" --wire-bits 6,5,4,3,2 --codecs zstd,brotli \
+    -o "$REPORT/rate.png" --json > /dev/null
 
 if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; load_fashion_mnist('test')" 2>/dev/null; then
   echo "== 2. Fashion-MNIST reference CNN with two early exits"
@@ -61,13 +71,18 @@ for PB in $(echo "$BOARD $PLAN_BOARD" | tr ' ' '\n' | awk '!seen[$0]++'); do
       --bandwidth 1,10,100mbit --plot "$REPORT/plan-$PB.png" --json > "$REPORT/plan-$PB.json"
   PLANS+=("$REPORT/plan-$PB.json")
 done
+# the same target board with the 4-bit feature codec (bytes from the codec's real frames at every cut)
+$BIN/eetool plan efficientnet-lite0 --board "$PLAN_BOARD" --server-profile "$REPORT/efficientnet-lite0" \
+    --wire-bits 4 --bandwidth 1,10,100mbit --plot "$REPORT/plan-$PLAN_BOARD-4bit.png" --json \
+    > "$REPORT/plan-$PLAN_BOARD-4bit.json"
+PLANS+=("$REPORT/plan-$PLAN_BOARD-4bit.json")
 
 echo "== 4. edge server load test (batching vs none, and the bare-session ceiling)"
 $BIN/python -m runtime loadtest "$EFF" --precision fp32 --clients "${LOADTEST_CLIENTS:-1,8,32,64}" \
     --duration "${LOADTEST_DURATION:-10}" --out "$REPORT/loadtest" >/dev/null
 
 $BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOARD" \
-    --bench "${BENCHES[@]}" --plan "${PLANS[@]}" --loadtest "$REPORT/loadtest"
+    --bench "${BENCHES[@]}" --plan "${PLANS[@]}" --rate "$REPORT/rate.json" --loadtest "$REPORT/loadtest"
 
 if [ -d "$SAMPLES" ]; then
   echo "== 5. int8 recipe and TFLite float-vs-int8 benchmarks"

@@ -147,6 +147,25 @@ def test_wire_bytes_on_real_images(effnet, calib_images):
         assert b5["request_bytes"] < j["request_bytes"]
 
 
+def test_nbit_wire_bytes_and_tail_kl_ranges(effnet, calib_images):
+    from runtime.quant import QuantParams
+    from toolkit.calibrate import WireCodec
+    from toolkit.plan import tail_kl_qparams
+
+    x = calib_images.x[:4]
+    feats = capture_cut_features(effnet.model, x, ["blocks.5"])
+    int8 = feature_wire_bytes("blocks.5", feats["blocks.5"], "zstd")
+    four = feature_wire_bytes("blocks.5", feats["blocks.5"], "zstd", wire=WireCodec(4, False, "minmax"))
+    assert four["qparams"]["bits"] == 4 and four["request_bytes"] < 0.6 * int8["request_bytes"]
+    # the payload is the compressed packed codes: at most the packed size
+    assert four["payload_bytes"] <= 80 * 14 * 14 * 4 / 8
+    q = tail_kl_qparams(effnet.model, x, ["blocks.5"], feats, WireCodec(3, False, "tail-kl"), alphas=(1.0, 0.6))
+    assert q["blocks.5"]["alpha"] in (1.0, 0.6) and q["blocks.5"]["range"] == "tail-kl"
+    minmax = feature_wire_bytes("blocks.5", feats["blocks.5"], "zstd", wire=WireCodec(3, False, "minmax"))["qparams"]
+    shrunk = QuantParams.from_json(q["blocks.5"])
+    assert shrunk.bits == 3 and shrunk.scale <= minmax["scale"] * (1 + 1e-3)
+
+
 # --------------------------------------------------------------------------- layer profiles
 def test_parse_profile_on_synthetic_events():
     def run(ts, durs):

@@ -34,7 +34,13 @@ import click
                    "measurement for --board host, else a FLOPs estimate")
 @click.option("--data", help="real inputs (image folder, .npy/.npz, samples; default: as eetool export)")
 @click.option("--samples", default=16, show_default=True, help="real inputs used to measure bytes on the wire")
-@click.option("--codec", type=click.Choice(["zstd", "lz4", "none"]), default="zstd", show_default=True)
+@click.option("--codec", type=click.Choice(["zstd", "brotli", "lz4", "none"]), default="zstd", show_default=True,
+              help="entropy coder of the split feature")
+@click.option("--wire-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+              help="split feature on the wire as n-bit codes (as export --wire-bits N); 8 = int8")
+@click.option("--wire-per-channel", is_flag=True, help="with --wire-bits: per-channel scales / zero points")
+@click.option("--wire-range", type=click.Choice(["tail-kl", "minmax", "mse"]), default="tail-kl", show_default=True,
+              help="with --wire-bits: range method (tail-kl runs the model once per cut and candidate range)")
 @click.option("--hmac", is_flag=True, help="count the 32-byte HMAC tag of an authenticated link")
 @click.option("--depth", default=2, show_default=True, help="candidate cuts after modules up to this nesting depth")
 @click.option("--candidates", help="only these split points (comma-separated), e.g. blocks.2,blocks.5")
@@ -53,8 +59,8 @@ import click
 @click.option("--no-plot", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rtt, server_profile, measurements,
-         data, samples, codec, hmac, depth, candidates, runs, warmup, threads, exit_rates, exits_from,
-         save_measurements, export_onnx, plot_path, no_plot, as_json):
+         data, samples, codec, wire_bits, wire_per_channel, wire_range, hmac, depth, candidates, runs, warmup, threads,
+         exit_rates, exits_from, save_measurements, export_onnx, plot_path, no_plot, as_json):
     """Choose where to split MODEL between --board and the edge server, Neurosurgeon-style (Kang et al.,
     ASPLOS 2017): for every single-tensor split point, "local only" and "full offload (JPEG)", end-to-end
     latency (ms) = device ms + encode ms + bytes*8/bandwidth + rtt + server ms, with bytes measured on real
@@ -63,6 +69,7 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
     from runtime.link import parse_bandwidth, parse_duration
     from runtime.manifest import load_manifest
 
+    from .calibrate import WireCodec
     from .plan import PlanError, PlanRequest, exits_from_manifest, make_plan, parse_bandwidths, parse_exit_rates
     from .sources import resolve
 
@@ -90,6 +97,7 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
             board=board, bandwidths_mbps=bandwidths_mbps, rtt_ms=rtt_ms,
             downlink_mbps=downlink_mbps, server_profile=server_profile,
             measurements=measurements, data=data, samples=samples, codec=codec,
+            wire=WireCodec(wire_bits, wire_per_channel, wire_range, codec),
             candidates=[c for c in (candidates or "").split(",") if c] or None, depth=depth, runs=runs,
             warmup=warmup, threads=threads, exits=exits, hmac=hmac)
     except ValueError as e:
@@ -102,7 +110,7 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
         from .plan import plot
 
         plot_path = plot_path or os.path.join("out", f"plan-{_safe(src.name)}-{_safe(board)}.png")
-        title = (f"{src.name}: device {report['board']}, server {server_profile}, codec {codec}, "
+        title = (f"{src.name}: device {report['board']}, server {server_profile}, {report['wire']}, "
                  f"rtt {req.rtt_ms:g} ms")
         plot(options, results, plot_path, title)
         report["plot"] = plot_path
@@ -114,12 +122,12 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
     from .plan import render
 
     console = Console(width=max(120, int(os.environ.get("COLUMNS", 160))))
-    title = (f"{src.name} on {report['board']} -> server {server_profile} ({codec}, rtt {req.rtt_ms:g} ms, "
+    title = (f"{src.name} on {report['board']} -> server {server_profile} ({report['wire']}, rtt {req.rtt_ms:g} ms, "
              f"{report['samples']} real inputs)")
     console.print(render(options, results, title, exit_costs))
     click.echo(f"device latency ({report['device_label']}): {report['device_source']}")
     click.echo(f"server latency ({report['server_label']}): {report['server_source']}")
-    click.echo("bytes/sample: request frame (int8 split feature + " + codec + " + protocol header), measured on "
+    click.echo(f"bytes/sample: request frame ({report['wire']} split feature + protocol header), measured on "
                f"{report['data']}; full offload sends the JPEG file; reply {report['reply_bytes']:.0f} B (top-5)")
     dp, sp = report["device_preprocess"], report["server_preprocess"]
     click.echo(f"image preprocessing (decode, resize, normalise): device {dp['ms']:.2f} ms {dp['source']}, "

@@ -17,7 +17,8 @@ What is measured, and on what:
 
 - ``request_bytes``: MEASURED on real images — the model's head output at each cut, quantised to int8
   with the affine min/max parameters of :meth:`runtime.quant.QuantParams.from_range` (range over the same
-  real images, as ``eetool export`` does over its calibration set), compressed with
+  real images, as ``eetool export`` does over its calibration set), or with ``--wire-bits N`` to n-bit
+  codes, bit-packed, ranged as ``export --wire-bits N`` ranges them (:func:`tail_kl_qparams`), compressed with
   :func:`runtime.codec.compress` and framed by :func:`runtime.protocol.encode_request` exactly as the
   device runtime sends it (prefix, JSON header, payload; + 32 B HMAC tag with ``hmac=True``); mean over the
   images. For full offload: the real JPEG files' sizes framed as one uint8 tensor (codec none). The
@@ -192,21 +193,31 @@ def capture_cut_features(model, x: np.ndarray, cut_names: list[str]) -> dict[str
     return got
 
 
-def feature_wire_bytes(name: str, feats: np.ndarray, codec: str = "zstd", hmac: bool = False) -> dict:
-    """Bytes on the wire per sample for the split feature ``feats`` (N, ...) at cut ``name``: int8 affine
-    min/max quantisation over the N samples, ``codec`` compression, one REQUEST frame per sample.
+def feature_wire_bytes(name: str, feats: np.ndarray, codec: str = "zstd", hmac: bool = False,
+                       wire=None, qparams: dict | None = None) -> dict:
+    """Bytes on the wire per sample for the split feature ``feats`` (N, ...) at cut ``name``, quantised as the
+    device would (``wire``, a :class:`toolkit.calibrate.WireCodec`: int8 affine min/max over the N samples by
+    default, else n-bit codes, bit-packed, with ``qparams`` when given, e.g. a tail-kl range from
+    :func:`tail_kl_qparams`), ``codec`` compression, one REQUEST frame per sample.
 
     Returns ``{"request_bytes" (mean frame bytes), "min", "max", "payload_bytes" (mean compressed
     tensor bytes), "frame_overhead_bytes" (mean), "int8_bytes", "fp32_bytes", "encode_ms" (median,
     quantise + compress + frame on this host), "qparams"}``."""
-    params = QuantParams.from_tensor(feats, "int8")
-    q = params.to_json()
+    from .calibrate import nbit_qparams
+
+    if qparams is not None:
+        q = qparams
+    elif wire is not None and wire.nbit:
+        q = nbit_qparams(feats, wire.bits, wire.per_channel, "minmax" if wire.range == "tail-kl" else wire.range)
+    else:
+        q = QuantParams.from_tensor(feats, "int8").to_json()
+    params = QuantParams.from_json(q)
     secret = b"plan" if hmac else None
     sizes, payloads, times = [], [], []
     for i in range(len(feats)):
         t0 = time.perf_counter()
         qi = params.quantize(feats[i: i + 1])
-        frame = protocol.encode_request(i, {name: qi}, {name: q}, codec=codec, secret=secret)
+        frame = protocol.encode_request(i, {name: qi}, {name: params.to_json()}, codec=codec, secret=secret)
         times.append((time.perf_counter() - t0) * 1e3)
         sizes.append(len(frame))
         payloads.append(protocol.parse_frame(frame, secret=secret).header["tensors"][0]["wire_nbytes"])
@@ -214,6 +225,48 @@ def feature_wire_bytes(name: str, feats: np.ndarray, codec: str = "zstd", hmac: 
     return {"request_bytes": float(np.mean(sizes)), "min": int(min(sizes)), "max": int(max(sizes)),
             "payload_bytes": float(np.mean(payloads)), "frame_overhead_bytes": float(np.mean(sizes) - np.mean(payloads)),
             "int8_bytes": elems, "fp32_bytes": 4 * elems, "encode_ms": float(statistics.median(times)), "qparams": q}
+
+
+def tail_kl_qparams(model, x: np.ndarray, cut_names: list[str], feats: dict[str, np.ndarray], wire,
+                    alphas=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)) -> dict[str, dict]:
+    """Per cut, the n-bit parameters of ``wire`` whose clipping range keeps the model's output closest to float
+    (least mean KL divergence of the softmax over ``x``), as ``eetool export --wire-range tail-kl`` chooses
+    them (:func:`toolkit.calibrate.tail_kl_alpha`, on a coarser grid of ``alphas``): the model runs with the
+    cut's value replaced by its quantised-dequantised self. ``{cut name: quant entry}``."""
+    import torch
+    from torch import fx
+
+    from .calibrate import _log_softmax, nbit_qparams
+    from .graph import TracedModel
+
+    traced = TracedModel(model, torch.from_numpy(x[:1]))
+    node_of = {name: traced.cut(name).crossing[0] for name in cut_names}
+
+    class _Replace(fx.Interpreter):
+        def __init__(self, gm, node, value):
+            super().__init__(gm)
+            self.node, self.value = node, value
+
+        def run_node(self, n):
+            out = super().run_node(n)
+            return self.value if n.name == self.node else out
+
+    with torch.no_grad():
+        ref = _log_softmax(traced.gm(torch.from_numpy(x)).numpy().astype(np.float64))
+        out = {}
+        for name in cut_names:
+            best = None
+            for a in alphas:
+                q = nbit_qparams(feats[name], wire.bits, wire.per_channel, "minmax", alpha=float(a))
+                nq = QuantParams.from_json(q)
+                value = torch.from_numpy(nq.dequantize(nq.quantize(feats[name])))
+                logp = _log_softmax(_Replace(traced.gm, node_of[name], value).run(torch.from_numpy(x))
+                                    .numpy().astype(np.float64))
+                kl = float((np.exp(ref) * (ref - logp)).sum(axis=1).mean())
+                if best is None or kl < best[0]:
+                    best = (kl, {**q, "range": "tail-kl", "alpha": float(a)})
+            out[name] = best[1]
+    return out
 
 
 def jpeg_wire_bytes(files: list, hmac: bool = False, crop: int = 224) -> dict:
@@ -463,6 +516,7 @@ class PlanRequest:
     data: str | None = None
     samples: int = 16
     codec: str = "zstd"
+    wire: object = None  # toolkit.calibrate.WireCodec; None: int8 per tensor
     candidates: list[str] | None = None
     depth: int = 2
     runs: int = 20
@@ -524,9 +578,15 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
     files = [Path(f) for f in (ds.files or [])]
     image_files = [f for f in files if f.suffix.lower() in (".jpg", ".jpeg")]
 
-    say("int8 split features on real inputs: bytes on the wire")
+    nbit_wire = req.wire is not None and req.wire.nbit
+    say(f"{req.wire.label() if nbit_wire else 'int8'} split features on real inputs: bytes on the wire")
     feats = capture_cut_features(src.model, ds.x, [r["name"] for r in rows])
-    wire = {name: feature_wire_bytes(name, f, req.codec, req.hmac) for name, f in feats.items()}
+    qparams = {}
+    if nbit_wire and req.wire.range == "tail-kl":
+        say("tail-kl wire ranges per cut (the model run with each quantised feature)")
+        qparams = tail_kl_qparams(src.model, ds.x, list(feats), feats, req.wire)
+    wire = {name: feature_wire_bytes(name, f, req.codec, req.hmac, req.wire, qparams.get(name))
+            for name, f in feats.items()}
     del feats
     jpeg = jpeg_wire_bytes(image_files, req.hmac) if image_files else None
     reply = float(reply_bytes(_num_classes(src), hmac=req.hmac))
@@ -576,6 +636,7 @@ def make_plan(src, req: PlanRequest, progress=None) -> tuple[list[Option], list[
     sweep = best_by_bandwidth(options, req.rtt_ms, exits)
     context = {
         "model": src.name, "board": board["name"], "server_profile": sp, "codec": req.codec, "rtt_ms": req.rtt_ms,
+        "wire": req.wire.label() if nbit_wire else f"int8 + {req.codec}",
         "downlink_mbps": req.downlink_mbps, "hmac": req.hmac, "data": ds.source, "samples": len(ds),
         "device_source": device["source"], "server_source": server["source"],
         "device_label": device["label"], "server_label": server["label"],
