@@ -7,9 +7,9 @@ Quantization follows the bundle contract (docs/bundle.md)::
 
 Compression wraps ``zstandard``, ``lz4.frame`` and ``brotli``; all are optional and imported lazily,
 so this module imports with numpy and the standard library alone. Decompression always runs with
-an output-size limit (decompression-bomb guard). zstd is the default; brotli (context-modelled
-entropy coding, quality 11 by default) compresses bit-packed n-bit feature codes about 3 % smaller
-(measured in README "Feature codec"), at a higher encode cost.
+an output-size limit (decompression-bomb guard). zstd is the default; brotli (quality 11 by default)
+sends 1-4 % fewer bytes of bit-packed n-bit feature codes for about 100x the encode CPU time (README,
+"The feature codec": 8 ms against 0.06 ms per EfficientNet feature on an x86 core).
 
 Python 3.8 compatible; no pickle anywhere.
 """
