@@ -44,7 +44,7 @@ CONFIGS = {
     "u8u8-minmax +4 sensitive 16-bit": QuantConfig(sensitive_float=4),
     "u8u8-minmax +8 sensitive 16-bit": QuantConfig(sensitive_float=8),
     "u8u8-minmax zero-dead-channels": QuantConfig(zero_dead_channels=True),
-    "u8u8-percentile": QuantConfig(method="percentile"),  # ORT keeps every tensor of every sample: ~14 GB RAM
+    "u8u8-percentile": QuantConfig(method="percentile"),
     "u8u8-entropy": QuantConfig(method="entropy"),
 }
 

@@ -131,3 +131,81 @@ def test_sensitive_tensors_kept_16bit(head_fp32, images, tmp_path):
     a, b = _run(head_fp32, x).reshape(N_EVAL, -1), _run(out, x).reshape(N_EVAL, -1)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.98
+
+
+# ------------------------------------------------------------------ calibration methods (issue 12, item 4)
+def _activation_ranges(path: Path) -> dict[str, tuple[float, float]]:
+    """Real range [lo, hi] of every per-tensor 8-bit QuantizeLinear in a QDQ graph, by tensor name."""
+    model = onnx.load(str(path))
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[1] in init and init[n.input[1]].size == 1:
+            s, z = float(init[n.input[1]]), int(init[n.input[2]])
+            # a graph output's quantizer reads "<output>_QuantizeLinear_Input": name it by the output
+            out[n.input[0].removesuffix("_QuantizeLinear_Input")] = ((0 - z) * s, (255 - z) * s)
+    return out
+
+
+def _float_values(path: Path, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """The float graph's values of the tensors ``names`` on ``x`` (made graph outputs)."""
+    model = onnx.load(str(path))
+    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    names = [t for t in names if t in known]
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in names if t not in outputs)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, {"input": x})))
+
+
+@pytest.fixture(scope="module")
+def stem_fp32(tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 (real weights) up to blocks.0: ReLU6-bounded tensors and the unbounded,
+    heavy-tailed output of the block's projection conv."""
+    from torch import nn
+
+    from toolkit.models.efficientnet_lite import efficientnet_lite0
+
+    m = efficientnet_lite0()
+    path = tmp_path_factory.mktemp("q") / "stem.fp32.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Sequential(m.stem, m.blocks[0]).eval(), torch.zeros(2, 3, 224, 224), str(path),
+                          dynamo=False, opset_version=17, input_names=["input"], output_names=["blocks.0"],
+                          dynamic_axes={"input": {0: "N"}, "blocks.0": {0: "N"}})
+    return path
+
+
+def test_histogram_methods_clip_heavy_tails_for_any_sample_count(stem_fp32, images, tmp_path):
+    # 13 samples in batches of 8: the last batch is partial (onnxruntime's histogram collector used to fail
+    # with "inhomogeneous shape"), and entropy used to return exactly the MinMax range of every tensor.
+    x = images[:13]
+    ranges = {}
+    for method in ("minmax", "entropy", "percentile"):
+        cfg = QuantConfig(method=method, batch_size=8)
+        info = quantize_graph(stem_fp32, tmp_path / f"{method}.onnx", {"input": x}, cfg, progress=False)
+        assert info["calibration"] == method and info["samples"] == 13
+        ranges[method] = _activation_ranges(tmp_path / f"{method}.onnx")
+    minmax = ranges["minmax"]
+    values = _float_values(stem_fp32, list(minmax), x)
+    # heavy-tailed: the extreme values lie far beyond the bulk (max |x| > 1.3 x the 99.99th percentile of |x|)
+    heavy = [t for t, v in values.items() if np.abs(v).max() > 1.3 * np.percentile(np.abs(v), 99.99)]
+    assert heavy, {t: float(np.abs(v).max()) for t, v in values.items()}
+    width = {m: {t: r[t][1] - r[t][0] for t in heavy} for m, r in ranges.items()}
+    for method in ("entropy", "percentile"):
+        assert all(width[method][t] < 0.97 * width["minmax"][t] for t in heavy), (method, width)
+    for method in ("entropy", "percentile"):
+        for t in heavy:
+            (lo, hi), (mlo, mhi) = ranges[method][t], minmax[t]
+            # never wider than the values seen, and still covering the bulk of them
+            assert mlo - 1e-3 <= lo and hi <= mhi + 1e-3, (method, t)
+            assert lo <= np.percentile(values[t], 1) and hi >= np.percentile(values[t], 99), (method, t)
+    # ReLU6 outputs (bounded, values piled up at 6) keep their range under entropy: it is not a blanket shrink
+    bounded = [t for t, (lo, hi) in minmax.items() if abs(lo) < 1e-6 and abs(hi - 6.0) < 1e-3]
+    assert bounded and all(abs(ranges["entropy"][t][1] - 6.0) < 0.1 for t in bounded)
+
+
+def test_num_bins_must_leave_entropy_a_choice():
+    with pytest.raises(ValueError, match="num_bins"):
+        QuantConfig(method="entropy", num_bins=128, num_quantized_bins=128)

@@ -62,7 +62,12 @@ class QuantConfig:
     activation_type / weight_type: ``"uint8"`` or ``"int8"``.
     per_channel: per-output-channel weight scales (Krishnamoorthi, arXiv:1806.08342, sec. 3.1).
     reduce_range: 7-bit weights (avoids the AVX2 ``vpmaddubsw`` saturation of U8S8 at a resolution cost).
-    percentile: percentile kept by ``method="percentile"``.
+    percentile: percentile kept by ``method="percentile"`` (of the values, both tails cut equally).
+    num_bins: histogram bins of ``entropy`` and ``percentile`` over [-max|x|, max|x|] (onnxruntime's
+        ``HistogramCalibrater``). Entropy searches thresholds from ``num_quantized_bins`` to ``num_bins``
+        bins wide, so it needs ``num_bins`` well above ``num_quantized_bins`` (TensorRT: 2048 vs 128):
+        with equal counts the only candidate is the full range, i.e. MinMax.
+    num_quantized_bins: bins of the quantised candidate distribution of ``entropy`` (Migacz, slide 35).
     sensitive_float: how many of the most quantization-sensitive activation tensors get 16-bit
         activations (their producer and consumer nodes then compute in float); 0 disables the pass.
     sensitivity_samples: calibration samples used for the sensitivity pass (it keeps every intermediate
@@ -81,6 +86,8 @@ class QuantConfig:
     per_channel: bool = True
     reduce_range: bool = False
     percentile: float = 99.999
+    num_bins: int = 2048
+    num_quantized_bins: int = 128
     sensitive_float: int = 0
     sensitivity_samples: int = 8
     batch_size: int = 16
@@ -96,6 +103,9 @@ class QuantConfig:
                 raise ValueError(f"QuantConfig.{name}={getattr(self, name)!r} is not one of {_ACT_TYPES}")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"QuantConfig.percentile={self.percentile} must be in (0, 100]")
+        if self.num_quantized_bins < 2 or self.num_bins < 2 * self.num_quantized_bins:
+            raise ValueError(f"QuantConfig.num_bins={self.num_bins} must be at least 2 x num_quantized_bins="
+                             f"{self.num_quantized_bins} (entropy would have no threshold to choose but MinMax)")
         if self.sensitive_float < 0 or self.batch_size < 1 or self.sensitivity_samples < 1:
             raise ValueError("QuantConfig.sensitive_float must be >= 0, batch_size and sensitivity_samples >= 1")
 
@@ -133,6 +143,49 @@ class _CalibReader:
 
     def __len__(self) -> int:
         return self.n
+
+
+def _calibrate(src: Path, calib: dict[str, np.ndarray], config: QuantConfig, cache: Path, progress: bool,
+               desc: str) -> None:
+    """Activation ranges of every tensor of ``src`` with onnxruntime's calibrator for ``config.method``,
+    written to ``cache`` (onnxruntime's JSON calibration cache, which ``quantize_static`` then reads).
+
+    We drive the calibrator instead of letting ``quantize_static`` do it for two reasons: its histogram
+    calibrators stack the outputs of all batches of one ``collect_data`` call into one array, which fails
+    when the last batch is partial, so here each call gets one batch (histograms merge across calls, as
+    onnxruntime's own strided calibration does); and ``quantize_static`` does not pass ``num_bins`` /
+    ``num_quantized_bins`` on, which left entropy at 128 / 128 bins, where its only candidate is MinMax."""
+    import contextlib
+    import io
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.method]
+    options = {"minmax": {},
+               "entropy": {"num_bins": config.num_bins, "num_quantized_bins": config.num_quantized_bins},
+               "percentile": {"num_bins": config.num_bins, "percentile": config.percentile, "symmetric": False},
+               }[config.method]
+    reader = _CalibReader(calib, config.batch_size, progress, desc)
+    with tempfile.TemporaryDirectory(prefix="eetool-calib-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        # (the histogram collector prints a line per call; the progress bar says the same)
+        calibrator = create_calibrator(src, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=method, extra_options=options)
+        for batch in reader._batches():
+            calibrator.collect_data(_OneBatch(batch))
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator  # its session holds the augmented graph open until the temporary folder goes
+
+
+class _OneBatch:
+    """A calibration data reader that yields one batch, then ``None``."""
+
+    def __init__(self, batch: dict[str, np.ndarray]):
+        self.batch = batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch, self.batch = self.batch, None
+        return batch
 
 
 def _graph_inputs(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -436,8 +489,6 @@ def quantize_graph(
         "percentile": CalibrationMethod.Percentile,
     }[config.method]
     extra = dict(config.extra_options)
-    if config.method == "percentile":
-        extra.setdefault("CalibPercentile", config.percentile)
     wide_type = QuantType.QUInt16 if config.activation_type == "uint8" else QuantType.QInt16
 
     with tempfile.TemporaryDirectory(prefix="eetool-quant-") as tmp:
@@ -451,7 +502,8 @@ def quantize_graph(
                 src = tmp / "pre.onnx"
                 onnx.save(onnx.load(str(fp32_path)), str(src))
             _zero_dead_channels(src)
-        cache = tmp / "calibration.json"
+        cache = tmp / "calibration.json"  # ranges computed once, read by every quantize_static pass
+        _calibrate(src, calib, config, cache, progress, f"calibrating {fp32_path.name} ({config.method})")
 
         keep_float = [nd.name for nd in onnx.load(str(src), load_external_data=False).graph.node
                        if set(nd.output) & set(float_outputs)]
