@@ -100,3 +100,74 @@ def test_plain_onnx_model_is_sliced_by_tensor_name(tmp_path, effnet, verify_imag
     assert report["verification"]["chains"]["onnx/fp32"]["batch_n"]["rel_diff"] < 1e-5
     with pytest.raises(SplitError, match="nearest valid"):
         export_onnx_bundle(path, ["no_such_tensor"], tmp_path / "c", verify_images.x[:4])
+
+
+class _UpsamplingDecoder(torch.nn.Module):
+    """A dense-prediction shape: EfficientNet-Lite0's stem and first blocks (real weights) as encoder, a
+    bilinear x2 upsampling decoder (seeded weights) to a 10-class map, pooled to image-level logits."""
+
+    def __init__(self):
+        super().__init__()
+        from torch import nn
+
+        from toolkit.models.efficientnet_lite import efficientnet_lite0
+
+        m = efficientnet_lite0()
+        self.encoder = nn.Sequential(m.stem, *m.blocks[:3])
+        torch.manual_seed(0)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.decoder = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 10, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.decoder(self.up(self.encoder(x)))).flatten(1)
+
+
+def test_int8_tail_starting_with_bilinear_resize(tmp_path, calib_images, verify_images):
+    """onnxruntime leaves the tail's input (read by Resize) unquantised; eetool's fallback adds its Q/DQ
+    pair. It used to crash (a QuantType given where the helper takes an ONNX element type) and, once past
+    that, also quantised the classifier logits that are meant to stay float."""
+    import onnx
+    import onnxruntime as ort
+
+    from toolkit.quantize_onnx import tensor_qparams
+    from toolkit.sources import IMAGENET_PREPROCESS, ModelSource
+
+    src = ModelSource("upsampling-decoder", "python", _UpsamplingDecoder().eval(), (1, 3, 224, 224),
+                      IMAGENET_PREPROCESS)
+    out = tmp_path / "up"
+    export_bundle(src, ExportOptions(split=["encoder"], out=out, int8=True, progress=False,
+                                     layer_profile_graph=False), calib_images, verify_images)
+    manifest = json.loads((out / "manifest.json").read_text())
+    tail = out / manifest["graphs"][manifest["segments"][1]["graphs"]["onnx/int8"]]["file"]
+    model = onnx.load(str(tail))
+    # the tail starts with the Resize, reading the dequantised input
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("encoder"))
+    assert [n.op_type for n in model.graph.node if dq.output[0] in n.input] == ["Resize"]
+    # the tail's input is quantised with the wire encoding the head sends (uint8 = int8 shifted by 128)
+    wire, tail_in = manifest["tensors"]["encoder"]["quant"], tensor_qparams(tail, "encoder")
+    assert tail_in["zero_point"] - 128 == wire["zero_point"]
+    assert tail_in["scale"] == pytest.approx(wire["scale"], rel=1e-6)
+    # the logits stay float: produced by a compute node, not by a DequantizeLinear
+    producer = next(n for n in model.graph.node if "logits" in n.output)
+    assert producer.op_type != "DequantizeLinear"
+
+    # optimised (ORT_ENABLE_ALL) and unoptimised sessions agree within 1 LSB on every quantised tensor
+    q_outputs = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.UINT8, None) for t in q_outputs)
+    head = ort.InferenceSession(str(out / manifest["graphs"]["seg0.onnx.fp32"]["file"]))
+    feat = head.run(["encoder"], {"input": verify_images.x})[0]
+    runs = {}
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        runs[level] = dict(zip(["logits"] + q_outputs, sess.run(["logits"] + q_outputs, {"encoder": feat})))
+    opt, plain = runs.values()
+    assert len(q_outputs) >= 4
+    for t in q_outputs:
+        assert np.abs(opt[t].astype(np.int32) - plain[t].astype(np.int32)).max() <= 1, t
+    # the logits are the last quantised tensor (pooled map) dequantised and flattened: 1 LSB of its scale
+    pool_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.output[0] == q_outputs[-1])
+    scale = float(onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == pool_q.input[1])))
+    assert np.abs(opt["logits"] - plain["logits"]).max() <= scale * 1.0001

@@ -319,9 +319,8 @@ def _add_io_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     ``ranges`` that onnxruntime left unquantized (e.g. its consumer/producer was kept in float)."""
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
-    qtype = _qtype(act_type)
-    qmin, qmax = get_qmin_qmax_for_qType(qtype)
-    onnx_type = onnx.TensorProto.UINT8 if act_type == "uint8" else onnx.TensorProto.INT8
+    onnx_type = _qtype(act_type).tensor_type  # the helper takes the ONNX element type, not a QuantType
+    qmin, qmax = get_qmin_qmax_for_qType(onnx_type)
     outputs = {o.name for o in model.graph.output}
     new_nodes_front, new_nodes_back = [], []
     for name, (rmin, rmax) in ranges.items():
@@ -550,8 +549,10 @@ def quantize_graph(
 
     qmodel = onnx.load(str(int8_path), load_external_data=False)
     io_names = list(_graph_inputs(qmodel)) + [o.name for o in qmodel.graph.output if o.name not in float_outputs]
-    if any(_io_quantize_node(qmodel, t) is None for t in io_names):
-        _add_io_qdq(qmodel, _io_ranges(fp32_path, calib, config.batch_size), config.activation_type)
+    missing = [t for t in io_names if _io_quantize_node(qmodel, t) is None]
+    if missing:  # only those: the float_outputs stay float
+        ranges = _io_ranges(fp32_path, calib, config.batch_size)
+        _add_io_qdq(qmodel, {t: ranges[t] for t in missing}, config.activation_type)
         onnx.save(qmodel, str(int8_path))
     io = {t: _qparams_of(qmodel, _io_quantize_node(qmodel, t)) for t in io_names}
     return {
