@@ -18,13 +18,13 @@ from runtime.codec import CodecError
 from runtime.manifest import load_manifest
 from runtime.profile_layers import ProfileError
 
-from .graph import SplitError
+from .graph import SplitError, TracingError
 from .onnx_export import ExportError
 from .plan import PlanError
 from .sources import ModelSourceError, resolve
 
 USER_ERRORS = (SplitError, ExportError, ModelSourceError, DataError, BundleError, FileNotFoundError, PlanError,
-               ProfileError, BoardError, CodecError)
+               ProfileError, BoardError, CodecError, TracingError)
 
 
 class _Group(click.Group):

@@ -19,17 +19,29 @@ class SplitError(ValueError):
     """A split point or exit name that does not exist or cannot be used; the message lists valid ones."""
 
 
+class TracingError(ValueError):
+    """The model cannot be traced into one static graph (e.g. its ``forward`` branches on a tensor value);
+    the message names the module and the line, and says what to change."""
+
+
 class _ScopeTracer(fx.Tracer):
-    """fx tracer that records, for each node, the stack of module paths it was created in."""
+    """fx tracer that records, for each node, the stack of module paths it was created in, and the
+    innermost module whose ``forward`` failed to trace."""
 
     def __init__(self) -> None:
         super().__init__()
         self._scope: list[str] = []
+        self.failed_in: tuple[str, str] | None = None  # (module path, class name)
 
     def call_module(self, m, forward, args, kwargs):
-        self._scope.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self._scope.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except fx.proxy.TraceError:
+            if self.failed_in is None:
+                self.failed_in = (path, type(m).__name__)
+            raise
         finally:
             self._scope.pop()
 
@@ -37,6 +49,36 @@ class _ScopeTracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         node.meta["scope"] = tuple(self._scope)
         return node
+
+
+def _user_line(error: BaseException) -> str:
+    """``file:line (`code`)`` of the innermost traceback frame outside torch (the model's own code)."""
+    import os
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} (`{(f.line or '').strip()}`)"
+
+
+def _untraceable(error: fx.proxy.TraceError, tracer: _ScopeTracer, model: torch.nn.Module) -> TracingError:
+    path, cls = tracer.failed_in or ("", type(model).__name__)
+    where = f"module {path!r} ({cls})" if path else f"the model's own forward ({cls})"
+    line = _user_line(error)
+    control_flow = "control flow" in str(error) or "iterated" in str(error)
+    why = ("its forward takes a Python branch (if / while / for / len) on a tensor's value or shape, which "
+           "one static graph (ONNX, TFLite) cannot hold" if control_flow else f"torch.fx cannot trace it ({error})")
+    return TracingError(
+        f"cannot trace {where}" + (f" at {line}" if line else "") + f": {why}. eetool exports one static "
+        "path through the model: write that forward without value-dependent Python control flow (torch.where "
+        "for element-wise choices). Input-dependent early exiting is supported the other way round: each exit "
+        "is a separate branch (eetool exits train ... --exits NAME, then export --exits DIR) and the runtime "
+        "takes the exit decision per input from the branch's confidence threshold."
+    )
+
 
 
 @dataclass
@@ -71,13 +113,17 @@ class Cut:
 class TracedModel:
     """A model traced with torch.fx and shape-propagated on ``sample`` (float32, NCHW, batch first).
 
-    Raises ``SplitError`` for unknown module names (listing the closest valid ones)."""
+    Raises ``TracingError`` when the model has no static graph (naming the module and line), and
+    ``SplitError`` for unknown module names (listing the closest valid ones)."""
 
     def __init__(self, model: torch.nn.Module, sample: torch.Tensor):
         model = model.eval()
         self.model = model
         tracer = _ScopeTracer()
-        graph = tracer.trace(model)
+        try:
+            graph = tracer.trace(model)
+        except fx.proxy.TraceError as e:
+            raise _untraceable(e, tracer, model) from None
         self.gm = fx.GraphModule(model, graph)
         with torch.no_grad():
             ShapeProp(self.gm).propagate(sample)
