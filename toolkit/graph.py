@@ -7,7 +7,9 @@ does (a plain sequential boundary), otherwise (inside a residual block) all cros
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 from dataclasses import dataclass, field
 
 import torch
@@ -125,8 +127,14 @@ class TracedModel:
         except fx.proxy.TraceError as e:
             raise _untraceable(e, tracer, model) from None
         self.gm = fx.GraphModule(model, graph)
-        with torch.no_grad():
-            ShapeProp(self.gm).propagate(sample)
+        try:  # (ShapeProp prints the traceback of a failing node itself: keep it for the error below)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(self.gm).propagate(sample)
+        except RuntimeError as e:  # e.g. a channel count the first layer does not take
+            cause = (e.__cause__ or e)
+            raise TracingError(f"{type(model).__name__} cannot run on an input of shape {tuple(sample.shape)}: "
+                               f"{str(cause).strip().splitlines()[0]}; check --input-shape (NCHW, batch first) "
+                               "and the data's shape") from None
         self.nodes = [n for n in self.gm.graph.nodes if n.op not in ("get_attr", "output")]
         self.index = {n.name: i for i, n in enumerate(self.nodes)}
         self.output_node = next(n for n in self.gm.graph.nodes if n.op == "output")

@@ -124,7 +124,10 @@ def resolve(model: str, weights: str | None = None, input_shape: str | None = No
     else:
         raise ModelSourceError(f"unknown MODEL {model!r}: use a zoo name ({', '.join(ZOO)}), "
                                f"path/to/file.py:factory, or path/to/model.onnx")
-    if weights and src.model is not None:
+    if weights and src.model is None:
+        raise ModelSourceError(f"--weights {weights}: {model} is an ONNX file, which carries its own weights; "
+                               "--weights loads a state dict into a PyTorch model")
+    if weights:
         load_weights(src.model, weights)
     if input_shape:
         src.input_shape = parse_shape(input_shape)
@@ -132,7 +135,39 @@ def resolve(model: str, weights: str | None = None, input_shape: str | None = No
         src.preprocess = preprocess_spec(preprocess)
     if src.model is not None:
         src.model.eval()
+        src.preprocess = fit_preprocess(src.preprocess, src.input_shape, src.name,
+                                        f"--preprocess {preprocess}" if preprocess else "its default preprocessing")
     return src
+
+
+def _channels(spec: dict) -> int:
+    """Channels an image/array preprocessing spec produces (RGB 3, L 1, else one per mean value)."""
+    return {"RGB": 3, "L": 1}.get(spec.get("channels"), len(spec.get("mean", [0.0])))
+
+
+def fit_preprocess(spec: dict, input_shape: tuple, name: str, given: str) -> dict:
+    """Check an image/array preprocessing ``spec`` against the model input ``input_shape`` (NCHW) and return
+    the spec to store: an image spec's center crop follows the input's H x W (the ImageNet recipe scaled:
+    shorter side resized to 256/224 of the crop), so ``--input-shape 1,3,320,320`` gets 320 x 320 crops.
+
+    Raises ModelSourceError when the two cannot agree: not 4-D NCHW, or another channel count."""
+    kind = spec.get("kind")
+    if kind not in ("image", "array"):
+        return spec
+    shape = tuple(input_shape)
+    if len(shape) != 4:
+        raise ModelSourceError(f"{name}: input shape {shape} is not (batch, channels, height, width), the NCHW "
+                               f"layout {given} ({kind}) produces; pass --input-shape 1,C,H,W, or --preprocess "
+                               "none with preprocessed .npy inputs")
+    if _channels(spec) != shape[1]:
+        raise ModelSourceError(f"{name}: {given} gives {_channels(spec)}-channel inputs but the model takes "
+                               f"{shape[1]} (input shape {','.join(map(str, shape))}); pick the preprocessing "
+                               "the model was trained with (--preprocess imagenet: RGB, fashion-mnist: 1 channel) "
+                               "or fix --input-shape")
+    if kind == "image" and spec.get("crop") and list(spec["crop"]) != list(shape[2:]):
+        h, w = int(shape[2]), int(shape[3])
+        spec = {**spec, "crop": [h, w], "resize_shorter": round(max(h, w) * 256 / 224)}  # the crop always fits
+    return spec
 
 
 def preprocess_spec(name: str) -> dict:
