@@ -115,8 +115,10 @@ def read_images(files: list[Path], preprocess: Preprocess | dict, source: str, l
         preprocess = as_preprocess(preprocess)
     except PreprocessError as e:
         raise DataError(str(e)) from e
-    if preprocess.kind != "image":
-        raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.kind!r}")
+    if preprocess.kind not in ("image", "array"):
+        raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.kind!r}, "
+                        "which takes inputs already preprocessed: pass .npy/.npz arrays in the model's layout, "
+                        "or --preprocess imagenet / fashion-mnist for images")
     from runtime.progress import progress as bar
 
     it = bar(files, "reading images", "img", enabled=progress)
@@ -152,7 +154,16 @@ def read_dataset(data: str, preprocess: Preprocess | dict, limit: int | None = N
         keep = _select([f.name for f in files], offset, limit, spread, exclude, data)
         ds = read_images([files[i] for i in keep], preprocess, data)
     elif data.startswith("fashion-mnist"):
-        from .fashion_mnist import load_fashion_mnist, to_input
+        from .fashion_mnist import PREPROCESS, load_fashion_mnist, to_input
+
+        try:
+            spec = as_preprocess(preprocess)
+        except PreprocessError as e:
+            raise DataError(str(e)) from e
+        if spec.kind != PREPROCESS["kind"] or list(spec.mean or []) != PREPROCESS["mean"]:
+            raise DataError(f"{data}: Fashion-MNIST is read with its own preprocessing (1 x 28 x 28, "
+                            f"--preprocess fashion-mnist) but the model's is {spec.kind!r}: give "
+                            "data the model takes, or --preprocess fashion-mnist for a Fashion-MNIST model")
 
         split = data.split(":", 1)[1] if ":" in data else "test"
         images, labels = load_fashion_mnist(split)
@@ -238,12 +249,15 @@ def check_finite(x: np.ndarray, source: str) -> None:
         raise DataError(f"{source}: {int(bad.sum())} of {len(x)} samples contain NaN/Inf; fix or drop them")
 
 
-def check_channels(ds: Dataset, input_shape: tuple[int, ...]) -> None:
-    """Raise DataError when samples do not match the model's input ``(1, C, H, W)``."""
-    if tuple(ds.x.shape[1:]) != tuple(input_shape[1:]):
-        raise DataError(f"{ds.source}: samples have shape {tuple(ds.x.shape[1:])}, the model expects "
-                        f"{tuple(input_shape[1:])} (C, H, W); pass real inputs of that shape with --calib / --verify-data, "
-                        f"or check --preprocess / --input-shape")
+def check_channels(ds: Dataset, input_shape, options: str = "--calib / --verify-data") -> None:
+    """Raise DataError when samples do not match the model's input ``(N, C, H, W)`` (``None`` or a string:
+    any size), naming the ``options`` that give the data."""
+    want = tuple(input_shape[1:])
+    got = tuple(ds.x.shape[1:])
+    if len(got) != len(want) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
+        shown = tuple(w if isinstance(w, int) else "?" for w in want)
+        raise DataError(f"{ds.source}: samples have shape {got}, the model expects {shown} (C, H, W); pass real "
+                        f"inputs of that shape with {options}, or check --preprocess / --input-shape")
 
 
 __all__ = ["Dataset", "DataError", "default_data", "read_dataset", "parse_fold", "read_images", "check_finite",

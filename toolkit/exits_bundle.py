@@ -89,11 +89,15 @@ def exit_specs(exits_dir, model, sample: torch.Tensor | None = None) -> list[Exi
 def bundle_profile(bundle: Bundle, data: Dataset, fmt: str, precision: str, batch: int = 256) -> T.ExitProfile:
     """Run every exit and the final classifier of ``bundle``'s ``fmt/precision`` graphs over labelled
     ``data`` (float32 NCHW) and build the :class:`calibration.thresholds.ExitProfile` with the manifest's
-    per-segment and per-branch MFLOPs. Raises ValueError for unlabelled data or a bundle without exits."""
+    per-segment and per-branch MFLOPs. Raises DataError for unlabelled data, BundleError for a bundle
+    without exits."""
+    from calibration.readers import DataError
+    from runtime.bundle import BundleError
+
     if data.y is None:
-        raise ValueError(f"{data.source}: threshold calibration needs labels")
+        raise DataError(f"{data.source}: threshold calibration needs labels")
     if not bundle.exits:
-        raise ValueError(f"{bundle.root}: the bundle has no exits to calibrate (export with --exits DIR)")
+        raise BundleError(f"{bundle.root}: the bundle has no exits to calibrate (export with --exits DIR)")
     chain = Chain(bundle, "all", fmt, precision)
     inp, out = bundle.manifest.input.name, bundle.manifest.output.name
     finals, exits = [], {}
