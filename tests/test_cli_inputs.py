@@ -87,3 +87,100 @@ def test_value_dependent_branch_names_the_module(branchy):
         res = run(*cmd)
         assert res.exit_code == 2, res.output
         assert "error: cannot trace module 'body.1' (Gate)" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------- conflicts (issue 12, item 12)
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    from toolkit.onnx_export import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 3, 8, 8))
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(net, (torch.zeros(1, 3, 8, 8),), path, ["x"], ["y"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("npy") / "small.npy"
+    np.save(path, np.zeros((4, 3, 32, 32), np.float32))
+    return path
+
+
+EFF = ["efficientnet-lite0"]
+EXPORT = ["export", *EFF, "--split", "blocks.5", "-o", "OUT"]
+CONFLICTS = [
+    # (arguments, what the one-line refusal must say)
+    (["inspect", *EFF, "--preprocess", "fashion-mnist"], "--preprocess fashion-mnist gives 1-channel inputs but the model takes 3"),
+    (["inspect", *EFF, "--input-shape", "1,1,28,28"], "its default preprocessing gives 3-channel inputs but the model takes 1"),
+    (["inspect", *EFF, "--input-shape", "3,224,224"], "input shape (3, 224, 224) is not (batch, channels, height, width)"),
+    (["inspect", "resnet18", "--preprocess", "none", "--input-shape", "1,4,64,64"],
+     "ResNet cannot run on an input of shape (1, 4, 64, 64)"),
+    (["inspect", "ONNX", "--weights", "w.pt"], "is an ONNX file, which carries its own weights"),
+    (["inspect", "ONNX", "--depth", "3"], "--depth: module nesting depth applies to PyTorch models"),
+    ([*EXPORT, "--calib-method", "entropy"], "--calib-method: chooses how --int8 quantises the ONNX graphs; add --int8"),
+    ([*EXPORT, "--int8", "--int8-weights", "int8", "--format", "tflite"], "--int8-weights: applies to ONNX int8 graphs only"),
+    ([*EXPORT, "--calib-method", "entropy", "--int8-weights", "int8"], "--calib-method, --int8-weights: choose how"),
+    ([*EXPORT, "--samples", "16", "--verify-samples", "8"], "raise --verify-samples to at least 16"),
+    ([*EXPORT, "--samples", "-1"], "-1 is not in the range x>=0"),
+    ([*EXPORT, "--calib", "fashion-mnist"], "Fashion-MNIST is read with its own preprocessing"),
+    ([*EXPORT, "--preprocess", "none", "--calib", "samples"], "which takes inputs already preprocessed: pass .npy/.npz"),
+    ([*EXPORT, "--calib", "samples", "--verify-data", "NPY"], "pass real inputs of that shape with --verify-data"),
+    (["eval", "BUNDLE", "--data", "NPY"], "samples have shape (3, 32, 32), the model expects (3, 224, 224)"),
+    (["eval", "BUNDLE", "--data", "fashion-mnist"], "Fashion-MNIST is read with its own preprocessing"),
+    (["exits", "calibrate", "BUNDLE", "--data", "samples"], "the bundle has no exit branches to calibrate"),
+    (["exits", "calibrate", "BUNDLE", "--bandwidth", "5mbit", "--rtt", "20ms"],
+     "--bandwidth, --rtt: describe the latency objective, which --board DEVICE_BOARD selects"),
+    (["exits", "train", "fashion-cnn", "--exits", "stage1", "--weights-per-exit", "0.5,0.5", "-o", "OUT"],
+     "--weights-per-exit: loss weights combine the exits' losses in --mode joint"),
+    (["exits", "train", "fashion-cnn", "--exits", "stage1", "--mode", "joint", "--weights-per-exit", "0.5,0.2,0.3",
+      "-o", "OUT"], "joint training needs 2 non-negative ones"),
+    (["plan", *EFF, "--plot", "a.png", "--no-plot"], "--plot: --no-plot writes no plot"),
+    (["plan", *EFF, "--export-onnx", "OUT.onnx", "--bandwidth", "5mbit", "--json"],
+     "--bandwidth, --json: --export-onnx only writes the model"),
+    (["plan", *EFF, "--board", "rpi4", "--server-profile", "rpi5", "--runs", "5"],
+     "--runs: sets this host's latency measurement, and this plan measures nothing here"),
+]
+
+
+@pytest.mark.parametrize("args,message", CONFLICTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CONFLICTS])
+def test_conflicting_option_is_refused_with_the_reason(args, message, tmp_path, tiny_onnx, arrays, effnet_bundle):
+    subst = {"ONNX": tiny_onnx, "NPY": arrays, "BUNDLE": effnet_bundle[0], "OUT": tmp_path / "out",
+             "OUT.onnx": tmp_path / "out.onnx"}
+    res = run(*[subst.get(a, a) for a in args])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_input_shape_sets_the_image_crop(tmp_path):
+    from calibration.readers import read_dataset
+    from toolkit.sources import resolve
+
+    src = resolve("efficientnet-lite0", input_shape="1,3,320,320")
+    assert src.preprocess["crop"] == [320, 320] and src.preprocess["resize_shorter"] == 366
+    ds = read_dataset("samples", src.preprocess, limit=2)
+    assert ds.x.shape == (2, 3, 320, 320)
+    assert resolve("efficientnet-lite0").preprocess["crop"] == [224, 224]
+
+
+def test_fashion_model_reads_its_own_png_samples(tmp_path):
+    """A Fashion-MNIST bundle's samples/ are 28x28 PNGs; they are valid --data for the model that wrote them."""
+    import numpy as np
+    from PIL import Image
+
+    from calibration.fashion_mnist import PREPROCESS
+    from calibration.readers import read_dataset
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"s{i}.png")
+    ds = read_dataset(str(tmp_path), PREPROCESS)
+    want = (pixels[:, None].astype(np.float32) / 255.0 - PREPROCESS["mean"][0]) / PREPROCESS["std"][0]
+    assert ds.x.shape == (3, 1, 28, 28)
+    np.testing.assert_allclose(ds.x, want, atol=1e-6)

@@ -61,18 +61,43 @@ def with_model_options(fn):
     return fn
 
 
+def given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among ``names`` (parameter names) that the user set, as ``--option`` strings: an option
+    left at its default must not count as a choice when checking for conflicts."""
+    from click.core import ParameterSource
+
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    return [flags[n] for n in names
+            if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+
+
+def refuse(options: list[str], reason: str) -> None:
+    """Refuse ``options`` (the user set them) with ``reason``: an option that cannot apply is an error,
+    never silently ignored. ``{it}``, ``{s}`` and ``{ies}`` in ``reason`` agree with one or several options
+    ("drop {it}", "set{s}", "appl{ies}")."""
+    if options:
+        one = len(options) == 1
+        for key, (single, plural) in {"{it}": ("it", "them"), "{s}": ("s", ""), "{ies}": ("ies", "y")}.items():
+            reason = reason.replace(key, single if one else plural)
+        raise click.UsageError(f"{', '.join(options)}: {reason}")
+
+
 @main.command()
 @click.argument("model")
 @with_model_options
-@click.option("--depth", default=2, show_default=True, help="list cuts after modules up to this nesting depth")
+@click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1),
+              help="list cuts after modules up to this nesting depth (PyTorch models)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def inspect(model, weights, input_shape, preprocess, depth, as_json):
+@click.pass_context
+def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
     """List every candidate split point of MODEL: output shape, bytes per sample (fp32/int8), head and tail
     MFLOPs, head parameters, and whether a single tensor crosses the cut."""
     from .inspect_model import render_table, split_table
 
     src = resolve(model, weights, input_shape, preprocess)
     if src.kind == "onnx":
+        refuse(given(ctx, "depth"), "module nesting depth applies to PyTorch models; an ONNX model lists a cut "
+                                    "after every node")
         from .onnx_slice import onnx_split_table
 
         table = onnx_split_table(src.onnx_path)
@@ -95,7 +120,8 @@ def inspect(model, weights, input_shape, preprocess, depth, as_json):
 @click.option("--format", "formats", default="onnx", show_default=True, help="onnx, tflite or onnx,tflite")
 @click.option("--int8", is_flag=True, help="also write int8 graphs, calibrated on --calib")
 @click.option("--calib", help="representative dataset: image folder, .npy/.npz, fashion-mnist[:split], samples")
-@click.option("--calib-samples", default=100, show_default=True, help="number of calibration samples")
+@click.option("--calib-samples", default=100, show_default=True, type=click.IntRange(min=1),
+              help="number of calibration samples")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]),
               help="activation range method for ONNX int8 (default: eetool's recipe)")
 @click.option("--int8-weights", type=click.Choice(["uint8", "int8"]),
@@ -103,8 +129,8 @@ def inspect(model, weights, input_shape, preprocess, depth, as_json):
                    "CPUs without VNNI, where onnxruntime's u8u8 kernels are slow)")
 @click.option("--verify-data", help="real inputs for verification (default: the calibration source, after "
                                     "the calibration samples)")
-@click.option("--verify-samples", default=32, show_default=True)
-@click.option("--samples", "n_samples", default=8, show_default=True,
+@click.option("--verify-samples", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples", "n_samples", default=8, show_default=True, type=click.IntRange(min=0),
               help="verification inputs copied into the bundle's samples/ (labels go in the manifest)")
 @click.option("--no-profile-graph", is_flag=True,
               help="leave out profile/model.fp32.onnx (the whole model, for per-layer latency in 'runtime bench')")
@@ -119,7 +145,8 @@ def inspect(model, weights, input_shape, preprocess, depth, as_json):
 @click.option("--wire-codec", type=click.Choice(["zstd", "brotli", "lz4", "none"]), default="zstd", show_default=True,
               help="entropy coder of the (bit-packed) codes; the runtime uses it unless run with --codec")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
-def export(model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
+@click.pass_context
+def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
            calib_method, int8_weights, verify_data, verify_samples, n_samples, no_profile_graph, wire_bits,
            wire_per_channel, wire_range, wire_codec, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
@@ -127,6 +154,20 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
     write a self-contained bundle to --out."""
     from .export import ExportOptions, export_bundle
 
+    fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    unknown = set(fmts) - {"onnx", "tflite"}
+    if unknown or not fmts:
+        raise click.BadParameter(f"unknown format(s) {sorted(unknown)}; use onnx and/or tflite", param_hint="--format")
+    onnx_int8 = given(ctx, "calib_method", "int8_weights")
+    if not int8:
+        refuse(onnx_int8, "choose{s} how --int8 quantises the ONNX graphs; add --int8 or drop {it}")
+    if "onnx" not in fmts:
+        refuse(onnx_int8, "appl{ies} to ONNX int8 graphs only (TFLite int8 uses ai-edge-quantizer's recipe); "
+                          "add onnx to --format or drop {it}")
+    if n_samples > verify_samples:
+        refuse(given(ctx, "n_samples", "verify_samples") or ["--samples"],
+               f"the bundle's {n_samples} samples are taken from the {verify_samples} verification inputs; "
+               f"raise --verify-samples to at least {n_samples} or lower --samples")
     src = resolve(model, weights, input_shape, preprocess)
     if src.kind == "onnx":
         from .onnx_slice import export_onnx_bundle
@@ -135,15 +176,12 @@ def export(model, weights, input_shape, preprocess, split, exits_dir, formats, i
         report = export_onnx_bundle(src.onnx_path, [s for s in split.split(",") if s], Path(out), data)
         click.echo(json.dumps(report["verification"], indent=2))
         return
-    fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
-    unknown = set(fmts) - {"onnx", "tflite"}
-    if unknown:
-        raise click.BadParameter(f"unknown format(s) {sorted(unknown)}; use onnx and/or tflite", param_hint="--format")
     data_name = calib or default_data(src.preprocess)
     calib_ds = read_dataset(data_name, src.preprocess, limit=calib_samples, progress=True, spread=True)
     check_channels(calib_ds, src.input_shape)
     if verify_data:
         verify_ds = read_dataset(verify_data, src.preprocess, limit=verify_samples)
+        check_channels(verify_ds, src.input_shape, "--verify-data")
     else:  # verify on samples not used for calibration when the source has any
         verify_ds = read_dataset(data_name, src.preprocess, limit=verify_samples, exclude=calib_ds.names) \
             if _has_more(data_name, src.preprocess, calib_ds.names) else calib_ds
@@ -207,8 +245,8 @@ def _print_export_summary(out: Path, report: dict) -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="labelled real data (image folder with synsets.txt / class subfolders / labels.txt, "
                              ".npz with x,y, fashion-mnist:test); default: as at export")
-@click.option("--offset", default=0, show_default=True, help="skip this many samples")
-@click.option("--limit", type=int, help="evaluate at most this many samples")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0), help="skip this many samples")
+@click.option("--limit", type=click.IntRange(min=1), help="evaluate at most this many samples")
 @click.option("--include-calibration", is_flag=True,
               help="also evaluate on the samples the bundle was calibrated on (excluded by default)")
 @click.option("--json", "as_json", is_flag=True)
@@ -222,6 +260,7 @@ def eval_(bundle, data, offset, limit, include_calibration, as_json):
     same = Path(source).resolve() == Path(cal.source).resolve() if cal else False
     skip = [] if include_calibration or not same else b.manifest.calibration_names
     ds = read_dataset(source, b.manifest.preprocess, limit=limit, offset=offset, progress=True, exclude=skip)
+    check_channels(ds, b.manifest.input.shape or ds.x.shape, "--data")
     result = evaluate_bundle(b, ds)
     result["excluded_calibration_samples"] = len(skip)
     if as_json:
@@ -257,7 +296,7 @@ def exits():
 @with_model_options
 @click.option("--exits", "names", required=True, help="attach points, comma-separated module paths (e.g. stage1,stage2)")
 @click.option("--data", default=None, help="labelled training data (default: fashion-mnist:train for array models)")
-@click.option("--limit", type=int, help="use at most this many training samples")
+@click.option("--limit", type=click.IntRange(min=1), help="use at most this many training samples")
 @click.option("--mode", type=click.Choice(["separate", "joint"]), default="separate", show_default=True,
               help="separate: backbone frozen; joint: backbone and exits trained together")
 @click.option("--loss", type=click.Choice(["ce", "distill"]), default="ce", show_default=True,
@@ -268,7 +307,8 @@ def exits():
 @click.option("--hidden", default=64, show_default=True, help="hidden units of each branch's FC (0: linear)")
 @click.option("--conv", is_flag=True, help="put a 1x1 conv before pooling in each branch")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-def exits_train(model, weights, input_shape, preprocess, names, data, limit, mode, loss, loss_weights, epochs,
+@click.pass_context
+def exits_train(ctx, model, weights, input_shape, preprocess, names, data, limit, mode, loss, loss_weights, epochs,
                 lr, hidden, conv, out):
     """Attach exit branches to MODEL at --exits and train them; writes exits.pt (state dict) + exits.json."""
     import torch
@@ -276,6 +316,21 @@ def exits_train(model, weights, input_shape, preprocess, names, data, limit, mod
     from .exits import EarlyExitModel, build_exits, save_exits, train_exits
     from .train_reference import Batches
 
+    names_l = [n for n in names.split(",") if n]
+    w = None
+    if loss_weights:
+        if mode != "joint":
+            refuse(["--weights-per-exit"], "loss weights combine the exits' losses in --mode joint; separate "
+                                           "training trains each exit on its own loss")
+        try:
+            w = [float(v) for v in loss_weights.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{loss_weights!r}: comma-separated numbers, e.g. 0.2,0.3,0.5",
+                                     param_hint="--weights-per-exit")
+        if len(w) != len(names_l) + 1 or min(w) < 0:
+            raise click.BadParameter(f"{len(w)} weight(s) given; joint training needs {len(names_l) + 1} "
+                                     f"non-negative ones, one per exit ({', '.join(names_l)}) and the final output",
+                                     param_hint="--weights-per-exit")
     src = resolve(model, weights, input_shape, preprocess)
     if src.model is None:
         raise ModelSourceError("exit branches are trained on a PyTorch model, not an .onnx file")
@@ -284,9 +339,7 @@ def exits_train(model, weights, input_shape, preprocess, names, data, limit, mod
         raise DataError(f"{ds.source} has no labels: use --loss distill or labelled data")
     x = torch.from_numpy(ds.x)
     y = torch.from_numpy(ds.y if ds.y is not None else np.zeros(len(ds), np.int64))
-    names_l = [n for n in names.split(",") if n]
     ee = EarlyExitModel(src.model, build_exits(src.model, names_l, x[:2], hidden=hidden or None, conv=conv))
-    w = [float(v) for v in loss_weights.split(",")] if loss_weights else None
     cfg = train_exits(ee, Batches(x, y, 128), mode=mode, loss=loss, weights=w, epochs=epochs, lr=lr)
     save_exits(out, ee, {**cfg, "model": src.describe(), "data": ds.source})
     if mode == "joint":
@@ -299,8 +352,8 @@ def exits_train(model, weights, input_shape, preprocess, names, data, limit, mod
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="labelled validation data not used for training (e.g. an image folder, "
                              "fashion-mnist:train with --offset 55000)")
-@click.option("--offset", default=0, show_default=True)
-@click.option("--limit", type=int)
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--limit", type=click.IntRange(min=1))
 @click.option("--delta", default=0.005, show_default=True, help="allowed top-1 drop versus the final exit (0.005 = 0.5 pt)")
 @click.option("--rule", type=click.Choice(["max_softmax", "normalized_entropy"]), default="max_softmax", show_default=True)
 @click.option("--curve", type=click.Path(dir_okay=False), help="write the accuracy vs expected MFLOPs curve (PNG)")
@@ -309,7 +362,9 @@ def exits_train(model, weights, input_shape, preprocess, names, data, limit, mod
 @click.option("--bandwidth", default="10mbit", show_default=True, help="uplink for the latency objective")
 @click.option("--rtt", default="0ms", show_default=True)
 @click.option("--budget-ms", type=float, help="with --board: most accurate thresholds whose expected latency fits")
-def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, server_board, bandwidth, rtt, budget_ms):
+@click.pass_context
+def exits_calibrate(ctx, bundle, data, offset, limit, delta, rule, curve, board, server_board, bandwidth, rtt,
+                    budget_ms):
     """Choose per-exit confidence thresholds on BUNDLE's own graphs (float and int8) for the least expected
     device compute with a top-1 drop <= --delta, and store them in the manifest."""
     from calibration import thresholds as T
@@ -318,6 +373,9 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, serv
 
     if not 0.0 <= delta <= 1.0:
         raise click.BadParameter(f"{delta} is outside [0, 1]", param_hint="--delta")
+    if not board:
+        refuse(given(ctx, "server_board", "bandwidth", "rtt", "budget_ms"),
+               "describe{s} the latency objective, which --board DEVICE_BOARD selects; add --board or drop {it}")
     from runtime.link import parse_bandwidth, parse_duration
 
     try:  # before any work: a typo in the link must not cost a calibration run
@@ -325,8 +383,16 @@ def exits_calibrate(bundle, data, offset, limit, delta, rule, curve, board, serv
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--bandwidth / --rtt")
     b = Bundle.load(bundle)
+    if not b.exits:
+        raise BundleError(f"{bundle}: the bundle has no exit branches to calibrate; export it with --exits DIR "
+                          "(trained with 'eetool exits train')")
     ds = read_dataset(data or default_data(b.manifest.preprocess).replace(":test", ":train"),
                       b.manifest.preprocess, limit=limit, offset=offset)
+    check_channels(ds, b.manifest.input.shape or ds.x.shape, "--data")
+    if ds.y is None:
+        raise DataError(f"{ds.source} has no labels: threshold calibration compares each exit's prediction with "
+                        "the ground truth (a folder with synsets.txt / labels.txt / class subfolders, .npz with y, "
+                        "fashion-mnist)")
     latency = None
     if board:
         from runtime.boards import load_board

@@ -33,7 +33,8 @@ import click
                    "layers.json) or a profile JSON (python -m runtime.profile_layers); default: this host's "
                    "measurement for --board host, else a FLOPs estimate")
 @click.option("--data", help="real inputs (image folder, .npy/.npz, samples; default: as eetool export)")
-@click.option("--samples", default=16, show_default=True, help="real inputs used to measure bytes on the wire")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
+              help="real inputs used to measure bytes on the wire")
 @click.option("--codec", type=click.Choice(["zstd", "brotli", "lz4", "none"]), default="zstd", show_default=True,
               help="entropy coder of the split feature")
 @click.option("--wire-bits", type=click.IntRange(2, 8), default=8, show_default=True,
@@ -42,10 +43,11 @@ import click
 @click.option("--wire-range", type=click.Choice(["tail-kl", "minmax", "mse"]), default="tail-kl", show_default=True,
               help="with --wire-bits: range method (tail-kl runs the model once per cut and candidate range)")
 @click.option("--hmac", is_flag=True, help="count the 32-byte HMAC tag of an authenticated link")
-@click.option("--depth", default=2, show_default=True, help="candidate cuts after modules up to this nesting depth")
+@click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1), help="candidate cuts after modules up to this nesting depth")
 @click.option("--candidates", help="only these split points (comma-separated), e.g. blocks.2,blocks.5")
-@click.option("--runs", default=20, show_default=True, help="profiled runs on this host (after --warmup)")
-@click.option("--warmup", default=3, show_default=True)
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1),
+              help="profiled runs on this host (after --warmup)")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", type=int, help="onnxruntime threads for this host's measurement (default: its own)")
 @click.option("--exit-rates", help='early exits: JSON {"CUT": rate, ...} or {"CUT": {"rate": r, "mflops": m}}; '
                                    'rate = fraction of all samples that stop there')
@@ -58,7 +60,8 @@ import click
 @click.option("--plot", "plot_path", help="PNG plot path (default: out/plan-MODEL-BOARD.png)")
 @click.option("--no-plot", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
-def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rtt, server_profile, measurements,
+@click.pass_context
+def plan(ctx, model, weights, input_shape, preprocess, board, bandwidth, downlink, rtt, server_profile, measurements,
          data, samples, codec, wire_bits, wire_per_channel, wire_range, hmac, depth, candidates, runs, warmup, threads,
          exit_rates, exits_from, save_measurements, export_onnx, plot_path, no_plot, as_json):
     """Choose where to split MODEL between --board and the edge server, Neurosurgeon-style (Kang et al.,
@@ -70,9 +73,25 @@ def plan(model, weights, input_shape, preprocess, board, bandwidth, downlink, rt
     from runtime.manifest import load_manifest
 
     from .calibrate import WireCodec
+    from .cli import given, refuse
     from .plan import PlanError, PlanRequest, exits_from_manifest, make_plan, parse_bandwidths, parse_exit_rates
     from .sources import resolve
 
+    if export_onnx:
+        refuse(given(ctx, "bandwidth", "downlink", "rtt", "server_profile", "measurements", "data", "samples",
+                     "codec", "hmac", "depth", "candidates", "runs", "warmup", "threads", "exit_rates",
+                     "exits_from", "save_measurements", "plot_path", "no_plot", "as_json"),
+               "--export-onnx only writes the model for profiling on the board; plan with {it} afterwards")
+    if no_plot:
+        refuse(given(ctx, "plot_path"), "--no-plot writes no plot; drop one of the two")
+    # this host's latency is measured only for a device or server side that is neither measured elsewhere
+    # nor estimated (or to save it)
+    measures_here = (board == "host" and not measurements) or server_profile == "host" or save_measurements
+    if not measures_here and not export_onnx:
+        refuse(given(ctx, "runs", "warmup", "threads"),
+               "set{s} this host's latency measurement, and this plan measures nothing here (device: "
+               + ("--measurements" if measurements else f"{board} estimate") + f", server: {server_profile}); "
+               "drop {it}")
     try:  # the link first: a typo there must not cost a model load and measurements
         bandwidths_mbps, rtt_ms = parse_bandwidths(bandwidth), parse_duration(rtt)
         downlink_mbps = parse_bandwidth(downlink) if downlink else None
