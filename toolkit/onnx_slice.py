@@ -1,18 +1,16 @@
-"""Split a plain ``.onnx`` model directly by tensor name, with ``onnx.utils.extract_model``.
+"""Split a plain ``.onnx`` model directly by tensor name (graph operations in :mod:`toolkit.onnx_graph`).
 
 A cut is named by a tensor (a node output). Tensors produced at or before the node that makes it and
 consumed after it cross the cut, exactly as for PyTorch models (:mod:`toolkit.graph`).
 """
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.utils
 
 from runtime import __version__
 from runtime.manifest import (GraphEntry, Manifest, ModelInfo, Preprocess, Segment, TensorSpec, WireQuant,
@@ -22,59 +20,38 @@ from runtime.quant import QuantParams
 from .bundle_writer import copy_support_files, write_manifest
 from .graph import SplitError
 from .onnx_export import _spec
-
-
-def _order(model: onnx.ModelProto):
-    g = model.graph
-    inits = {i.name for i in g.initializer}
-    inputs = [i.name for i in g.input if i.name not in inits]
-    produced_at = {n: -1 for n in inputs}
-    last_use: dict[str, int] = {}
-    for i, node in enumerate(g.node):
-        for t in node.input:
-            if t in produced_at:
-                last_use[t] = i
-        for t in node.output:
-            produced_at[t] = i
-    for o in g.output:
-        last_use[o.name] = len(g.node)
-    return inputs, produced_at, last_use
+from .onnx_graph import Order, extract_segment, tensor_infos, value_dtype, value_shape
 
 
 def crossing(model: onnx.ModelProto, tensor: str) -> list[str]:
-    """Tensors crossing the cut right after the node that produces ``tensor``.
-
-    Raises SplitError for an unknown tensor, listing the nearest valid names."""
-    inputs, produced_at, last_use = _order(model)
-    if tensor not in produced_at or tensor in inputs:
-        names = [t for t in produced_at if t not in inputs]
-        near = difflib.get_close_matches(tensor, names, n=5, cutoff=0.0)
-        raise SplitError(f"unknown split tensor {tensor!r}; nearest valid: {', '.join(near)}")
-    pos = produced_at[tensor]
-    return [t for t, p in produced_at.items() if p <= pos and last_use.get(t, -1) > pos]
+    """Tensors crossing the cut right after the node that produces ``tensor`` (subgraph reads count as
+    uses; see :mod:`toolkit.onnx_graph`). Raises SplitError for an unknown tensor, listing the nearest
+    valid names."""
+    return Order.of(model).crossing(tensor)
 
 
-def onnx_split_table(path: Path) -> dict:
+def onnx_split_table(path: Path, input_shape: tuple | None = None) -> dict:
     """Candidate cuts of an ONNX graph (after each node with a single output): the same columns as
-    :func:`toolkit.inspect_model.split_table`; FLOPs are not computed for ONNX inputs (0)."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
-              for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    :func:`toolkit.inspect_model.split_table`; FLOPs are not computed for ONNX inputs (0). Shapes the
+    model does not declare are measured by a probe run (:func:`toolkit.onnx_graph.tensor_infos`)."""
+    model = onnx.load(str(path))
+    order = Order.of(model)
     outputs = {o.name for o in model.graph.output}
+    cuts = [(node.output[0], order.crossing(node.output[0])) for node in model.graph.node
+            if len(node.output) == 1 and node.output[0] not in outputs]
+    names = sorted({t for _, cross in cuts for t in cross} | {t for t, _ in cuts} | set(order.inputs))
+    infos = tensor_infos(model, names, input_shape)
+    shapes = {n: value_shape(v) for n, v in infos.items()}
     rows = []
-    for node in model.graph.node:
-        if len(node.output) != 1 or node.output[0] in outputs:
-            continue
-        t = node.output[0]
-        cross = crossing(model, t)
-        elems = sum(int(np.prod([d or 1 for d in shapes.get(c, [1])[1:]])) for c in cross)
-        rows.append({"name": t, "aliases": [], "shape": shapes.get(t, []), "bytes_fp32": 4 * elems,
+    for t, cross in cuts:
+        elems = sum(int(np.prod([d or 1 for d in shapes[c][1:]])) for c in cross)
+        rows.append({"name": t, "aliases": [], "shape": shapes[t], "bytes_fp32": 4 * elems,
                      "bytes_int8": elems, "head_mflops": 0.0, "head_params": 0, "tail_mflops": 0.0,
                      "single_tensor": len(cross) == 1, "crossing": cross})
-    first = model.graph.input[0]
-    return {"input_shape": [d.dim_value or 1 for d in first.type.tensor_type.shape.dim], "total_mflops": 0.0,
-            "total_params": sum(int(np.prod(i.dims)) for i in model.graph.initializer), "input_bytes_fp32": 0,
-            "rows": rows}
+    first = shapes[order.inputs[0]]
+    return {"input_shape": [d or 1 for d in first], "total_mflops": 0.0,
+            "total_params": sum(int(np.prod(i.dims)) for i in model.graph.initializer),
+            "input_bytes_fp32": 4 * int(np.prod([d or 1 for d in first[1:]])), "rows": rows}
 
 
 def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray | None = None) -> dict:
@@ -89,15 +66,25 @@ def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray
     from .verify import compare
 
     model = onnx.load(str(path))
-    inputs, produced_at, _ = _order(model)
-    cuts = sorted(split, key=lambda t: produced_at.get(t, 10**9))
-    crossings = [crossing(model, t) for t in cuts]
+    order = Order.of(model)
+    inputs = order.inputs
+    cuts = sorted(split, key=lambda t: order.produced_at.get(t, 10**9))
+    crossings = [order.crossing(t) for t in cuts]
     if len(inputs) != 1 or len(model.graph.output) != 1:
         raise SplitError("eetool slices single-input, single-output ONNX models")
+    bounds = [inputs] + crossings + [[model.graph.output[0].name]]
+    infos = tensor_infos(model, sorted({t for b in bounds for t in b}), data=data)
+    for k, names in enumerate(bounds):
+        other = [f"{t} ({value_dtype(infos[t])})" for t in names if value_dtype(infos[t]) != "float32"]
+        if other:  # the runtime feeds and sends float32 tensors (int8 on the wire)
+            where = "the model input" if k == 0 else f"the cut at {cuts[k - 1]!r}" if k <= len(cuts) else "the output"
+            raise SplitError(f"{', '.join(other)} {'crosses' if len(other) == 1 else 'cross'} {where}; eetool's "
+                             "runtime carries float32 tensors only: cut where only float tensors cross (after the "
+                             "node that consumes it)")
+    segments = [extract_segment(model, bounds[k], bounds[k + 1], infos, f"seg{k}") for k in range(len(bounds) - 1)]
     if out.exists():
         shutil.rmtree(out)
     (out / "graphs").mkdir(parents=True)
-    bounds = [inputs] + crossings + [[model.graph.output[0].name]]
     first_input = next(v for v in model.graph.input if v.name == inputs[0])
     manifest = Manifest(created_by=f"eetool {__version__}", model=ModelInfo(path.name, "onnx"),
                         input=TensorSpec.from_json(_spec(first_input), "manifest.input"),
@@ -106,8 +93,8 @@ def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray
                         preprocess=Preprocess("none"), cuts=list(cuts), split=cuts[0])
     for k in range(len(bounds) - 1):
         rel = f"graphs/seg{k}.fp32.onnx"
-        onnx.utils.extract_model(str(path), str(out / rel), bounds[k], bounds[k + 1], check_model=True)
-        g = onnx.load(str(out / rel)).graph
+        onnx.save(segments[k], str(out / rel))
+        g = segments[k].graph
         key = f"seg{k}.onnx.fp32"
         manifest.graphs[key] = GraphEntry.from_json({
             "file": rel, "format": "onnx", "precision": "fp32",
