@@ -100,7 +100,7 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
                                     "after every node")
         from .onnx_slice import onnx_split_table
 
-        table = onnx_split_table(src.onnx_path)
+        table = onnx_split_table(src.onnx_path, src.input_shape)
     else:
         table = split_table(src.model, src.input_shape, depth)
     if as_json:

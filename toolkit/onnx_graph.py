@@ -118,11 +118,13 @@ def _produced_within(graph: onnx.GraphProto) -> set[str]:
 
 # ---------------------------------------------------------------------------------- types and shapes
 def _complete(vi: onnx.ValueInfoProto | None) -> bool:
+    """A known element type and every dimension after the first (the batch) fixed: what a cut needs to
+    size the wire. (A size symbolic beyond the batch, e.g. after a dynamically computed Pad, is probed.)"""
     if vi is None or not vi.type.HasField("tensor_type"):
         return False
     tt = vi.type.tensor_type
     return tt.elem_type != 0 and tt.HasField("shape") and all(
-        d.HasField("dim_value") or d.HasField("dim_param") for d in tt.shape.dim)
+        d.HasField("dim_value") and d.dim_value > 0 for d in tt.shape.dim[1:])
 
 
 def _inferred(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -215,6 +217,38 @@ def value_shape(vi: onnx.ValueInfoProto) -> list:
 
 def value_dtype(vi: onnx.ValueInfoProto) -> str:
     return helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+
+
+# ----------------------------------------------------------------------------------------------- cost
+def node_flops(model: onnx.ModelProto, infos: dict[str, onnx.ValueInfoProto]) -> list[int]:
+    """FLOPs of each main-graph node for one sample, by PyTorch's ``FlopCounterMode`` convention (so an
+    ONNX export and its PyTorch model count the same): 2 per multiply-accumulate of Conv, ConvTranspose,
+    Gemm and MatMul, bias and element-wise ops not counted. Symbolic dimensions count as 1 (the batch)."""
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+
+    def shape(t):
+        if t in inits:
+            return inits[t]
+        return [d or 1 for d in value_shape(infos[t])] if t in infos else None
+
+    out = []
+    for node in model.graph.node:
+        flops = 0
+        ins = [shape(t) for t in node.input[:2]] if len(node.input) >= 2 else []
+        y = shape(node.output[0]) if node.output else None
+        if len(ins) == 2 and None not in ins and y is not None:
+            a, w = ins
+            if node.op_type == "Conv":
+                flops = 2 * int(np.prod(y[1:])) * int(np.prod(w[1:]))
+            elif node.op_type == "ConvTranspose":
+                flops = 2 * int(np.prod(a[1:])) * int(np.prod(w[1:]))
+            elif node.op_type == "Gemm":
+                trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+                flops = 2 * int(np.prod(y)) * int(a[0] if trans_a else a[-1])
+            elif node.op_type == "MatMul":
+                flops = 2 * int(np.prod(y)) * int(a[-1])
+        out.append(flops)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- extraction

@@ -20,7 +20,7 @@ from runtime.quant import QuantParams
 from .bundle_writer import copy_support_files, write_manifest
 from .graph import SplitError
 from .onnx_export import _spec
-from .onnx_graph import Order, extract_segment, tensor_infos, value_dtype, value_shape
+from .onnx_graph import Order, extract_segment, node_flops, node_inputs, tensor_infos, value_dtype, value_shape
 
 
 def crossing(model: onnx.ModelProto, tensor: str) -> list[str]:
@@ -31,26 +31,42 @@ def crossing(model: onnx.ModelProto, tensor: str) -> list[str]:
 
 
 def onnx_split_table(path: Path, input_shape: tuple | None = None) -> dict:
-    """Candidate cuts of an ONNX graph (after each node with a single output): the same columns as
-    :func:`toolkit.inspect_model.split_table`; FLOPs are not computed for ONNX inputs (0). Shapes the
-    model does not declare are measured by a probe run (:func:`toolkit.onnx_graph.tensor_infos`)."""
+    """Candidate cuts of an ONNX graph (after each node with a single output where only float32 tensors
+    cross): the same columns as
+    :func:`toolkit.inspect_model.split_table`, FLOPs counted as PyTorch counts them
+    (:func:`toolkit.onnx_graph.node_flops`), parameters as the initializer scalars first read at or before
+    the cut. Shapes the model does not declare are measured by a probe run
+    (:func:`toolkit.onnx_graph.tensor_infos`); ``input_shape`` fills symbolic input dimensions."""
     model = onnx.load(str(path))
     order = Order.of(model)
     outputs = {o.name for o in model.graph.output}
-    cuts = [(node.output[0], order.crossing(node.output[0])) for node in model.graph.node
-            if len(node.output) == 1 and node.output[0] not in outputs]
-    names = sorted({t for _, cross in cuts for t in cross} | {t for t, _ in cuts} | set(order.inputs))
+    names = sorted({t for n in model.graph.node for t in n.output if t} | set(order.inputs))
     infos = tensor_infos(model, names, input_shape)
     shapes = {n: value_shape(v) for n, v in infos.items()}
+    flops = np.cumsum([0] + node_flops(model, infos))  # flops[i + 1]: nodes 0..i
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    seen, params = set(), []
+    for node in model.graph.node:  # initializer scalars first read by each node (counted once)
+        fresh = [t for t in node_inputs(node) if t in sizes and t not in seen]
+        seen.update(fresh)
+        params.append(sum(sizes[t] for t in fresh))
+    params = np.cumsum([0] + params)
     rows = []
-    for t, cross in cuts:
+    for i, node in enumerate(model.graph.node):
+        if len(node.output) != 1 or node.output[0] in outputs or node.op_type == "Constant":
+            continue
+        t = node.output[0]
+        cross = order.crossing(t)
+        if any(value_dtype(infos[c]) != "float32" for c in cross):
+            continue  # shape arithmetic and masks: the runtime carries float32 tensors only
         elems = sum(int(np.prod([d or 1 for d in shapes[c][1:]])) for c in cross)
         rows.append({"name": t, "aliases": [], "shape": shapes[t], "bytes_fp32": 4 * elems,
-                     "bytes_int8": elems, "head_mflops": 0.0, "head_params": 0, "tail_mflops": 0.0,
+                     "bytes_int8": elems, "head_mflops": float(flops[i + 1]) / 1e6, "head_params": int(params[i + 1]),
+                     "tail_mflops": float(flops[-1] - flops[i + 1]) / 1e6,
                      "single_tensor": len(cross) == 1, "crossing": cross})
     first = shapes[order.inputs[0]]
-    return {"input_shape": [d or 1 for d in first], "total_mflops": 0.0,
-            "total_params": sum(int(np.prod(i.dims)) for i in model.graph.initializer),
+    return {"input_shape": [d or 1 for d in first], "total_mflops": float(flops[-1]) / 1e6,
+            "total_params": int(sum(sizes.values())),
             "input_bytes_fp32": 4 * int(np.prod([d or 1 for d in first[1:]])), "rows": rows}
 
 

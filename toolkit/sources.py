@@ -117,6 +117,7 @@ def resolve(model: str, weights: str | None = None, input_shape: str | None = No
         if not path.is_file():
             raise ModelSourceError(f"{model}: no such ONNX file")
         src = ModelSource(path.name, "onnx", None, (), {"kind": "none"}, onnx_path=path)
+        src.info["declared_input_shape"] = _onnx_input_dims(path)
     elif ":" in model and model.split(":", 1)[0].endswith(".py"):
         file, factory = model.split(":", 1)
         net = _from_factory(Path(file), factory)
@@ -133,11 +134,55 @@ def resolve(model: str, weights: str | None = None, input_shape: str | None = No
         src.input_shape = parse_shape(input_shape)
     if preprocess:
         src.preprocess = preprocess_spec(preprocess)
+    if src.kind == "onnx":
+        src.input_shape = _onnx_input_shape(src, input_shape)
+        src.preprocess = fit_preprocess(src.preprocess, src.input_shape, src.name,
+                                        f"--preprocess {preprocess}" if preprocess else "its preprocessing")
     if src.model is not None:
         src.model.eval()
         src.preprocess = fit_preprocess(src.preprocess, src.input_shape, src.name,
                                         f"--preprocess {preprocess}" if preprocess else "its default preprocessing")
     return src
+
+
+def _onnx_input_dims(path: Path) -> list:
+    """The declared shape of the ONNX model's (single) input: ints, ``None`` for symbolic dimensions.
+    Raises ModelSourceError for a file ONNX cannot read or a model with several inputs."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others for a file that is not a model
+        raise ModelSourceError(f"{path}: not a readable ONNX model ({e})") from None
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ModelSourceError(f"{path}: eetool slices single-input, single-output models; this one has inputs "
+                               f"{[i.name for i in inputs]} and outputs {[o.name for o in model.graph.output]}")
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in inputs[0].type.tensor_type.shape.dim]
+
+
+def _onnx_input_shape(src: ModelSource, given: str | None) -> tuple:
+    """Batch-1 input shape of an ONNX model: its declared dimensions, with ``--input-shape`` filling the
+    symbolic ones (and refused where it contradicts a declared one), else an image preprocessing's crop."""
+    declared = src.info["declared_input_shape"]
+    if given:
+        shape = parse_shape(given)
+        if len(shape) != len(declared) or any(d is not None and d != g for d, g in zip(declared[1:], shape[1:])):
+            decl = ",".join("?" if d is None else str(d) for d in declared)
+            raise ModelSourceError(f"--input-shape {given} contradicts the model's declared input ({decl}); give "
+                                   "the declared sizes, choosing only the '?' ones")
+        return (1, *shape[1:])
+    dims = [1, *declared[1:]] if declared else []
+    crop = src.preprocess.get("crop") if src.preprocess.get("kind") == "image" else None
+    if len(dims) == 4 and crop and dims[2] is None and dims[3] is None:
+        dims[2:] = crop  # a fully convolutional input: the preprocessing's crop sets the size
+    if None in dims or not dims:
+        decl = ",".join("?" if d is None else str(d) for d in declared)
+        raise ModelSourceError(f"{src.name}: the model's input size is not fixed ({decl}); give it with "
+                               "--input-shape, e.g. 1,3,224,224")
+    return tuple(dims)
 
 
 def _channels(spec: dict) -> int:
