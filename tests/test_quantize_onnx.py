@@ -209,3 +209,34 @@ def test_histogram_methods_clip_heavy_tails_for_any_sample_count(stem_fp32, imag
 def test_num_bins_must_leave_entropy_a_choice():
     with pytest.raises(ValueError, match="num_bins"):
         QuantConfig(method="entropy", num_bins=128, num_quantized_bins=128)
+
+
+def test_unquantised_graph_output_gets_its_qdq_pair(head_fp32, images, tmp_path):
+    """A graph whose output comes from an op onnxruntime does not quantise (Softplus): eetool adds the
+    output's Q/DQ pair itself, with the MinMax range of the real outputs, and float_outputs stay float."""
+    from onnx import helper
+
+    model = onnx.load(str(head_fp32))
+    last = model.graph.output[0].name
+    for n in model.graph.node:
+        n.output[:] = ["pre_softplus" if o == last else o for o in n.output]
+    model.graph.node.append(helper.make_node("Softplus", ["pre_softplus"], [last]))
+    path = tmp_path / "softplus.fp32.onnx"
+    onnx.save(model, str(path))
+    x = images[:N_CALIB]
+    info = quantize_graph(path, tmp_path / "sp.int8.onnx", {"input": x}, QuantConfig(), progress=False)
+    qp = tensor_qparams(tmp_path / "sp.int8.onnx", last)
+    assert info["io"][last] == qp
+    # onnxruntime left it unquantised: the pair is eetool's fallback
+    assert f"{last}_io_Q" in {n.name for n in onnx.load(str(tmp_path / "sp.int8.onnx")).graph.node}
+    ref = _run(path, x)
+    lo, hi = (0 - qp["zero_point"]) * qp["scale"], (255 - qp["zero_point"]) * qp["scale"]
+    assert lo <= min(0.0, ref.min()) + 1e-6 and hi >= ref.max() - qp["scale"]  # the real range, 0 included
+    assert hi <= ref.max() + qp["scale"]
+    got = _run(tmp_path / "sp.int8.onnx", images[N_CALIB:])
+    assert np.abs(got - _run(path, images[N_CALIB:])).max() < 0.5 * (ref.max() - ref.min())
+    # kept float when asked (classifier logits): no QuantizeLinear on it
+    quantize_graph(path, tmp_path / "spf.int8.onnx", {"input": x}, QuantConfig(), progress=False,
+                   float_outputs=(last,))
+    with pytest.raises(KeyError):
+        tensor_qparams(tmp_path / "spf.int8.onnx", last)
