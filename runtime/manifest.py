@@ -387,7 +387,8 @@ class Manifest(_Node):
     cuts: List[str] = doc("ordered cut points (`after module X`); segment i ends at cuts[i]", factory=list,
                           required=True)
     split: str = doc("the device / server cut: segments up to it run on the device", required=True)
-    calibration: Optional[Calibration] = doc("the representative dataset (absent for bundles sliced from .onnx)")
+    calibration: Optional[Calibration] = doc("the representative dataset (absent in bundles eetool 0.1.0 sliced "
+                                                 "from .onnx)")
     segments: List[Segment] = doc("backbone graphs in order", factory=list, required=True)
     exits: List[ExitBranch] = doc("early-exit branches, in backbone order", factory=list)
     tensors: Dict[str, WireTensor] = doc("every tensor crossing a cut, by name: the wire contract", factory=dict)

@@ -84,24 +84,6 @@ def test_resnet_cut_inside_residual_block_carries_both_tensors(tmp_path, calib_i
     assert all("quant" in manifest["tensors"][n] for n in seg0["outputs"])
 
 
-def test_plain_onnx_model_is_sliced_by_tensor_name(tmp_path, effnet, verify_images):
-    from toolkit.onnx_export import export_onnx
-    from toolkit.onnx_slice import crossing, export_onnx_bundle
-
-    import onnx
-
-    path = tmp_path / "effnet.onnx"
-    x = torch.from_numpy(verify_images.x[:2])
-    export_onnx(effnet.model, (x,), path, ["image"], ["scores"])
-    model = onnx.load(str(path))
-    tensor = next(n.output[0] for n in model.graph.node if n.op_type == "Add")
-    assert len(crossing(model, tensor)) == 1
-    report = export_onnx_bundle(path, [tensor], tmp_path / "b", verify_images.x[:4])
-    assert report["verification"]["chains"]["onnx/fp32"]["batch_n"]["rel_diff"] < 1e-5
-    with pytest.raises(SplitError, match="nearest valid"):
-        export_onnx_bundle(path, ["no_such_tensor"], tmp_path / "c", verify_images.x[:4])
-
-
 class _UpsamplingDecoder(torch.nn.Module):
     """A dense-prediction shape: EfficientNet-Lite0's stem and first blocks (real weights) as encoder, a
     bilinear x2 upsampling decoder (seeded weights) to a 10-class map, pooled to image-level logits."""

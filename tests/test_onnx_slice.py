@@ -10,11 +10,23 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from calibration.readers import Dataset
+from toolkit.export import ExportOptions, export_bundle
 from toolkit.graph import SplitError
 from toolkit.onnx_graph import Order
-from toolkit.onnx_slice import crossing, export_onnx_bundle, onnx_split_table
+from toolkit.onnx_slice import crossing, onnx_split_table
+from toolkit.sources import resolve
 
 ort = pytest.importorskip("onnxruntime")
+
+
+def export_onnx_bundle(path, split, out, x=None):
+    """Export the ONNX model at ``path`` (preprocessing none, input size from the model) on arrays ``x``."""
+    src = resolve(str(path))
+    if x is None:
+        x = np.random.default_rng(0).standard_normal((4, *src.input_shape[1:])).astype(np.float32)
+    ds = Dataset(x, None, [f"x[{i}]" for i in range(len(x))], "arrays")
+    return export_bundle(src, ExportOptions(split=split, out=out, progress=False, layer_profile_graph=False), ds, ds)
 
 
 def _whole(path, x):
@@ -82,27 +94,29 @@ def test_cut_after_contrib_op_gets_type_and_shape_from_a_probe(gelu_model, photo
     assert rows[gelus[1]]["bytes_int8"] == 32 * 16 * 16
 
 
-def _if_model(path):
-    """x -> Conv -> t1 -> Conv -> t2 -> ReduceMean -> Greater -> cond; If(cond) reads t1 only inside its
-    bodies (Relu / Neg); then a model-local function Scale(y) = y * s, pooling and a classifier."""
+def _loop_model(path):
+    """x -> Conv -> t1 -> Conv -> t2; Loop (2 iterations) from t2 whose body adds t1, read only inside the
+    body: y = t2 + 2 t1; then a model-local function Scale(y) = y * s, pooling and a classifier."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w1b"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(2, np.int64), "trips"),
+             numpy_helper.from_array(np.array(True), "go"),
              numpy_helper.from_array(np.array(1.5, np.float32), "s"),
              numpy_helper.from_array(rng.standard_normal((2, 4)).astype(np.float32), "w2"),
              numpy_helper.from_array(np.zeros(2, np.float32), "b2")]
-    then_g = helper.make_graph([helper.make_node("Relu", ["t1"], ["y_then"])], "then", [],
-                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)])
-    else_g = helper.make_graph([helper.make_node("Neg", ["t1"], ["y_else"])], "else", [],
-                               [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "t1"], ["v_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
     scale = helper.make_function("local.fn", "Scale", ["v", "k"], ["r"], [helper.make_node("Mul", ["v", "k"], ["r"])],
                                  [helper.make_opsetid("", 17)])
     nodes = [helper.make_node("Conv", ["x", "w1"], ["t1"], pads=[1, 1, 1, 1], name="conv"),
              helper.make_node("Conv", ["t1", "w1b"], ["t2"], name="conv2"),
-             helper.make_node("ReduceMean", ["t2"], ["m"], keepdims=0, name="mean"),
-             helper.make_node("Greater", ["m", "zero"], ["cond"], name="gt"),
-             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="branch"),
+             helper.make_node("Loop", ["trips", "go", "t2"], ["y"], body=body, name="loop"),
              helper.make_node("Scale", ["y", "s"], ["z"], domain="local.fn", name="scale"),
              helper.make_node("GlobalAveragePool", ["z"], ["p"], name="pool"),
              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
@@ -119,8 +133,8 @@ def _if_model(path):
 
 @pytest.mark.parametrize("cut,carried", [("t2", ["t1", "t2"]), ("y", ["y"]), ("z", ["z"])])
 def test_subgraph_reads_and_local_functions_are_carried(tmp_path, cut, carried):
-    path = _if_model(tmp_path / "if.onnx")
-    # t1 is read only inside the If bodies: it still crosses a cut between its producer and the If
+    path = _loop_model(tmp_path / "loop.onnx")
+    # t1 is read only inside the Loop body: it still crosses a cut between its producer and the Loop
     assert crossing(onnx.load(str(path)), cut) == carried
     x = np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32)
     report = export_onnx_bundle(path, [cut], tmp_path / "b", x)
@@ -128,21 +142,27 @@ def test_subgraph_reads_and_local_functions_are_carried(tmp_path, cut, carried):
     head = ort.InferenceSession(str(tmp_path / "b" / "graphs" / "seg0.fp32.onnx"))
     tail = ort.InferenceSession(str(tmp_path / "b" / "graphs" / "seg1.fp32.onnx"))
     assert [i.name for i in tail.get_inputs()] == carried
-    for sign in (1, -1):  # t2 changes sign with the input: both bodies of the If run
-        feats = dict(zip([o.name for o in head.get_outputs()], head.run(None, {"x": sign * x})))
-        got = tail.run(None, {i.name: feats[i.name] for i in tail.get_inputs()})[0]
-        np.testing.assert_allclose(got, _whole(path, sign * x), atol=1e-5)
+    feats = dict(zip([o.name for o in head.get_outputs()], head.run(None, {"x": x})))
+    got = tail.run(None, {i.name: feats[i.name] for i in tail.get_inputs()})[0]
+    np.testing.assert_allclose(got, _whole(path, x), atol=1e-5)
     segs = [onnx.load(str(tmp_path / "b" / "graphs" / f"seg{k}.fp32.onnx")) for k in (0, 1)]
     # the function travels with the segment that calls it, and only there
     assert [len(m.functions) for m in segs] == ([0, 1] if cut != "z" else [1, 0])
 
 
 def test_cut_inside_a_subgraph_or_carrying_a_bool_is_refused(tmp_path):
-    path = _if_model(tmp_path / "if.onnx")
-    with pytest.raises(SplitError, match=r"'y_then' is computed inside a subgraph .* of node 'branch'"):
-        Order.of(onnx.load(str(path))).crossing("y_then")
-    with pytest.raises(SplitError, match=r"cond \(bool\) crosses the cut at 'cond'; .* float32 tensors only"):
-        export_onnx_bundle(path, ["cond"], tmp_path / "b")
+    path = _loop_model(tmp_path / "loop.onnx")
+    with pytest.raises(SplitError, match=r"'v_out' is computed inside a subgraph .* of node 'loop'"):
+        Order.of(onnx.load(str(path))).crossing("v_out")
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["mask"]), helper.make_node("Cast", ["mask"], ["m"], to=1),
+             helper.make_node("Mul", ["x", "m"], ["out"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mask.onnx"))
+    with pytest.raises(SplitError, match=r"mask \(bool\) crosses the cut at 'mask'; .* float32 tensors only"):
+        export_onnx_bundle(tmp_path / "mask.onnx", ["mask"], tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 def test_probe_that_cannot_run_names_the_tensor(tmp_path):

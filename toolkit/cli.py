@@ -170,12 +170,14 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
                f"raise --verify-samples to at least {n_samples} or lower --samples")
     src = resolve(model, weights, input_shape, preprocess)
     if src.kind == "onnx":
-        from .onnx_slice import export_onnx_bundle
+        refuse(given(ctx, "exits_dir"), "exit branches are trained on a PyTorch model ('eetool exits train'); an "
+                                        "ONNX model is sliced as it is")
+        if "tflite" in fmts:
+            refuse(["--format"], "TFLite graphs are converted from PyTorch modules (litert-torch); for an ONNX "
+                                 "model use --format onnx")
+        from .onnx_slice import check_split
 
-        data = read_dataset(verify_data, src.preprocess, limit=verify_samples).x if verify_data else None
-        report = export_onnx_bundle(src.onnx_path, [s for s in split.split(",") if s], Path(out), data)
-        click.echo(json.dumps(report["verification"], indent=2))
-        return
+        check_split(src.onnx_path, [s for s in split.split(",") if s])  # names first, before any data is read
     data_name = calib or default_data(src.preprocess)
     calib_ds = read_dataset(data_name, src.preprocess, limit=calib_samples, progress=True, spread=True)
     check_channels(calib_ds, src.input_shape)

@@ -1,10 +1,11 @@
 """``eetool export``: model -> segment and exit graphs -> bundle -> verification report.
 
 Steps (each in its own module): trace and cut (:mod:`toolkit.graph`, :mod:`toolkit.slicing`), export
-float ONNX (:mod:`toolkit.onnx_export`), run the float graphs on real calibration inputs to get every
-graph's real inputs (:mod:`toolkit.calibrate`), quantise (:mod:`toolkit.quantize_onnx`,
+float ONNX (:mod:`toolkit.onnx_export`) — or, for an ONNX source, cut its segments out of the model
+(:mod:`toolkit.onnx_slice`) — then, the same for both: run the float graphs on real calibration inputs to
+get every graph's real inputs (:mod:`toolkit.calibrate`), quantise (:mod:`toolkit.quantize_onnx`,
 :mod:`toolkit.export_tflite`), write the bundle (:mod:`toolkit.bundle_writer`) and check every chain
-against PyTorch through the runtime (:mod:`toolkit.verify`).
+against the source model through the runtime (:mod:`toolkit.verify`).
 """
 from __future__ import annotations
 
@@ -79,19 +80,78 @@ def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec
 def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, verify_data: Dataset) -> dict:
     """Export ``source`` into the bundle directory ``opts.out`` and return the report dict.
 
-    ``calib`` holds the representative inputs (float32 NCHW) used for the wire tensors' int8 ranges and,
-    with ``opts.int8``, for quantisation; ``verify_data`` holds other real inputs for verification.
-    Raises SplitError for bad split/exit names and ExportError when a graph misses its tolerance (the
-    bundle and report are still written, for diagnosis)."""
+    ``source`` is a PyTorch model or an ONNX file (:class:`toolkit.sources.ModelSource`). ``calib`` holds the
+    representative inputs (float32 NCHW) used for the wire tensors' int8 ranges and, with ``opts.int8``,
+    for quantisation; ``verify_data`` holds other real inputs for verification. Raises SplitError for bad
+    split/exit names and ExportError when a graph misses its tolerance (the bundle and report are still
+    written, for diagnosis) or for exits / TFLite asked of an ONNX source."""
     from . import verify
 
+    out = Path(opts.out)
+    segments = values = None
+    if source.kind == "onnx":
+        from .onnx_slice import slice_onnx
+
+        if opts.exits or "tflite" in opts.formats:
+            raise ExportError("an ONNX source is sliced as it is: exit branches (--exits) are trained on a PyTorch "
+                              "model, and TFLite graphs are converted from PyTorch modules")
+        manifest, reference = slice_onnx(source, list(opts.split), out, calib.x)
+    else:
+        manifest, segments, values = _torch_graphs(source, opts, out, calib.x)
+        reference = source.model
+    # which samples the bundle was calibrated on, so evaluation can leave them out
+    manifest.calibration = Calibration(calib.source, len(calib), list(calib.names))
+
+    # Real intermediate tensors from the float graphs: calibration of later graphs and wire int8 ranges.
+    inputs_per_graph = calibrate.graph_inputs(out, manifest, calib.x, progress=opts.progress)
+    calibrate.set_wire_qparams(manifest, inputs_per_graph, len(calib), opts.wire or calibrate.WireCodec(), out)
+    report: dict = {"calibration": {"source": calib.source, "samples": len(calib)}}
+    if opts.int8:
+        report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, inputs_per_graph, opts.quant, opts.progress)
+    if "tflite" in opts.formats:
+        report["tflite"] = calibrate.export_tflite_graphs(out, manifest, segments, opts.exits, values,
+                                                          inputs_per_graph if opts.int8 else None, opts.progress)
+    if "onnx" not in opts.formats:
+        _drop_format(out, manifest, "onnx")
+
+    sample_files = _sample_files(verify_data, opts.samples)
+    copy_support_files(out, sample_files)
+    if not verify_data.files:
+        sample_files = write_array_samples(out / "samples", verify_data, source.preprocess, opts.samples)
+    if verify_data.y is not None and sample_files:
+        # ground truth for the samples/ the bundle carries, so `runtime bench` can report accuracy
+        manifest.samples = Samples({Path(f).name: int(y) for f, y in zip(sample_files, verify_data.y)})
+    if opts.layer_profile_graph:
+        (out / PROFILE_GRAPH).parent.mkdir(parents=True, exist_ok=True)
+        if source.kind == "onnx":  # the model itself: its node names are what the per-layer profile shows
+            shutil.copy(source.onnx_path, out / PROFILE_GRAPH)
+        else:
+            from .layer_latency import export_whole_onnx
+
+            export_whole_onnx(source.model, tuple(source.input_shape), out / PROFILE_GRAPH)
+        manifest.layer_profile_graph = ProfileGraph(PROFILE_GRAPH, manifest.input.name, manifest.output.name,
+                                                    "float32", manifest.input.layout)
+    (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
+    write_manifest(out, manifest)
+    report.update(verify.verify_bundle(out, reference, verify_data))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_manifest(out, manifest)  # report.json changed: refresh its checksum
+    failures = verify.failures(report)
+    if failures:
+        raise ExportError("verification failed: " + "; ".join(failures) + f" (details in {out / 'report.json'})")
+    return report
+
+
+def _torch_graphs(source: ModelSource, opts: ExportOptions, out: Path, x) -> tuple[Manifest, list, dict]:
+    """Trace and cut the PyTorch model, write its float segment and exit graphs under ``out/graphs`` and
+    describe them in a new manifest. Returns the manifest, the segments (for TFLite) and the sample tensors
+    by name (batch 1, from ``x[:1]``)."""
     model = source.model
-    sample = torch.from_numpy(calib.x[:1])
+    sample = torch.from_numpy(x[:1])
     traced = TracedModel(model, sample)
     cuts, boundary = _device_boundary(traced, list(opts.split), opts.exits)
     segments = slice_model(traced, cuts)
 
-    out = Path(opts.out)
     if out.exists():
         shutil.rmtree(out)
     (out / "graphs").mkdir(parents=True)
@@ -102,8 +162,6 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         input=TensorSpec(INPUT_NAME, [None, *source.input_shape[1:]], "float32", "NCHW"),
         preprocess=Preprocess.from_json(source.preprocess, "manifest.preprocess"),
         cuts=[c.name for c in cuts],
-        # which samples the bundle was calibrated on, so evaluation can leave them out
-        calibration=Calibration(calib.source, len(calib), list(calib.names)),
         split=boundary.name,
     )
     # Float graphs, with sample tensors flowing through PyTorch for shapes and FLOPs.
@@ -142,40 +200,7 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
                                          mflops=module_flops(e.module, values[name]) / 1e6, rule=e.rule,
                                          threshold=float(e.threshold), graphs={"onnx/fp32": key}))
     manifest.output = TensorSpec(OUTPUT_NAME, [None, *values[OUTPUT_NAME].shape[1:]], "float32")
-
-    # Real intermediate tensors from the float graphs: calibration of later graphs and wire int8 ranges.
-    inputs_per_graph = calibrate.graph_inputs(out, manifest, calib.x, progress=opts.progress)
-    calibrate.set_wire_qparams(manifest, inputs_per_graph, len(calib), opts.wire or calibrate.WireCodec(), out)
-    report: dict = {"calibration": {"source": calib.source, "samples": len(calib)}}
-    if opts.int8:
-        report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, inputs_per_graph, opts.quant, opts.progress)
-    if "tflite" in opts.formats:
-        report["tflite"] = calibrate.export_tflite_graphs(out, manifest, segments, opts.exits, values,
-                                                          inputs_per_graph if opts.int8 else None, opts.progress)
-    if "onnx" not in opts.formats:
-        _drop_format(out, manifest, "onnx")
-
-    sample_files = _sample_files(verify_data, opts.samples)
-    copy_support_files(out, sample_files)
-    if not verify_data.files:
-        sample_files = write_array_samples(out / "samples", verify_data, source.preprocess, opts.samples)
-    if verify_data.y is not None and sample_files:
-        # ground truth for the samples/ the bundle carries, so `runtime bench` can report accuracy
-        manifest.samples = Samples({Path(f).name: int(y) for f, y in zip(sample_files, verify_data.y)})
-    if opts.layer_profile_graph:
-        from .layer_latency import export_whole_onnx
-
-        export_whole_onnx(model, tuple(source.input_shape), out / PROFILE_GRAPH)
-        manifest.layer_profile_graph = ProfileGraph(PROFILE_GRAPH, INPUT_NAME, OUTPUT_NAME, "float32", "NCHW")
-    (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
-    write_manifest(out, manifest)
-    report.update(verify.verify_bundle(out, model, verify_data))
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_manifest(out, manifest)  # report.json changed: refresh its checksum
-    failures = verify.failures(report)
-    if failures:
-        raise ExportError("verification failed: " + "; ".join(failures) + f" (details in {out / 'report.json'})")
-    return report
+    return manifest, segments, values
 
 
 def _check_threshold(e: ExitSpec) -> None:

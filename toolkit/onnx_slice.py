@@ -5,7 +5,6 @@ consumed after it cross the cut, exactly as for PyTorch models (:mod:`toolkit.gr
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,13 +12,9 @@ import numpy as np
 import onnx
 
 from runtime import __version__
-from runtime.manifest import (GraphEntry, Manifest, ModelInfo, Preprocess, Segment, TensorSpec, WireQuant,
-                              WireTensor)
-from runtime.quant import QuantParams
+from runtime.manifest import GraphEntry, Manifest, ModelInfo, Preprocess, Segment, TensorSpec, WireTensor
 
-from .bundle_writer import copy_support_files, write_manifest
 from .graph import SplitError
-from .onnx_export import _spec
 from .onnx_graph import Order, extract_segment, node_flops, node_inputs, tensor_infos, value_dtype, value_shape
 
 
@@ -70,26 +65,37 @@ def onnx_split_table(path: Path, input_shape: tuple | None = None) -> dict:
             "input_bytes_fp32": 4 * int(np.prod([d or 1 for d in first[1:]])), "rows": rows}
 
 
-def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray | None = None) -> dict:
-    """Slice ``path`` at the tensors in ``split`` (graph order) into segment graphs and write a float
-    bundle; verify the chain against the whole model in onnxruntime on ``data`` (float32, the model's input
-    layout; default: random normal inputs of the declared shape, batch 4 — pass real data when you have it).
-    The wire tensors' int8 ranges are the min / max of the same inputs.
+def check_split(path: Path, split: list[str]) -> None:
+    """Raise SplitError unless every name in ``split`` is a tensor of the main graph of the model at ``path``
+    (the message lists the nearest valid names)."""
+    if not split:
+        raise SplitError("give at least one split tensor (--split NAME); 'eetool inspect MODEL.onnx' lists them")
+    order = Order.of(onnx.load(str(path), load_external_data=False))
+    for t in split:
+        order.crossing(t)
 
-    Segment 0 runs on the device, the rest on the server. Raises SplitError for unknown tensor names."""
-    from runtime.backends import OrtSession
 
-    from .verify import compare
+def slice_onnx(source, split: list[str], out: Path, calib: np.ndarray) -> tuple[Manifest, "callable"]:
+    """Slice the ONNX model of ``source`` (:class:`toolkit.sources.ModelSource`, kind ``onnx``) at the tensors
+    in ``split`` into float segment graphs under ``out/graphs`` and describe them in a new manifest, as
+    :func:`toolkit.export.export_bundle` does for a PyTorch model; it then runs the same steps on both
+    (wire ranges, int8, samples, verification). Segments up to the last split tensor run on the device.
 
+    ``calib`` (float32, the model's input layout) drives the probe run for types and shapes the model
+    leaves out. Returns the manifest and the reference for verification: the whole model in onnxruntime.
+    Raises SplitError for unknown tensors, a cut carrying a non-float32 tensor, or a failed probe."""
+    from .verify import onnx_reference
+
+    path = Path(source.onnx_path)
     model = onnx.load(str(path))
     order = Order.of(model)
-    inputs = order.inputs
-    cuts = sorted(split, key=lambda t: order.produced_at.get(t, 10**9))
-    crossings = [order.crossing(t) for t in cuts]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise SplitError("eetool slices single-input, single-output ONNX models")
-    bounds = [inputs] + crossings + [[model.graph.output[0].name]]
-    infos = tensor_infos(model, sorted({t for b in bounds for t in b}), data=data)
+    if not split:
+        raise SplitError("give at least one split tensor (--split NAME); 'eetool inspect MODEL.onnx' lists them")
+    crossings = {t: order.crossing(t) for t in split}  # unknown names refused here, with the nearest ones
+    cuts = sorted(split, key=lambda t: order.produced_at[t])
+    bounds = [order.inputs] + [crossings[t] for t in cuts] + [[model.graph.output[0].name]]
+    every = sorted({t for n in model.graph.node for t in n.output if t} | set(order.inputs))
+    infos = tensor_infos(model, every, source.input_shape, calib)
     for k, names in enumerate(bounds):
         other = [f"{t} ({value_dtype(infos[t])})" for t in names if value_dtype(infos[t]) != "float32"]
         if other:  # the runtime feeds and sends float32 tensors (int8 on the wire)
@@ -97,48 +103,37 @@ def export_onnx_bundle(path: Path, split: list[str], out: Path, data: np.ndarray
             raise SplitError(f"{', '.join(other)} {'crosses' if len(other) == 1 else 'cross'} {where}; eetool's "
                              "runtime carries float32 tensors only: cut where only float tensors cross (after the "
                              "node that consumes it)")
-    segments = [extract_segment(model, bounds[k], bounds[k + 1], infos, f"seg{k}") for k in range(len(bounds) - 1)]
+    graphs = [extract_segment(model, bounds[k], bounds[k + 1], infos, f"seg{k}") for k in range(len(bounds) - 1)]
+    flops = {n.output[0]: f for n, f in zip(model.graph.node, node_flops(model, infos)) if n.output}  # by node
+
+    def spec(name: str) -> dict:
+        shape = value_shape(infos[name])
+        return {"name": name, "shape": [None, *shape[1:]], "dtype": value_dtype(infos[name]),
+                "layout": "NCHW" if len(shape) == 4 else None}
+
     if out.exists():
         shutil.rmtree(out)
     (out / "graphs").mkdir(parents=True)
-    first_input = next(v for v in model.graph.input if v.name == inputs[0])
-    manifest = Manifest(created_by=f"eetool {__version__}", model=ModelInfo(path.name, "onnx"),
-                        input=TensorSpec.from_json(_spec(first_input), "manifest.input"),
-                        output=TensorSpec.from_json({k: v for k, v in _spec(model.graph.output[0]).items()
-                                                     if k != "layout"}, "manifest.output"),
-                        preprocess=Preprocess("none"), cuts=list(cuts), split=cuts[0])
-    for k in range(len(bounds) - 1):
-        rel = f"graphs/seg{k}.fp32.onnx"
-        onnx.save(segments[k], str(out / rel))
-        g = segments[k].graph
-        key = f"seg{k}.onnx.fp32"
+    inp, outp = spec(order.inputs[0]), spec(model.graph.output[0].name)
+    manifest = Manifest(created_by=f"eetool {__version__}", model=ModelInfo.from_json(source.describe(), "manifest.model"),
+                        input=TensorSpec.from_json({**inp, "shape": [None, *source.input_shape[1:]]}, "manifest.input"),
+                        output=TensorSpec.from_json({k: v for k, v in outp.items() if k != "layout"}, "manifest.output"),
+                        preprocess=Preprocess.from_json(dict(source.preprocess), "manifest.preprocess"),
+                        cuts=list(cuts), split=cuts[-1])
+    for k, seg in enumerate(graphs):
+        rel, key = f"graphs/seg{k}.fp32.onnx", f"seg{k}.onnx.fp32"
+        onnx.save(seg, str(out / rel))
         manifest.graphs[key] = GraphEntry.from_json({
             "file": rel, "format": "onnx", "precision": "fp32",
-            "inputs": [_spec(v) for v in g.input if v.name in bounds[k]], "outputs": [_spec(v) for v in g.output]},
+            "inputs": [spec(t) for t in bounds[k]], "outputs": [spec(t) for t in bounds[k + 1]]},
             f"manifest.graphs[{key!r}]")
-        manifest.segments.append(Segment(name=f"seg{k}", side="device" if k == 0 else "server",
-                                         after=cuts[k - 1] if k else None, until=cuts[k] if k < len(cuts) else None,
-                                         inputs=list(bounds[k]), outputs=list(bounds[k + 1]),
-                                         graphs={"onnx/fp32": key}))
-        for v in g.output:
-            if k < len(cuts):
-                manifest.tensors[v.name] = WireTensor.from_json({k2: v2 for k2, v2 in _spec(v).items() if k2 != "name"},
-                                                                f"manifest.tensors[{v.name!r}]")
-    full = OrtSession(path)
-    shape = [d.dim_value or 4 for d in model.graph.input[0].type.tensor_type.shape.dim]
-    x = data if data is not None else np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    ref = full.run({inputs[0]: x})[model.graph.output[0].name]
-    values = {inputs[0]: x}
-    for seg in manifest.segments:
-        sess = OrtSession(out / manifest.graphs[seg.graphs["onnx/fp32"]].file)
-        values.update(sess.run({n: values[n] for n in seg.inputs}))
-    source = "random" if data is None else "given"
-    for name, tensor in manifest.tensors.items():  # the device quantises the split feature with these
-        q = QuantParams.from_tensor(values[name], "int8").to_json()
-        tensor.quant = WireQuant(**q, scheme="per-tensor affine", range=f"minmax ({source} inputs)", samples=len(x))
-    report = {"verification": {"chains": {"onnx/fp32": {"batch_n": compare(ref, values[model.graph.output[0].name])}},
-                               "samples": len(x), "source": source}}
-    copy_support_files(out, [])
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_manifest(out, manifest)
-    return report
+        manifest.segments.append(Segment(
+            name=f"seg{k}", side="device" if k < len(cuts) else "server", after=cuts[k - 1] if k else None,
+            until=cuts[k] if k < len(cuts) else None, inputs=list(bounds[k]), outputs=list(bounds[k + 1]),
+            mflops=sum(flops.get(n.output[0], 0) for n in seg.graph.node if n.output) / 1e6,
+            params=sum(int(np.prod(i.dims)) for i in seg.graph.initializer), graphs={"onnx/fp32": key}))
+        if k < len(cuts):
+            for t in bounds[k + 1]:
+                manifest.tensors[t] = WireTensor.from_json({k2: v for k2, v in spec(t).items() if k2 != "name"},
+                                                           f"manifest.tensors[{t!r}]")
+    return manifest, onnx_reference(path)

@@ -117,7 +117,6 @@ def resolve(model: str, weights: str | None = None, input_shape: str | None = No
         if not path.is_file():
             raise ModelSourceError(f"{model}: no such ONNX file")
         src = ModelSource(path.name, "onnx", None, (), {"kind": "none"}, onnx_path=path)
-        src.info["declared_input_shape"] = _onnx_input_dims(path)
     elif ":" in model and model.split(":", 1)[0].endswith(".py"):
         file, factory = model.split(":", 1)
         net = _from_factory(Path(file), factory)
@@ -135,7 +134,7 @@ def resolve(model: str, weights: str | None = None, input_shape: str | None = No
     if preprocess:
         src.preprocess = preprocess_spec(preprocess)
     if src.kind == "onnx":
-        src.input_shape = _onnx_input_shape(src, input_shape)
+        src.input_shape = _onnx_input_shape(src, _onnx_input_dims(src.onnx_path), input_shape)
         src.preprocess = fit_preprocess(src.preprocess, src.input_shape, src.name,
                                         f"--preprocess {preprocess}" if preprocess else "its preprocessing")
     if src.model is not None:
@@ -163,10 +162,9 @@ def _onnx_input_dims(path: Path) -> list:
             for d in inputs[0].type.tensor_type.shape.dim]
 
 
-def _onnx_input_shape(src: ModelSource, given: str | None) -> tuple:
-    """Batch-1 input shape of an ONNX model: its declared dimensions, with ``--input-shape`` filling the
+def _onnx_input_shape(src: ModelSource, declared: list, given: str | None) -> tuple:
+    """Batch-1 input shape of an ONNX model: its ``declared`` dimensions, with ``--input-shape`` filling the
     symbolic ones (and refused where it contradicts a declared one), else an image preprocessing's crop."""
-    declared = src.info["declared_input_shape"]
     if given:
         shape = parse_shape(given)
         if len(shape) != len(declared) or any(d is not None and d != g for d, g in zip(declared[1:], shape[1:])):

@@ -1,4 +1,4 @@
-"""Verify a written bundle against the PyTorch model, through the runtime (so what is checked is what runs
+"""Verify a written bundle against the source model (PyTorch, or the whole ONNX model), through the runtime (so what is checked is what runs
 on the board): every chain (format x precision) on real inputs at batch 1 and batch N, outputs bound by
 name and compared by value.
 
@@ -50,14 +50,28 @@ def _chain_logits(chain: Chain, x: np.ndarray, batch: int) -> tuple[np.ndarray, 
     return np.concatenate(finals), {k: np.concatenate(v) for k, v in exits.items()}
 
 
-def verify_bundle(path, model: torch.nn.Module, data: Dataset) -> dict:
-    """Run every chain of the bundle at ``path`` on ``data`` and compare with ``model``; returns the
-    ``verification`` section of report.json."""
+def onnx_reference(path) -> "callable":
+    """The whole ONNX model at ``path`` as the reference of a bundle sliced from it: float32 NCHW batch in,
+    its single output out (onnxruntime, CPU)."""
+    from runtime.backends import OrtSession
+
+    sess = OrtSession(path)
+    return lambda x: sess.run({sess.input_names[0]: x})[sess.output_names[0]]
+
+
+def verify_bundle(path, model, data: Dataset) -> dict:
+    """Run every chain of the bundle at ``path`` on ``data`` and compare with ``model`` (a PyTorch module
+    in eval mode, or for ONNX sources a function from a float32 batch to the output, see
+    :func:`onnx_reference`); returns the ``verification`` section of report.json."""
     bundle = Bundle.load(path)
-    ref = _torch_logits(model.eval(), data.x)
+    if isinstance(model, torch.nn.Module):
+        ref = _torch_logits(model.eval(), data.x)
+    else:
+        ref = np.concatenate([model(data.x[i:i + BATCH]) for i in range(0, len(data.x), BATCH)])
     result: dict = {"samples": len(data), "source": data.source, "chains": {}}
+    result["reference"] = "PyTorch model" if isinstance(model, torch.nn.Module) else "whole ONNX model"
     if data.y is not None:
-        result["float_pytorch_top1"] = float((ref.argmax(1) == data.y).mean())
+        result["float_reference_top1"] = float((ref.argmax(1) == data.y).mean())
     for pair in bundle.formats():
         fmt, precision = pair.split("/")
         chain = Chain(bundle, "all", fmt, precision)
