@@ -92,7 +92,7 @@ def slice_onnx(source, split: list[str], out: Path, calib: np.ndarray) -> tuple[
     if not split:
         raise SplitError("give at least one split tensor (--split NAME); 'eetool inspect MODEL.onnx' lists them")
     crossings = {t: order.crossing(t) for t in split}  # unknown names refused here, with the nearest ones
-    cuts = sorted(split, key=lambda t: order.produced_at[t])
+    cuts = sorted(set(split), key=lambda t: order.produced_at[t])
     bounds = [order.inputs] + [crossings[t] for t in cuts] + [[model.graph.output[0].name]]
     every = sorted({t for n in model.graph.node for t in n.output if t} | set(order.inputs))
     infos = tensor_infos(model, every, source.input_shape, calib)
