@@ -33,12 +33,18 @@ class Bundle:
     (the message names the files and says to re-copy the bundle).
     """
 
-    def __init__(self, root: Path, manifest: Manifest):
+    def __init__(self, root: Path, manifest: Manifest, int8_target: Optional[str] = None):
+        from .targets import host_target
+
         self.root = root
         self.manifest = manifest
+        # which int8 ONNX variant this CPU runs (runtime/targets.py); None: the bundle's primary int8 graphs
+        self.int8_target = int8_target or host_target()
 
     @classmethod
-    def load(cls, path, verify: bool = True) -> "Bundle":
+    def load(cls, path, verify: bool = True, int8_target: Optional[str] = None) -> "Bundle":
+        """Read ``path``/manifest.json (checksums verified unless ``verify`` is False); ``int8_target``
+        overrides the detected CPU target for int8 ONNX graph variants (runtime/targets.py)."""
         root = Path(path)
         mf = root / "manifest.json"
         if not mf.is_file():
@@ -51,7 +57,7 @@ class Bundle:
             parsed = parse_manifest(manifest)
         except ManifestError as e:
             raise BundleError(f"{mf}: {e}")
-        bundle = cls(root, parsed)
+        bundle = cls(root, parsed, int8_target)
         if verify:
             bundle.verify()
         return bundle
@@ -103,13 +109,16 @@ class Bundle:
             raise BundleError(f"tensor {name!r} is not in the manifest's tensors: {sorted(self.manifest.tensors)}")
 
     def graph_key(self, owner: Union[Segment, ExitBranch], fmt: str, precision: str) -> str:
-        """Key of ``owner``'s (segment or exit) graph in ``fmt`` (onnx|tflite) and ``precision`` (fp32|int8)."""
+        """Key of ``owner``'s (segment or exit) graph in ``fmt`` (onnx|tflite) and ``precision`` (fp32|int8);
+        for int8, the variant made for :attr:`int8_target` when the bundle has one (runtime/targets.py)."""
+        from .targets import choose_graph
+
         key = owner.graphs.get(f"{fmt}/{precision}")
         if key is None:
             have = sorted(owner.graphs)
             raise BundleError(f"{owner.name} has no {fmt}/{precision} graph (bundle has: {', '.join(have)}); "
                               f"re-export with the matching --format / --int8")
-        return key
+        return choose_graph(self.manifest.graphs, key, self.int8_target)
 
     def graph(self, key: str) -> GraphEntry:
         return self.manifest.graphs[key]

@@ -287,6 +287,10 @@ class GraphQuantization(_Node):
     wide_tensors: Optional[Dict[str, str]] = doc("tensors quantised to 16 bits (ONNX)")
     io: Dict[str, IOQuant] = doc("encoding of every graph input / output, by our tensor name", factory=dict)
     config: Optional[Dict[str, Any]] = doc("the quantiser's configuration (toolkit.quantize_onnx.QuantConfig)")
+    bias_correction: Optional[Dict[str, Any]] = doc("ONNX: Conv biases corrected for their weight rounding "
+                                                    "(toolkit/bias_correction.py): layers, mean |shift|")
+    sensitivity: Optional[List[List[Any]]] = doc("ONNX: [tensor, SQNR dB] of the most quantisation-sensitive "
+                                                 "activations (onnxruntime qdq_loss_debug), when ranked")
 
 
 @dataclass
@@ -319,6 +323,10 @@ class GraphEntry(_Node):
     name_map: Optional[Dict[str, str]] = doc("TFLite: our tensor name -> SignatureDef name (TFLite names cannot "
                                              "hold dots: blocks.5 -> blocks_5)")
     max_abs_diff: Optional[float] = doc("TFLite: largest |difference| from PyTorch on the sample input at conversion")
+    targets: Optional[List[str]] = doc("int8: the CPUs this graph was made for (runtime/targets.py: arm64, x86-vnni, "
+                                       "x86-avx2)")
+    variants: Optional[Dict[str, str]] = doc("int8: target -> key of the graph made for that CPU instead of this one; "
+                                             "the runtime runs the variant for its own CPU")
 
 
 @dataclass
@@ -470,6 +478,11 @@ class Manifest(_Node):
                 g = self.graphs[key]
                 if (g.format, g.precision) != (fmt, precision):
                     raise ManifestError(where, "graph %r is %s/%s" % (key, g.format, g.precision))
+                for target, alt in (g.variants or {}).items():
+                    other = self.graphs.get(alt)
+                    if other is None or (other.format, other.precision) != (g.format, g.precision):
+                        raise ManifestError("%s.graphs[%r].variants[%r]" % (path, key, target),
+                                            "%r is not a %s/%s graph in `graphs`" % (alt, g.format, g.precision))
         sides = [s.side for s in self.segments]
         if sides != sorted(sides):  # "device" < "server"
             raise ManifestError(path + ".segments", "device segments must come before server ones: %s" % sides)

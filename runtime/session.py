@@ -53,10 +53,17 @@ def _litert_importable() -> bool:
     return False
 
 
-def pick_precision(bundle: Bundle, fmt: str, precision: str = "auto") -> str:
-    """``auto`` -> int8 when the bundle has int8 graphs in ``fmt``, else fp32."""
+def pick_precision(bundle: Bundle, fmt: str, precision: str = "auto", side: str = "device") -> str:
+    """``auto`` -> int8 when the bundle has int8 graphs in ``fmt``, else fp32; on the server side of an x86
+    machine ``auto`` -> fp32: the wire is already int8 and the server has the compute, so int8 tails
+    would only add rounding error there (and, without VNNI, run slower than float; runtime/targets.py)."""
     if precision != "auto":
         return precision
+    if side == "server":
+        from .targets import host_target
+
+        if (host_target() or "").startswith("x86"):
+            return "fp32"
     return "int8" if "%s/int8" % fmt in bundle.formats() else "fp32"
 
 
@@ -179,7 +186,7 @@ def server_inputs(bundle: Bundle, opts: ServerOptions):
     if not 0 <= opts.port < 65536:
         raise ValueError("--port %d: ports are 0-65535" % opts.port)
     fmt = pick_backend(bundle, opts.backend, None)
-    precision = pick_precision(bundle, fmt, opts.precision)
+    precision = pick_precision(bundle, fmt, opts.precision, side="server")
     what = "whole model, input files" if opts.input_file else ("whole model" if opts.whole_model else "tail")
     return fmt, precision, tail_inputs(bundle, opts.whole_model, opts.input_file), what
 
