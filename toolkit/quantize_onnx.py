@@ -76,6 +76,11 @@ class QuantConfig:
     preprocess: run ``onnxruntime.quantization.shape_inference.quant_pre_process`` first.
     zero_dead_channels: zero weight channels with max |w| < 1e-5 of the layer's largest, so that their
         bias is not clipped to int32 (see ``_zero_dead_channels``).
+    bias_correction: bias correction (``toolkit.bias_correction``: each Conv's int32 bias absorbs the mean
+        output shift that its weight rounding causes, with input means measured on the calibration data).
+    bias_correction_samples: calibration samples used for it.
+    float_first_convs: keep the first N Conv nodes (graph order) in float: for the graph that reads the
+        image, whose 3-channel stem conv is sensitive and gains little from int8 kernels.
     extra_options: passed through to ``quantize_static(extra_options=...)`` (ours win on conflicts only
         for ``TensorQuantOverrides`` of widened tensors).
     """
@@ -93,6 +98,9 @@ class QuantConfig:
     batch_size: int = 16
     preprocess: bool = True
     zero_dead_channels: bool = False
+    bias_correction: bool = False
+    bias_correction_samples: int = 128
+    float_first_convs: int = 0
     extra_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,6 +114,8 @@ class QuantConfig:
         if self.num_quantized_bins < 2 or self.num_bins < 2 * self.num_quantized_bins:
             raise ValueError(f"QuantConfig.num_bins={self.num_bins} must be at least 2 x num_quantized_bins="
                              f"{self.num_quantized_bins} (entropy would have no threshold to choose but MinMax)")
+        if self.bias_correction_samples < 1 or self.float_first_convs < 0:
+            raise ValueError("QuantConfig.float_first_convs must be >= 0, bias_correction_samples >= 1")
         if self.sensitive_float < 0 or self.batch_size < 1 or self.sensitivity_samples < 1:
             raise ValueError("QuantConfig.sensitive_float must be >= 0, batch_size and sensitivity_samples >= 1")
 
@@ -504,8 +514,9 @@ def quantize_graph(
         cache = tmp / "calibration.json"  # ranges computed once, read by every quantize_static pass
         _calibrate(src, calib, config, cache, progress, f"calibrating {fp32_path.name} ({config.method})")
 
-        keep_float = [nd.name for nd in onnx.load(str(src), load_external_data=False).graph.node
-                       if set(nd.output) & set(float_outputs)]
+        src_nodes = onnx.load(str(src), load_external_data=False).graph.node
+        keep_float = [nd.name for nd in src_nodes if set(nd.output) & set(float_outputs)]
+        keep_float += [nd.name for nd in src_nodes if nd.op_type == "Conv"][: config.float_first_convs]
 
         clipped: set[str] = set()
 
@@ -539,6 +550,7 @@ def quantize_graph(
             )
 
         wide: list[str] = []
+        ranked: list = []
         if config.sensitive_float > 0:
             first = tmp / "pass1.int8.onnx"
             run(first, {}, f"calibrating {fp32_path.name}")
@@ -546,6 +558,12 @@ def quantize_graph(
             ranked = sensitivity_ranking(src, first, {a: v[:k] for a, v in calib.items()}, tmp)
             wide = [t for t, _ in ranked[: config.sensitive_float]]
         run(int8_path, {t: [{"quant_type": wide_type}] for t in wide}, f"calibrating {fp32_path.name}")
+        bias_info = None
+        if config.bias_correction:
+            from .bias_correction import correct_biases
+
+            k = min(config.bias_correction_samples, n)
+            bias_info = correct_biases(src, int8_path, {a: v[:k] for a, v in calib.items()}, batch=config.batch_size)
 
     qmodel = onnx.load(str(int8_path), load_external_data=False)
     io_names = list(_graph_inputs(qmodel)) + [o.name for o in qmodel.graph.output if o.name not in float_outputs]
@@ -567,6 +585,18 @@ def quantize_graph(
         # biases onnxruntime clipped to int32 (BN-folded channels with ~0 weights; see zero_dead_channels)
         "clipped_biases": sorted(clipped),
         "wide_tensors": {t: ("uint16" if config.activation_type == "uint8" else "int16") for t in wide},
+        "bias_correction": bias_info,
+        # qdq_loss_debug's per-tensor SQNR (dB, lowest first) that chose wide_tensors
+        "sensitivity": [[t, round(v, 2)] for t, v in ranked[:10]],
         "io": io,
-        "config": asdict(config),
+        "config": _jsonable(asdict(config)),
     }
+
+
+def _jsonable(o):
+    """``o`` with numpy scalars / arrays (e.g. pinned scales in TensorQuantOverrides) as Python numbers."""
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    return o.tolist() if isinstance(o, (np.ndarray, np.generic)) else o
