@@ -15,8 +15,12 @@ import numpy as np
 from runtime.backends import OrtSession
 from runtime.manifest import GraphEntry, IOQuant, Manifest, WireQuant
 from runtime.quant import QuantParams
+from runtime.targets import DEFAULT_TARGETS, TARGETS, group_targets
 
 BATCH = 16
+# eetool's ONNX int8 recipe (QuantConfig fields on top of each target's types), the best post-training
+# variant of bench/int8_recipe.py: MinMax ranges, per-channel weights, bias correction of weight rounding
+RECIPE: dict = {"bias_correction": True}
 
 
 def graph_inputs(out: Path, manifest: Manifest, x: np.ndarray, progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
@@ -183,26 +187,52 @@ def set_wire_qparams(manifest: Manifest, per_graph: dict, samples: int, wire: Wi
         spec.quant = WireQuant(**q, scheme=scheme, range=used, **extra, samples=samples)
 
 
-def quantize_onnx_graphs(out: Path, manifest: Manifest, per_graph: dict, quant: dict, progress: bool) -> dict:
+def quantize_onnx_graphs(out: Path, manifest: Manifest, per_graph: dict, quant: dict, progress: bool,
+                         targets: tuple[str, ...] = DEFAULT_TARGETS, float_files: dict | None = None) -> dict:
     """Quantise every ONNX float graph (segments and exits) to int8 QDQ with onnxruntime, each on its own
-    real inputs; the wire tensors take the int8 head's output scale / zero point so the device sends
-    exactly what the int8 head computed. Returns per-graph quantisation summaries."""
+    real inputs, once per group of int8 ``targets`` that need different kernels (runtime/targets.py:
+    arm64 and x86-vnni share U8S8 8-bit graphs, x86-avx2 gets 7-bit weights). The first group's graphs
+    are the owner's ``onnx/int8`` graphs; each lists its ``targets`` and, in ``variants``, the keys of the
+    other groups' graphs, from which the runtime picks the one made for its CPU. All variants of a graph
+    share the encoding of its inputs and outputs (pinned to the first group's), so the wire tensors take
+    the int8 head's output scale / zero point and every variant sends exactly what it computed.
+    ``quant`` (QuantConfig fields) overrides :data:`RECIPE`; explicit ``activation_type`` / ``weight_type``
+    / ``reduce_range`` there make one graph for all ``targets``. ``float_files`` (owner name -> float ONNX
+    path) quantises other float graphs than the bundle's (a fine-tuned model's, toolkit.qat); the int8
+    entries keep the bundle graph's names and shapes. Returns per-graph quantisation summaries."""
     from .quantize_onnx import QuantConfig, quantize_graph
 
-    config = QuantConfig(**quant)
+    typed = {"activation_type", "weight_type", "reduce_range"} & set(quant)
+    groups = [list(targets)] if typed else group_targets(targets)
     summary = {}
     for owner in manifest.owners:
         name = owner.name
         fp32 = manifest.graphs[owner.graphs["onnx/fp32"]]
-        rel = f"graphs/{name}.int8.onnx"
         logits = [o for o in owner.outputs if o not in manifest.tensors]
-        q = quantize_graph(out / fp32.file, out / rel, per_graph[name], config, progress=progress,
-                           float_outputs=tuple(logits))
-        key = f"{name}.onnx.int8"
-        manifest.graphs[key] = GraphEntry.from_json({**fp32.to_json(), "file": rel, "precision": "int8",
-                                                     "quantization": q}, f"manifest.graphs[{key!r}]")
-        owner.graphs["onnx/int8"] = key
-        summary[name] = {k: v for k, v in q.items() if k != "io"}
+        keys, pinned = [], {}
+        for i, group in enumerate(groups):
+            types = {} if typed else TARGETS[group[0]]
+            config = QuantConfig(**{**RECIPE, **types, **quant})
+            if pinned:  # same wire / io encoding as the first variant
+                config.extra_options = {**config.extra_options, "TensorQuantOverrides": {
+                    **config.extra_options.get("TensorQuantOverrides", {}), **pinned}}
+            suffix = "" if i == 0 else f".{group[0]}"
+            rel = f"graphs/{name}.int8{suffix}.onnx"
+            src = (float_files or {}).get(name, out / fp32.file)
+            q = quantize_graph(src, out / rel, per_graph[name], config, progress=progress,
+                               float_outputs=tuple(logits))
+            if i == 0:
+                pinned = {t: [{"scale": np.array(p["scale"], np.float32), "zero_point": _np_int(p)}]
+                          for t, p in q["io"].items()}
+            key = f"{name}.onnx.int8{suffix}"
+            manifest.graphs[key] = GraphEntry.from_json({**fp32.to_json(), "file": rel, "precision": "int8",
+                                                         "quantization": q, "targets": group},
+                                                        f"manifest.graphs[{key!r}]")
+            keys.append(key)
+            summary[name if i == 0 else f"{name}@{group[0]}"] = {k: v for k, v in q.items() if k != "io"}
+        if len(keys) > 1:
+            manifest.graphs[keys[0]].variants = {t: k for k, g in zip(keys[1:], groups[1:]) for t in g}
+        owner.graphs["onnx/int8"] = keys[0]
     for seg in manifest.segments:
         graph = manifest.graphs.get(seg.graphs.get("onnx/int8", ""))
         io = graph.quantization.io if graph is not None and graph.quantization is not None else {}
@@ -215,6 +245,10 @@ def quantize_onnx_graphs(out: Path, manifest: Manifest, per_graph: dict, quant: 
     return summary
 
 
+def _np_int(p: dict):
+    return np.array(p["zero_point"], np.uint8 if p["dtype"] == "uint8" else np.int8)
+
+
 def _as_int8(wire: WireQuant, io: IOQuant) -> WireQuant:
     """The int8 head's own output encoding ``io`` for the wire, uint8 expressed as int8 (same scale, zero
     point shifted by 128): the wire always carries int8."""
@@ -224,25 +258,30 @@ def _as_int8(wire: WireQuant, io: IOQuant) -> WireQuant:
     return dataclasses.replace(wire, dtype=dtype, scale=io.scale, zero_point=zero_point, range="int8 head output")
 
 
-def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, progress):
+def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, progress, int8_segments=None):
     """Float (and with ``per_graph``, full-integer int8) TFLite graphs for every segment and exit, converted
     with litert-torch and quantised with ai-edge-quantizer on the same real per-graph inputs as ONNX.
     A tail's input scale / zero point are pinned to its head's output ones, so the int8 split feature
-    passes from head to tail without requantisation."""
+    passes from head to tail without requantisation. ``int8_segments`` (same names as ``segments``: a
+    fine-tuned or bias-corrected copy of the model) are the modules the int8 graphs are made from."""
     from runtime.progress import progress as bar
 
     summary = {}
-    owners = [(manifest.segment(seg.name), seg.module, tuple(values[n] for n in seg.inputs)) for seg in segments]
+    int8_mods = {seg.name: seg.module for seg in (int8_segments or segments)}
+    owners = [(manifest.segment(seg.name), seg.module, tuple(values[n] for n in seg.inputs), int8_mods[seg.name])
+              for seg in segments]
     for e in exits:
         owner = manifest.exit_branch(e.name)
-        owners.append((owner, e.module, (values[owner.input],)))
+        owners.append((owner, e.module, (values[owner.input],), e.module))
     fixed: dict = {}  # int8 encoding of every tensor produced so far, by our name
-    for owner, module, args in bar(owners, "TFLite graphs", "graph", enabled=progress):
-        _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed)
+    for owner, module, args, int8_module in bar(owners, "TFLite graphs", "graph", enabled=progress):
+        _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, int8_module)
     return summary
 
 
-def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed):
+def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, int8_module=None):
+    import tempfile
+
     from .export_tflite import describe_tflite, export_float, first_convs_float_recipe, quantize_int8
 
     name, inputs, outputs = owner.name, owner.inputs, owner.outputs
@@ -255,10 +294,15 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed):
         return
     rel8 = f"graphs/{name}.int8.tflite"
     pinned = {n: fixed[n] for n in inputs if n in fixed}
-    # the graph reading the image keeps its first two convolutions float (see first_convs_float_recipe)
-    recipe = first_convs_float_recipe(out / rel) if manifest.input.name in inputs else "static_wi8_ai8_minmax"
-    q = quantize_int8(out / rel, out / rel8, per_graph[name], recipe, name_map=entry.get("name_map"),
-                      fixed_io=pinned or None)
+    with tempfile.TemporaryDirectory(prefix="eetool-tflite-") as tmp:
+        src = out / rel
+        if int8_module is not None and int8_module is not module:  # a modified copy: its own float graph
+            src = Path(tmp) / f"{name}.fp32.tflite"
+            export_float(int8_module, tuple(a[:1] for a in args), src, inputs, outputs)
+        # the graph reading the image keeps its first two convolutions float (see first_convs_float_recipe)
+        recipe = first_convs_float_recipe(src) if manifest.input.name in inputs else "static_wi8_ai8_minmax"
+        q = quantize_int8(src, out / rel8, per_graph[name], recipe, name_map=entry.get("name_map"),
+                          fixed_io=pinned or None)
     for n in outputs:
         if n in q.get("io", {}):
             fixed[n] = {"scale": q["io"][n]["scale"], "zero_point": q["io"][n]["zero_point"]}

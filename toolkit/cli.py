@@ -17,6 +17,7 @@ from runtime.bundle import Bundle, BundleError
 from runtime.codec import CodecError
 from runtime.manifest import load_manifest
 from runtime.profile_layers import ProfileError
+from runtime.targets import DEFAULT_TARGETS, TargetError, check_targets
 
 from .graph import SplitError, TracingError
 from .onnx_export import ExportError
@@ -124,9 +125,17 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
               help="number of calibration samples")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]),
               help="activation range method for ONNX int8 (default: eetool's recipe)")
+@click.option("--int8-targets", default=",".join(DEFAULT_TARGETS), show_default=True,
+              help="CPUs the int8 ONNX graphs are made for: arm64 and x86-vnni share U8S8 graphs, x86-avx2 (no "
+                   "VNNI) gets 7-bit weights; the runtime picks the graph made for its CPU")
 @click.option("--int8-weights", type=click.Choice(["uint8", "int8"]),
-              help="ONNX int8 weight type: uint8 (default, most accurate) or int8 with reduce_range (fast on x86 "
-                   "CPUs without VNNI, where onnxruntime's u8u8 kernels are slow)")
+              help="force one ONNX int8 weight type for every target instead: uint8 (exact everywhere, slow "
+                   "on x86) or int8 with reduce_range")
+@click.option("--qat", is_flag=True,
+              help="quantisation-aware fine-tuning before int8: the int8 graphs come from a copy of the model "
+                   "distilled from the float model through the int8 simulation on the --calib images (toolkit/qat.py; "
+                   "minutes on a CPU); the float graphs stay the original's")
+@click.option("--qat-epochs", default=4, show_default=True, help="fine-tuning passes over the --calib samples")
 @click.option("--verify-data", help="real inputs for verification (default: the calibration source, after "
                                     "the calibration samples)")
 @click.option("--verify-samples", default=32, show_default=True, type=click.IntRange(min=1))
@@ -147,8 +156,8 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
 @click.pass_context
 def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
-           calib_method, int8_weights, verify_data, verify_samples, n_samples, no_profile_graph, wire_bits,
-           wire_per_channel, wire_range, wire_codec, out):
+           calib_method, int8_targets, int8_weights, qat, qat_epochs, verify_data, verify_samples, n_samples,
+           no_profile_graph, wire_bits, wire_per_channel, wire_range, wire_codec, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
@@ -158,9 +167,10 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
     unknown = set(fmts) - {"onnx", "tflite"}
     if unknown or not fmts:
         raise click.BadParameter(f"unknown format(s) {sorted(unknown)}; use onnx and/or tflite", param_hint="--format")
-    onnx_int8 = given(ctx, "calib_method", "int8_weights")
+    onnx_int8 = given(ctx, "calib_method", "int8_weights", "int8_targets")
     if not int8:
-        refuse(onnx_int8, "choose{s} how --int8 quantises the ONNX graphs; add --int8 or drop {it}")
+        refuse(onnx_int8 + given(ctx, "qat", "qat_epochs"),
+               "choose{s} how --int8 quantises the graphs; add --int8 or drop {it}")
     if "onnx" not in fmts:
         refuse(onnx_int8, "appl{ies} to ONNX int8 graphs only (TFLite int8 uses ai-edge-quantizer's recipe); "
                           "add onnx to --format or drop {it}")
@@ -197,6 +207,12 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
     quant = {"method": calib_method} if calib_method else {}
     if int8_weights == "int8":  # u8s8 saturates 16-bit intermediates without VNNI unless ranges are reduced
         quant.update(weight_type="int8", reduce_range=True)
+    elif int8_weights == "uint8":
+        quant.update(weight_type="uint8")
+    try:
+        targets = tuple(check_targets(t.strip() for t in int8_targets.split(",") if t.strip()))
+    except TargetError as e:
+        raise click.BadParameter(str(e), param_hint="--int8-targets")
     from runtime.codec import check_codec
 
     from .calibrate import WireCodec
@@ -205,10 +221,22 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
     wire = WireCodec(wire_bits, wire_per_channel, wire_range, wire_codec)
     report = export_bundle(src, ExportOptions(split=[s for s in split.split(",") if s], out=Path(out),
                                               exits=exits, formats=fmts, int8=int8, quant=quant,
+                                              int8_targets=targets, qat=_qat_config(qat, qat_epochs),
                                               layer_profile_graph=not no_profile_graph, samples=n_samples,
                                               wire=wire),
                            calib_ds, verify_ds)
     _print_export_summary(Path(out), report)
+
+
+def _qat_config(enabled: bool, epochs: int):
+    if not enabled:
+        return None
+    from .qat import QATConfig, QATError
+
+    try:
+        return QATConfig(epochs=epochs)
+    except QATError as e:
+        raise click.BadParameter(str(e), param_hint="--qat-epochs")
 
 
 def _has_more(data: str, preprocess: dict, exclude: list[str]) -> bool:

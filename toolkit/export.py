@@ -20,6 +20,8 @@ from calibration.readers import Dataset
 from runtime import __version__
 from runtime.manifest import (Calibration, ExitBranch, GraphEntry, Manifest, ModelInfo, Preprocess, ProfileGraph,
                               Samples, Segment, TensorSpec, WireTensor)
+from runtime.targets import DEFAULT_TARGETS
+
 from . import calibrate
 from .bundle_writer import copy_support_files, write_array_samples, write_manifest
 from .flops import module_flops, param_count
@@ -53,6 +55,10 @@ class ExportOptions:
     formats: tuple[str, ...] = ("onnx",)
     int8: bool = False
     quant: dict = field(default_factory=dict)  # QuantConfig fields for the ONNX quantiser
+    # CPUs the int8 ONNX graphs are made for (runtime/targets.py); one graph per group of same-kernel targets
+    int8_targets: tuple[str, ...] = DEFAULT_TARGETS
+    # quantisation-aware fine-tuning (toolkit.qat.QATConfig) before int8 quantisation; None: post-training only
+    qat: object = None
     progress: bool = True
     # the whole model as one float graph with module-scoped node names, so `runtime bench` on the board can
     # measure per-layer latency for `eetool plan --measurements` (costs one more fp32 graph in the bundle)
@@ -106,11 +112,30 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
     inputs_per_graph = calibrate.graph_inputs(out, manifest, calib.x, progress=opts.progress)
     calibrate.set_wire_qparams(manifest, inputs_per_graph, len(calib), opts.wire or calibrate.WireCodec(), out)
     report: dict = {"calibration": {"source": calib.source, "samples": len(calib)}}
+    int8_segments, int8_inputs, int8_files = segments, inputs_per_graph, {}
+    qat_dir = out / ".qat"
+    if opts.int8 and source.kind != "onnx":
+        sample = torch.from_numpy(calib.x[:1])
+        if opts.qat is not None:
+            int8_segments, int8_inputs, int8_files, report["qat"] = _fine_tuned_graphs(
+                source.model, sample, list(manifest.cuts), opts, calib, manifest, qat_dir)
+        elif "tflite" in opts.formats and {**calibrate.RECIPE, **opts.quant}.get("bias_correction"):
+            # ai-edge-quantizer's int32 biases cannot be corrected afterwards (ONNX ones are, in quantize_onnx):
+            # the TFLite int8 graphs are made from a copy whose float biases already absorb the rounding shift
+            from .bias_correction import bias_corrected_model
+
+            traced_bc = TracedModel(bias_corrected_model(source.model, calib.x), sample)
+            int8_segments = slice_model(traced_bc, order_cuts(traced_bc, list(manifest.cuts)))
+    elif opts.int8 and opts.qat is not None:
+        raise ExportError("--qat fine-tunes a PyTorch model; an ONNX source is quantised post-training")
     if opts.int8:
-        report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, inputs_per_graph, opts.quant, opts.progress)
+        report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, int8_inputs, opts.quant, opts.progress,
+                                                        tuple(opts.int8_targets), float_files=int8_files)
     if "tflite" in opts.formats:
         report["tflite"] = calibrate.export_tflite_graphs(out, manifest, segments, opts.exits, values,
-                                                          inputs_per_graph if opts.int8 else None, opts.progress)
+                                                          int8_inputs if opts.int8 else None, opts.progress,
+                                                          int8_segments=int8_segments)
+    shutil.rmtree(qat_dir, ignore_errors=True)
     if "onnx" not in opts.formats:
         _drop_format(out, manifest, "onnx")
 
@@ -201,6 +226,37 @@ def _torch_graphs(source: ModelSource, opts: ExportOptions, out: Path, x) -> tup
                                          threshold=float(e.threshold), graphs={"onnx/fp32": key}))
     manifest.output = TensorSpec(OUTPUT_NAME, [None, *values[OUTPUT_NAME].shape[1:]], "float32")
     return manifest, segments, values
+
+
+def _fine_tuned_graphs(model, sample, cut_names: list[str], opts: ExportOptions, calib: Dataset, manifest: Manifest,
+                       work: Path):
+    """Quantisation-aware fine-tuning (toolkit.qat) of ``model`` on the representative inputs, sliced at the
+    same cuts: returns the fine-tuned segments (fx modules), every graph's real inputs as the fine-tuned
+    float graphs produce them, their float ONNX files in ``work`` by segment name (the int8 graphs are
+    quantised from these; the bundle's float graphs stay the original model's), and the training history."""
+    import copy
+
+    from . import calibrate
+    from .qat import finetune
+
+    student, history = finetune(model, calib.x, opts.qat, progress=opts.progress)
+    traced = TracedModel(student, sample)
+    segments = slice_model(traced, order_cuts(traced, cut_names))
+    work.mkdir(parents=True, exist_ok=True)
+    shadow = copy.deepcopy(manifest)
+    values = {INPUT_NAME: sample}
+    files = {}
+    for seg in segments:
+        args = tuple(values[n] for n in seg.inputs)
+        with torch.no_grad():
+            res = seg.module(*args)
+        values.update(zip(seg.outputs, res if isinstance(res, tuple) else (res,)))
+        files[seg.name] = work / f"{seg.name}.fp32.onnx"
+        export_onnx(seg.module, args, files[seg.name], seg.inputs, seg.outputs)
+        key = shadow.segment(seg.name).graphs["onnx/fp32"]
+        shadow.graphs[key].file = str(files[seg.name].relative_to(work.parent))
+    inputs = calibrate.graph_inputs(work.parent, shadow, calib.x, progress=opts.progress)
+    return segments, inputs, files, history
 
 
 def _check_threshold(e: ExitSpec) -> None:
