@@ -165,3 +165,30 @@ def test_bench_compares_early_exits_on_labelled_samples(bundle_dir, tmp_path):
     cut = modes["LC+EE"]["device_mflops"] < modes["LC"]["device_mflops"]
     assert ("early exits %s device compute: LC+EE" % ("cut" if cut else "do NOT cut")) in page.read_text()
     assert "| LC+EE |" in page.read_text() and "bench/comparison.png" in page.read_text()
+
+
+def test_quantisation_aware_fine_tuning_goes_through_the_same_int8_path(trained, tmp_path):
+    """--qat: the int8 graphs (ONNX, every target variant, and the exits on the fine-tuned head's features)
+    come from the fine-tuned copy; the float graphs stay the original's; verification compares by value."""
+    from toolkit.qat import QATConfig
+
+    backbone, exits_dir = trained
+    calib = read_dataset("fashion-mnist:train", PREPROCESS, limit=256, spread=True)
+    verify = read_dataset("fashion-mnist:test", PREPROCESS, limit=200)
+    src = ModelSource("fashion-cnn", "zoo", backbone, (1, 1, 28, 28), PREPROCESS)
+    out = tmp_path / "qat"
+    specs = exit_specs(exits_dir, backbone, torch.from_numpy(calib.x[:1]))
+    report = export_bundle(src, ExportOptions(split=["stage2"], out=out, exits=specs, int8=True, progress=False,
+                                              qat=QATConfig(epochs=1, batch_size=32)), calib, verify)
+    assert len(report["qat"]["loss"]) == 1 and np.isfinite(report["qat"]["loss"][0])
+    chains = report["verification"]["chains"]
+    assert chains["onnx/fp32"]["batch_n"]["rel_diff"] < 1e-4  # float graphs: the original model, exactly
+    assert chains["onnx/int8"]["batch_n"]["top1_agreement"] >= 0.95
+    bundle = Bundle.load(out)
+    assert not (out / ".qat").exists()
+    int8 = [g for g in bundle.manifest["graphs"].values() if g["precision"] == "int8"]
+    assert len(int8) == 2 * (len(bundle.segments) + len(bundle.exits))  # arm64/x86-vnni and x86-avx2 variants
+    for target in ("arm64", "x86-avx2"):
+        b = Bundle.load(out, int8_target=target)
+        got = Chain(b, "all", "onnx", "int8").run_segments({"input": verify.x})["logits"]
+        assert (got.argmax(1) == verify.y).mean() >= (chains["onnx/fp32"]["top1"] - 0.05)
