@@ -1,29 +1,34 @@
-"""Benchmark of ONNX int8 recipes (toolkit.quantize_onnx) on EfficientNet-Lite0 with real ImageNet images.
+"""int8 recipe search: every variant's top-1, agreement with float, size and host latency in one table.
 
-Data: a labelled image folder read by :func:`calibration.readers.read_dataset` (``--data``; default
-:func:`calibration.readers.default_data`: the 800 images of ../shared/data/imagenet-samples or
-$EETOOL_IMAGENET_SAMPLES, label = line of synsets.txt), preprocessed like the bundle (shorter side 256
-bilinear, centre crop 224, /255, ImageNet mean/std, NCHW). Calibration on every 4th image (200, or --ncal of
-them), evaluation on the others.
+A model is cut at ``--split`` into a head and a tail exactly as ``eetool export`` cuts it (toolkit.graph,
+toolkit.slicing, toolkit.onnx_export). Each variant quantises head and tail on their own real inputs
+(head: the representative images; tail: the float head's output on those images) and the int8 chain
+head -> tail is scored on held-out images. Data rule: calibrate and fine-tune on ``--calib``
+(default ``imagenet-samples:fold=0/2``), score on ``--eval`` (``fold=1/2``), two disjoint interleaved folds.
 
-For each config: whole model quantized with image calibration; split chain head = stem+blocks.0..5
-(output ``blocks.5``), tail = blocks.6..end, head calibrated on images, tail calibrated on the float
-head's real ``blocks.5`` for the same calibration images; int8 head -> int8 tail evaluated.
-Reports float top-1, int8 top-1 and top-1 agreement with float, plus 1-thread latency (information only).
+Columns: top-1 on --eval (when labelled), top-1 agreement with the float chain, int8 head+tail bytes,
+host latency of the int8 head and tail as a ratio to fp32 (batch 1, interleaved ABAB with the same
+threads and warm-up, medians), and the target the variant's kernels suit (see toolkit/int8_targets.py).
 
-    python bench/int8_recipe.py                       # all configs
-    python bench/int8_recipe.py --configs recipe      # only some
-    python bench/int8_recipe.py --data DIR            # another labelled image folder
-    python bench/int8_recipe.py --x-npy /tmp/X.npy --y-npy /tmp/y.npy   # reuse preprocessed arrays
+    python bench/int8_recipe.py                                   # every variant (tens of minutes, 2 cores)
+    python bench/int8_recipe.py --variants u8s8 "u8s8 +BC"          # some
+    python bench/int8_recipe.py --model resnet18 --split layer2 --variants u8s8 --n-calib 100 --n-eval 200
+    python bench/int8_recipe.py --sensitivity "u8s8 +BC"          # per-tensor SQNR of one variant
+    python bench/int8_recipe.py --table a.jsonl b.jsonl           # one table from several runs
+
+Results: a markdown table on stdout and in ``--out``.md, one JSON line per variant in ``--out``.jsonl.
+The aimet-onnx (CLE, AdaRound) and NNCF variants need ``pip install --no-deps -r
+bench/requirements-int8-search.txt``; the others need only eetool's own dependencies.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
 import time
-import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,139 +36,369 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.quantize_onnx import QuantConfig, quantize_graph  # noqa: E402
+from toolkit.quantize_onnx import QuantConfig, quantize_graph, sensitivity_ranking  # noqa: E402
 
-CONFIGS = {
-    "u8s8-minmax (ORT default)": QuantConfig(activation_type="uint8", weight_type="int8"),
-    "u8s8-minmax reduce_range": QuantConfig(activation_type="uint8", weight_type="int8", reduce_range=True),
-    "s8s8-minmax": QuantConfig(activation_type="int8", weight_type="int8"),
-    "s8s8-minmax ActivationSymmetric": QuantConfig(
-        activation_type="int8", weight_type="int8", extra_options={"ActivationSymmetric": True}
-    ),
-    "u8u8-minmax (recipe = QuantConfig())": QuantConfig(),
-    "u8u8-minmax +4 sensitive 16-bit": QuantConfig(sensitive_float=4),
-    "u8u8-minmax +8 sensitive 16-bit": QuantConfig(sensitive_float=8),
-    "u8u8-minmax zero-dead-channels": QuantConfig(zero_dead_channels=True),
-    "u8u8-percentile": QuantConfig(method="percentile"),
-    "u8u8-entropy": QuantConfig(method="entropy"),
+U8U8 = QuantConfig()
+U8S8 = QuantConfig(weight_type="int8")
+RR = QuantConfig(weight_type="int8", reduce_range=True)
+
+
+# ------------------------------------------------------------------------------------------ variants
+# name -> (kind, settings, target). kinds: "ort" (toolkit.quantize_onnx), "cle" (aimet-onnx cross-layer
+# equalisation, then ort), "nncf" (NNCF 3.4 PTQ), "adaround" (aimet-onnx), "qat" (toolkit.qat weights, then ort)
+VARIANTS = {
+    "u8u8": ("ort", U8U8, "any (slow u8u8 kernels on x86)"),
+    "u8s8": ("ort", U8S8, "arm64, x86-vnni"),
+    "u8s8 reduce_range": ("ort", RR, "x86-avx2"),
+    "s8s8": ("ort", QuantConfig(activation_type="int8", weight_type="int8"), "arm64, x86-vnni"),
+    "u8s8 entropy": ("ort", replace(U8S8, method="entropy", extra_options={"CalibMaxIntermediateOutputs": 4}),
+                     "arm64, x86-vnni"),
+    "u8s8 +stem float": ("ort", replace(U8S8, float_first_convs=1), "arm64, x86-vnni"),
+    "u8s8 +4 sensitive 16-bit": ("ort", replace(U8S8, sensitive_float=4), "arm64, x86-vnni"),
+    "u8s8 +BC": ("ort", replace(U8S8, bias_correction=True), "arm64, x86-vnni"),
+    "u8s8 reduce_range +BC": ("ort", replace(RR, bias_correction=True), "x86-avx2"),
+    "u8s8 CLE": ("cle", U8S8, "arm64, x86-vnni"),
+    "u8s8 CLE +BC": ("cle", replace(U8S8, bias_correction=True), "arm64, x86-vnni"),
+    "NNCF PTQ (fast bias correction)": ("nncf", {"fast_bias_correction": True}, "arm64, x86-vnni"),
+    "NNCF PTQ (bias correction)": ("nncf", {"fast_bias_correction": False}, "arm64, x86-vnni"),
+    "u8s8 AdaRound": ("adaround", {"iterations": 300}, "arm64, x86-vnni"),
+    "QAT u8s8": ("qat", U8S8, "arm64, x86-vnni"),
+    "QAT u8s8 +BC": ("qat", replace(U8S8, bias_correction=True), "arm64, x86-vnni"),
+    "QAT-7bit u8s8 reduce_range": ("qat", RR, "x86-avx2"),
+    "QAT-7bit u8s8 reduce_range +BC": ("qat", replace(RR, bias_correction=True), "x86-avx2"),
+    # TFLite (litert-torch + ai-edge-quantizer): int8 weights per channel, int8 activations, XNNPACK kernels
+    "TFLite int8": ("tflite", {"first_float": 0, "qat": False}, "any (XNNPACK)"),
+    "TFLite int8 +BC": ("tflite", {"first_float": 0, "qat": False, "bc": True}, "any (XNNPACK)"),
+    "TFLite int8 first 2 convs float +BC": ("tflite", {"first_float": 2, "qat": False, "bc": True}, "any (XNNPACK)"),
+    "TFLite int8 first 2 convs float": ("tflite", {"first_float": 2, "qat": False}, "any (XNNPACK)"),
+    "TFLite QAT int8": ("tflite", {"first_float": 0, "qat": True}, "any (XNNPACK)"),
+    "TFLite QAT int8 first 2 convs float": ("tflite", {"first_float": 2, "qat": True}, "any (XNNPACK)"),
 }
 
 
-def load_images(data: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Labelled images (default: the ImageNet samples), preprocessed exactly as the bundle's runtime does.
-    Raises DataError for a source without labels."""
-    from calibration.readers import DataError, default_data, read_dataset
-    from toolkit.sources import IMAGENET_PREPROCESS
+# ------------------------------------------------------------------------------------------------ graphs
+def load_model(name: str):
+    from toolkit.sources import resolve
 
-    ds = read_dataset(data or default_data(IMAGENET_PREPROCESS), IMAGENET_PREPROCESS, progress=True)
-    if ds.y is None:
-        raise DataError(f"{ds.source}: no labels (needs synsets.txt, labels.txt or class folders) for top-1")
-    return ds.x, ds.y
+    return resolve(name)
 
 
-def export(out: Path) -> None:
+def export_pair(model, sample, split: str, out: Path, tag: str, modules: dict | None = None
+                ) -> tuple[Path, Path, str, str]:
+    """Float ONNX head and tail of ``model`` cut at ``split``, as eetool export writes them; with
+    ``modules``, also stores the head and tail ``torch.fx`` modules and sample inputs there."""
     import torch
-    from torch import nn
 
-    from toolkit.models.efficientnet_lite import efficientnet_lite0
+    from toolkit.graph import TracedModel
+    from toolkit.onnx_export import export_onnx
+    from toolkit.slicing import order_cuts, slice_model
 
-    m = efficientnet_lite0()
-
-    class Tail(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks, self.head, self.pool, self.classifier = nn.Sequential(*m.blocks[6:]), m.head, m.pool, m.classifier
-
-        def forward(self, x):
-            return self.classifier(self.pool(self.head(self.blocks(x))))
-
-    graphs = {
-        "full": (m, (1, 3, 224, 224), "input", "logits"),
-        "head": (nn.Sequential(m.stem, *m.blocks[:6]).eval(), (1, 3, 224, 224), "input", "blocks.5"),
-        "tail": (Tail().eval(), (1, 80, 14, 14), "blocks.5", "logits"),
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, (mod, shape, i, o) in graphs.items():
-            torch.onnx.export(mod, torch.zeros(shape), str(out / f"{name}.onnx"), dynamo=False, opset_version=17,
-                              input_names=[i], output_names=[o], dynamic_axes={i: {0: "N"}, o: {0: "N"}})
+    traced = TracedModel(model.eval(), torch.from_numpy(sample))
+    head, tail = slice_model(traced, order_cuts(traced, [split]))
+    if len(head.outputs) != 1:
+        raise SystemExit(f"{split}: the cut carries {len(head.outputs)} tensors; pick a single-tensor split")
+    paths = out / f"{tag}.head.onnx", out / f"{tag}.tail.onnx"
+    x = torch.from_numpy(sample)
+    with torch.no_grad():
+        mid = head.module(x)
+    mid = mid[0] if isinstance(mid, tuple) else mid
+    export_onnx(head.module, (x,), paths[0], head.inputs, head.outputs)
+    export_onnx(tail.module, (mid,), paths[1], tail.inputs, tail.outputs)
+    if modules is not None:
+        modules[tag] = (head, tail, x, mid)
+    return paths[0], paths[1], head.inputs[0], head.outputs[0]
 
 
-def session(path: Path, threads: int = 2):
-    import onnxruntime as ort
+class Graph:
+    """A graph file with its format (``onnx``/``tflite``) and, for TFLite, our-name -> signature-name map."""
 
-    o = ort.SessionOptions()
-    o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    def __init__(self, path: Path, fmt: str = "onnx", name_map: dict | None = None):
+        self.path, self.fmt, self.name_map = Path(path), fmt, name_map
+
+    def session(self, threads: int):
+        from runtime.backends import open_session
+
+        return open_session(self.path, self.fmt, threads, self.name_map)
 
 
-def run(path: Path, name: str, x: np.ndarray, bs: int = 50) -> np.ndarray:
-    s = session(path)
-    return np.concatenate([s.run(None, {name: np.ascontiguousarray(x[i : i + bs])})[0] for i in range(0, len(x), bs)])
+def as_graph(g) -> Graph:
+    return g if isinstance(g, Graph) else Graph(g)
 
 
-def latency_ms(path: Path, name: str, x: np.ndarray, reps: int = 20) -> float:
-    s = session(path, threads=1)
-    feed = {name: np.ascontiguousarray(x[:1])}
-    for _ in range(3):
-        s.run(None, feed)
-    t = []
+def run(g, name: str, x: np.ndarray, bs: int = 32, threads: int = 2) -> np.ndarray:
+    s = as_graph(g).session(threads)
+    outs = [s.run({name: np.ascontiguousarray(x[i:i + bs])}) for i in range(0, len(x), bs)]
+    return np.concatenate([next(iter(o.values())) for o in outs])
+
+
+def latency_ratio(fp32, int8, name: str, x1: np.ndarray, threads: int, reps: int, warmup: int = 5) -> dict:
+    """Interleaved ABAB batch-1 timing of the fp32 and int8 graph (same threads, same warm-up): median and
+    minimum ms of each, and the median over repetitions of the ratio int8 / fp32."""
+    a, b = as_graph(fp32).session(threads), as_graph(int8).session(threads)
+    feed = {name: np.ascontiguousarray(x1)}
+    for _ in range(warmup):
+        a.run(feed)
+        b.run(feed)
+    ta, tb = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        t.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(t))
+        for s, t in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            s.run(feed)
+            t.append(time.perf_counter() - t0)
+    # median of the per-pair ratios: each pair ran back to back, so load from other processes cancels
+    ratio = float(np.median(np.asarray(tb) / np.asarray(ta)))
+    return {"fp32_ms": 1000 * float(np.median(ta)), "int8_ms": 1000 * float(np.median(tb)), "ratio": ratio,
+            "fp32_min_ms": 1000 * min(ta), "int8_min_ms": 1000 * min(tb)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    ap.add_argument("--ncal", type=int, default=200)
-    ap.add_argument("--data", help="labelled image folder (default: the ImageNet samples beside the checkout)")
-    ap.add_argument("--x-npy"), ap.add_argument("--y-npy")
-    ap.add_argument("--out", default="bench/results/int8_recipe.jsonl")
-    ap.add_argument("--no-split", action="store_true")
-    ap.add_argument("--latency", action="store_true")
-    args = ap.parse_args()
+# ---------------------------------------------------------------------------------------- quantisers
+def quantize_ort(fp32: Path, int8: Path, calib: dict, cfg: QuantConfig, first: bool) -> dict:
+    cfg = cfg if first else replace(cfg, float_first_convs=0)
+    return quantize_graph(fp32, int8, calib, cfg, progress=False)
 
-    X, y = (np.load(args.x_npy), np.load(args.y_npy)) if args.x_npy else load_images(args.data)
-    idx = np.arange(len(y))
-    cal, ev = idx[idx % 4 == 0][: args.ncal], idx[idx % 4 != 0]
-    XC, XE, ye = np.ascontiguousarray(X[cal]), np.ascontiguousarray(X[ev]), y[ev]
+
+def equalize(fp32: Path, out: Path) -> Path:
+    """Cross-layer equalisation (Nagel et al., ICCV 2019) with aimet-onnx: folds BatchNorm, replaces ReLU6
+    by ReLU (scale equivariance), rescales conv pairs and folds high biases."""
+    import onnx
+    from aimet_onnx.cross_layer_equalization import equalize_model
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    m = onnx.load(str(pre))
+    equalize_model(m)
+    onnx.save(m, str(out))
+    return out
+
+
+def quantize_nncf(fp32: Path, int8: Path, calib: dict, opts: dict) -> dict:
+    import nncf
+    import onnx
+
+    name = next(iter(calib))
+    x = calib[name]
+    data = nncf.Dataset([{name: x[i:i + 1]} for i in range(len(x))])
+    model = onnx.load(str(fp32))
+    q = nncf.quantize(model, data, subset_size=len(x), **opts)
+    onnx.save(q, str(int8))
+    return {"nncf": opts}
+
+
+def quantize_adaround(fp32: Path, int8: Path, calib: dict, opts: dict) -> dict:
+    """AdaRound (Nagel et al., ICML 2020) with aimet-onnx: weight rounding learned per layer on the
+    calibration inputs, int8 per-channel weights, uint8 activations, exported as QDQ."""
+    import onnx
+    from aimet_onnx import QuantizationSimModel, apply_adaround, int8 as qint8
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = int8.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    model = onnx.load(str(pre))
+    name = next(iter(calib))
+    x = calib[name]
+    batches = [{name: x[i:i + 16]} for i in range(0, len(x), 16)]
+    sim = QuantizationSimModel(model, param_type=qint8, activation_type=qint8, config_file=None)
+    apply_adaround(sim, batches[:4], num_iterations=opts["iterations"])
+    sim.compute_encodings(batches)
+    onnx.save(sim.to_onnx_qdq(), str(int8))
+    return {"adaround": opts}
+
+
+def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.ndarray, first_float: int):
+    """Float and int8 TFLite head and tail from the fx modules in ``mods`` (toolkit.export_tflite, as
+    eetool export writes them: head calibrated on images, tail on the float head's outputs, the tail's
+    input encoding pinned to the head's output encoding)."""
+    from toolkit.export_tflite import export_float, first_convs_float_recipe, quantize_int8
+
+    head, tail, x, mid = mods
+    out = {}
+    fixed = None
+    for seg, arg, calib in ((head, x, calib_x), (tail, mid, calib_mid)):
+        fp = tmp / f"{tag}.{seg.name}.fp32.tflite"
+        entry = export_float(seg.module, (arg,), fp, seg.inputs, seg.outputs)
+        recipe = first_convs_float_recipe(fp, first_float) if (first_float and seg is head) else "static_wi8_ai8_minmax"
+        q8 = tmp / f"{tag}.{seg.name}.int8.tflite"
+        q = quantize_int8(fp, q8, {seg.inputs[0]: calib}, recipe, name_map=entry["name_map"], fixed_io=fixed)
+        if seg is head:
+            fixed = {seg.outputs[0]: {k: q["io"][seg.outputs[0]][k] for k in ("scale", "zero_point")}}
+        out[seg.name] = (Graph(fp, "tflite", entry["name_map"]), Graph(q8, "tflite", entry["name_map"]), q)
+    (hf, h8, hq), (tf, t8, tq) = out[head.name], out[tail.name]
+    return hf, h8, tf, t8, {"head": hq, "tail": tq}
+
+
+def qat_state(model_name: str, model, calib_x: np.ndarray, reduce_range: bool, cache: Path, epochs: int, lr: float):
+    """Fine-tuned (toolkit.qat) copy of ``model``, cached in ``cache`` by settings."""
+    import torch
+
+    from toolkit import qat
+
+    cfg = qat.QATConfig(reduce_range=reduce_range, epochs=epochs, lr=lr)
+    key = cache / f"{model_name}-{'rr' if reduce_range else '8'}-e{cfg.epochs}-lr{cfg.lr:g}-n{len(calib_x)}.pt"
+    student = qat.fold_batchnorm(model)
+    if key.is_file():
+        student.load_state_dict(torch.load(key, weights_only=True))
+        return student.eval(), {"cached": str(key)}
+    student, hist = qat.finetune(model, calib_x, cfg, progress=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(student.state_dict(), key)
+    key.with_suffix(".json").write_text(json.dumps(hist))
+    return student, hist
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="efficientnet-lite0")
+    ap.add_argument("--split", default="blocks.5")
+    ap.add_argument("--calib", help="calibration / fine-tuning data (default: the ImageNet samples, fold 0/2)")
+    ap.add_argument("--eval", help="evaluation data (default: the ImageNet samples, fold 1/2)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--n-calib", type=int, help="use this many --calib samples (spread over the fold)")
+    ap.add_argument("--n-eval", type=int, help="use this many --eval samples (spread over the fold)")
+    ap.add_argument("--threads", type=int, default=1, help="latency threads (both graphs)")
+    ap.add_argument("--reps", type=int, default=30, help="latency repetitions per graph")
+    ap.add_argument("--qat-epochs", type=int, default=1)
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--qat-cache", default="out/qat-cache")
+    ap.add_argument("--sensitivity", help="variant whose per-tensor SQNR (qdq_loss_debug) is reported")
+    ap.add_argument("--out", default="bench/results/int8_recipe")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of earlier runs' rows")
+    args = ap.parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for f in args.table for line in Path(f).read_text().splitlines() if line.strip()]
+        print(markdown(rows))
+        return
+    unknown = [v for v in args.variants + ([args.sensitivity] if args.sensitivity else []) if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+
+    from calibration.readers import default_data, read_dataset
+
+    src = load_model(args.model)
+    data = default_data(src.preprocess)  # ../shared/data/imagenet-samples or $EETOOL_IMAGENET_SAMPLES
+    args.calib = args.calib or f"{data}:fold=0/2"
+    args.eval = args.eval or f"{data}:fold=1/2"
+    cal = read_dataset(args.calib, src.preprocess, limit=args.n_calib, spread=True, progress=True)
+    ev = read_dataset(args.eval, src.preprocess, limit=args.n_eval, spread=True, progress=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    mods: dict = {}
     with tempfile.TemporaryDirectory(prefix="int8-recipe-") as tmp:
         tmp = Path(tmp)
-        export(tmp)
-        pf = run(tmp / "full.onnx", "input", XE).argmax(1)
-        fcal = run(tmp / "head.onnx", "input", XC)  # real float-head features of the calibration images
-        fl = float((pf == ye).mean())
-        print(f"float top-1 on {len(ev)} held-out images: {fl:.4f}  (calibration: {len(cal)} images)")
-        for name in args.configs:
-            cfg = CONFIGS[name]
-            row = {"config": name, "ncal": len(cal), "neval": len(ev), "float_top1": fl}
+        head, tail, in_name, mid_name = export_pair(src.model, cal.x[:1], args.split, tmp, "float", mods)
+        float_mid = run(head, in_name, cal.x)
+        ref = run(tail, mid_name, run(head, in_name, ev.x)).argmax(1)
+        float_top1 = None if ev.y is None else float((ref == ev.y).mean())
+        print(f"{args.model} split after {args.split}: float top-1 {float_top1} on {len(ev)} images of {ev.source}; "
+              f"calibration on {len(cal)} images of {cal.source}", flush=True)
+        pairs = {"float": (head, tail, float_mid)}
+        students: dict = {}
+
+        def student(rr: bool):
+            """The fine-tuned model's float ONNX pair, its calibration features and fx modules."""
+            tag = f"qat-{int(rr)}"
+            if tag not in pairs:
+                st, students[tag] = qat_state(args.model, src.model, cal.x, rr, Path(args.qat_cache), args.qat_epochs,
+                                              args.qat_lr)
+                qh, qt, _, _ = export_pair(st, cal.x[:1], args.split, tmp, tag, mods)
+                pairs[tag] = (qh, qt, run(qh, in_name, cal.x))
+            return tag
+
+        for name in args.variants:
+            kind, opts, target = VARIANTS[name]
             t0 = time.time()
-            info = quantize_graph(tmp / "full.onnx", tmp / "full.int8.onnx", {"input": XC}, cfg)
-            row["quant_s"] = round(time.time() - t0, 1)
-            p = run(tmp / "full.int8.onnx", "input", XE).argmax(1)
-            row.update(full_top1=float((p == ye).mean()), full_agree=float((p == pf).mean()),
-                       float_nodes=info["float_nodes"], wide_tensors=list(info["wide_tensors"]))
-            if args.latency:
-                row.update(lat_fp32_ms=latency_ms(tmp / "full.onnx", "input", XE),
-                           lat_int8_ms=latency_ms(tmp / "full.int8.onnx", "input", XE),
-                           size_fp32_mb=(tmp / "full.onnx").stat().st_size / 1e6,
-                           size_int8_mb=(tmp / "full.int8.onnx").stat().st_size / 1e6)
-            if not args.no_split:
-                hi = quantize_graph(tmp / "head.onnx", tmp / "head.int8.onnx", {"input": XC}, cfg)
-                ti = quantize_graph(tmp / "tail.onnx", tmp / "tail.int8.onnx", {"blocks.5": fcal}, cfg)
-                f = run(tmp / "head.int8.onnx", "input", XE)
-                p = run(tmp / "tail.int8.onnx", "blocks.5", f).argmax(1)
-                row.update(split_top1=float((p == ye).mean()), split_agree=float((p == pf).mean()),
-                           head_out_q=hi["io"]["blocks.5"], tail_in_q=ti["io"]["blocks.5"],
-                           split_float_nodes=hi["float_nodes"] + ti["float_nodes"])
-            print(json.dumps(row))
-            with out.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            h8, t8 = tmp / f"{len(rows)}.head.int8.onnx", tmp / f"{len(rows)}.tail.int8.onnx"
+            fh, ft, mid = pairs["float"]
+            ref_head, ref_tail = head, tail  # latency reference: the float graphs of the same format
+            info: dict = {}
+            if kind == "qat":
+                tag = student(bool(opts.reduce_range))
+                info["qat"] = students[tag]
+                fh, ft, mid = pairs[tag]
+            if kind == "cle":
+                if "cle" not in pairs:
+                    ch, ct = equalize(head, tmp / "cle.head.onnx"), equalize(tail, tmp / "cle.tail.onnx")
+                    pairs["cle"] = (ch, ct, run(ch, in_name, cal.x))
+                fh, ft, mid = pairs["cle"]
+            if kind in ("ort", "qat", "cle"):
+                info["head"] = quantize_ort(fh, h8, {in_name: cal.x}, opts, first=True)
+                info["tail"] = quantize_ort(ft, t8, {mid_name: mid}, opts, first=False)
+            elif kind == "nncf":
+                info["head"] = quantize_nncf(fh, h8, {in_name: cal.x}, opts)
+                info["tail"] = quantize_nncf(ft, t8, {mid_name: mid}, opts)
+            elif kind == "adaround":
+                info["head"] = quantize_adaround(fh, h8, {in_name: cal.x}, opts)
+                info["tail"] = quantize_adaround(ft, t8, {mid_name: mid}, opts)
+            elif kind == "tflite":
+                tag = student(False) if opts["qat"] else "float"
+                if opts.get("bc"):  # bias correction folded into a float copy before conversion
+                    from toolkit.bias_correction import bias_corrected_model
+
+                    if "bc" not in pairs:
+                        bc_model = bias_corrected_model(src.model if tag == "float" else None, cal.x)
+                        bh, bt, _, _ = export_pair(bc_model, cal.x[:1], args.split, tmp, "bc", mods)
+                        pairs["bc"] = (bh, bt, run(bh, in_name, cal.x))
+                    tag = "bc"
+                cmid = pairs[tag][2]
+                ref_head, h8, ref_tail, t8, info = tflite_pair(mods[tag], tmp, f"{len(rows)}", cal.x, cmid,
+                                                               opts["first_float"])
+                if opts["qat"]:  # latency against the original model's float TFLite graphs
+                    ref_head, _, ref_tail, _, _ = tflite_pair(mods["float"], tmp, f"{len(rows)}f", cal.x[:8],
+                                                              float_mid[:8], 0)
+            quant_s = time.time() - t0
+            h8, t8 = as_graph(h8), as_graph(t8)
+            pred = run(t8, mid_name, run(h8, in_name, ev.x)).argmax(1)
+            row = {
+                "variant": name, "target": target, "model": args.model, "split": args.split,
+                "calib": cal.source, "eval": ev.source, "n_eval": len(ev),
+                "float_top1": float_top1, "top1": None if ev.y is None else float((pred == ev.y).mean()),
+                "agreement": float((pred == ref).mean()),
+                "float_classes": int(len(np.unique(ref))),  # distinct float predictions: agreement is not trivial
+                "bytes": h8.path.stat().st_size + t8.path.stat().st_size,
+                "float_bytes": as_graph(ref_head).path.stat().st_size + as_graph(ref_tail).path.stat().st_size,
+                "head_latency": latency_ratio(ref_head, h8, in_name, ev.x[:1], args.threads, args.reps),
+                "tail_latency": latency_ratio(ref_tail, t8, mid_name, run(head, in_name, ev.x[:1]), args.threads,
+                                              args.reps),
+                "quant_s": round(quant_s, 1), "threads": args.threads,
+                "info": _jsonable(info),
+            }
+            if args.sensitivity == name and kind != "tflite":
+                row["sensitivity"] = {
+                    "head": sensitivity_ranking(fh, h8.path, {in_name: cal.x[:8]}, tmp)[:10],
+                    "tail": sensitivity_ranking(ft, t8.path, {mid_name: mid[:8]}, tmp)[:10],
+                }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with out.with_suffix(".jsonl").open("a") as fh_:
+                fh_.write(json.dumps(row) + "\n")
+    table = markdown(rows)
+    print(table)
+    out.with_suffix(".md").write_text(table + "\n")
+
+
+def _jsonable(o):
+    """Quantiser summaries without numpy scalars (for the JSON lines)."""
+    return json.loads(json.dumps(o, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [f"{r0['model']} split after {r0['split']}; calibration {r0['calib']}, evaluation {r0['eval']} "
+             f"({r0['n_eval']} images); float top-1 "
+             + ("n/a" if r0["float_top1"] is None else f"{100 * r0['float_top1']:.2f} %")
+             + f"; latency at {r0['threads']} thread(s), batch 1, int8/fp32 medians interleaved ABAB", "",
+             "| variant | kernels suit | top-1 | Δ vs float | agreement | int8 bytes (head+tail) | head int8/fp32 | tail int8/fp32 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        top1 = "n/a" if r["top1"] is None else f"{100 * r['top1']:.2f} %"
+        delta = "n/a" if r["top1"] is None else f"{100 * (r['top1'] - r['float_top1']):+.2f} pt"
+        lines.append(f"| {r['variant']} | {r['target']} | {top1} | {delta} | {100 * r['agreement']:.2f} % | "
+                     f"{r['bytes']:,} | {r['head_latency']['ratio']:.2f} | {r['tail_latency']['ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -86,8 +86,8 @@ $BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOAR
 
 if [ -d "$SAMPLES" ]; then
   echo "== 5. int8 recipe and TFLite float-vs-int8 benchmarks"
-  $BIN/python bench/int8_recipe.py --data "$SAMPLES" --configs "u8u8-minmax (recipe = QuantConfig())" --latency \
-      --out "$REPORT/int8_recipe.json"
+  $BIN/python bench/int8_recipe.py --variants "u8s8 +BC" "u8s8 reduce_range +BC" \
+      --calib "$SAMPLES:fold=0/2" --eval "$SAMPLES:fold=1/2" --out "$REPORT/int8_recipe"
   $BIN/python bench/tflite_latency.py --jpegs "$SAMPLES" --ncal 200 --out "$REPORT/tflite_latency.json"
 fi
 echo "report: $REPORT/report.md"
