@@ -51,7 +51,7 @@ VARIANTS = {
     "u8s8": ("ort", U8S8, "arm64, x86-vnni"),
     "u8s8 reduce_range": ("ort", RR, "x86-avx2"),
     "s8s8": ("ort", QuantConfig(activation_type="int8", weight_type="int8"), "arm64, x86-vnni"),
-    "u8s8 entropy": ("ort", replace(U8S8, method="entropy", extra_options={"CalibMaxIntermediateOutputs": 4}),
+    "u8s8 entropy": ("ort", replace(U8S8, method="entropy"),
                      "arm64, x86-vnni"),
     "u8s8 +stem float": ("ort", replace(U8S8, float_first_convs=1), "arm64, x86-vnni"),
     "u8s8 +4 sensitive 16-bit": ("ort", replace(U8S8, sensitive_float=4), "arm64, x86-vnni"),

@@ -186,7 +186,7 @@ def test_quantisation_aware_fine_tuning_goes_through_the_same_int8_path(trained,
     assert chains["onnx/int8"]["batch_n"]["top1_agreement"] >= 0.95
     bundle = Bundle.load(out)
     assert not (out / ".qat").exists()
-    int8 = [g for g in bundle.manifest["graphs"].values() if g["precision"] == "int8"]
+    int8 = [g for g in bundle.manifest.graphs.values() if g.precision == "int8"]
     assert len(int8) == 2 * (len(bundle.segments) + len(bundle.exits))  # arm64/x86-vnni and x86-avx2 variants
     for target in ("arm64", "x86-avx2"):
         b = Bundle.load(out, int8_target=target)

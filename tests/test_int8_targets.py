@@ -40,12 +40,12 @@ def test_targets_group_by_kernel_types():
 
 
 def test_server_runs_float_tails_on_x86(monkeypatch, effnet_bundle):
-    from runtime.__main__ import pick_precision
     from runtime.bundle import Bundle
+    from runtime.session import pick_precision
 
     bundle = Bundle.load(effnet_bundle[0])
-    bundle.manifest["segments"][1]["graphs"]["onnx/int8"] = "x"  # pretend the bundle has int8 graphs
-    bundle.manifest["segments"][0]["graphs"]["onnx/int8"] = "y"
+    bundle.manifest.segments[1].graphs["onnx/int8"] = "x"  # pretend the bundle has int8 graphs
+    bundle.manifest.segments[0].graphs["onnx/int8"] = "y"
     monkeypatch.setenv(targets.ENV, "x86-vnni")
     assert pick_precision(bundle, "onnx", "auto", side="server") == "fp32"
     assert pick_precision(bundle, "onnx", "auto", side="device") == "int8"
@@ -71,18 +71,20 @@ def test_every_int8_graph_states_its_targets_and_variants_share_the_wire(int8_bu
     from toolkit.quantize_onnx import tensor_qparams
 
     bundle = Bundle.load(int8_bundle, int8_target="arm64")
-    int8 = {k: g for k, g in bundle.manifest["graphs"].items() if g["precision"] == "int8"}
-    assert int8 and all(g.get("targets") for g in int8.values())
+    graphs = bundle.manifest.graphs
+    int8 = {k: g for k, g in graphs.items() if g.precision == "int8"}
+    assert int8 and all(g.targets for g in int8.values())
     for seg in bundle.segments:
-        primary = bundle.manifest["graphs"][seg["graphs"]["onnx/int8"]]
-        assert primary["targets"] == ["arm64", "x86-vnni"]
-        assert primary["quantization"]["weights"] == "int8" and not primary["quantization"]["reduce_range"]
-        alt = bundle.manifest["graphs"][primary["variants"]["x86-avx2"]]
-        assert alt["targets"] == ["x86-avx2"] and alt["quantization"]["reduce_range"]
-        for t in seg["outputs"]:
-            if t in bundle.manifest["tensors"]:  # the wire tensor: same encoding from both heads
-                a = tensor_qparams(int8_bundle / primary["file"], t)
-                b = tensor_qparams(int8_bundle / alt["file"], t)
+        primary = graphs[seg.graphs["onnx/int8"]]
+        assert primary.targets == ["arm64", "x86-vnni"]
+        assert primary.quantization.weights == "int8" and not primary.quantization.reduce_range
+        assert primary.quantization.bias_correction["layers"] > 0  # the default recipe
+        alt = graphs[primary.variants["x86-avx2"]]
+        assert alt.targets == ["x86-avx2"] and alt.quantization.reduce_range
+        for t in seg.outputs:
+            if t in bundle.manifest.tensors:  # the wire tensor: same encoding from both heads
+                a = tensor_qparams(int8_bundle / primary.file, t)
+                b = tensor_qparams(int8_bundle / alt.file, t)
                 assert a == b
     # the runtime picks the graph made for its CPU
     assert Bundle.load(int8_bundle, int8_target="x86-avx2").graph_key(bundle.segments[0], "onnx", "int8").endswith("x86-avx2")
