@@ -124,6 +124,8 @@ CONFLICTS = [
     ([*EXPORT, "--calib-method", "entropy"], "--calib-method: chooses how --int8 quantises the ONNX graphs; add --int8"),
     ([*EXPORT, "--int8", "--int8-weights", "int8", "--format", "tflite"], "--int8-weights: applies to ONNX int8 graphs only"),
     ([*EXPORT, "--calib-method", "entropy", "--int8-weights", "int8"], "--calib-method, --int8-weights: choose how"),
+    ([*EXPORT, "--int8-targets", "arm64"], "--int8-targets: chooses how --int8 quantises the ONNX graphs"),
+    ([*EXPORT, "--qat"], "--qat: fine-tunes the model for the int8 graphs; add --int8"),
     ([*EXPORT, "--samples", "16", "--verify-samples", "8"], "raise --verify-samples to at least 16"),
     ([*EXPORT, "--samples", "-1"], "-1 is not in the range x>=0"),
     ([*EXPORT, "--calib", "fashion-mnist"], "Fashion-MNIST is read with its own preprocessing"),

@@ -169,8 +169,8 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         raise click.BadParameter(f"unknown format(s) {sorted(unknown)}; use onnx and/or tflite", param_hint="--format")
     onnx_int8 = given(ctx, "calib_method", "int8_weights", "int8_targets")
     if not int8:
-        refuse(onnx_int8 + given(ctx, "qat", "qat_epochs"),
-               "choose{s} how --int8 quantises the graphs; add --int8 or drop {it}")
+        refuse(onnx_int8, "choose{s} how --int8 quantises the ONNX graphs; add --int8 or drop {it}")
+        refuse(given(ctx, "qat", "qat_epochs"), "fine-tune{s} the model for the int8 graphs; add --int8 or drop {it}")
     if "onnx" not in fmts:
         refuse(onnx_int8, "appl{ies} to ONNX int8 graphs only (TFLite int8 uses ai-edge-quantizer's recipe); "
                           "add onnx to --format or drop {it}")
