@@ -9,10 +9,16 @@ or whose logits are off by more than 1e-3 x (1 + max |logit|) is a *wrong answer
 *error* (by code); a request with no answer at all (timeout, connection broken twice) is *lost*.
 
 Without ``--server`` it starts the servers itself on 127.0.0.1: ``serve`` with its defaults (batching)
-and, unless ``--no-baseline``, ``serve --no-batching`` (each request alone through one session, the server
-before batching), and measures both at every client count, interleaved (ABAB, ``--rounds``). In the same
-run it measures the ceiling: bare tail sessions, no server, at each batch size (the server's workers x
-threads, and one session on every core), the best of which is what batching can at most reach.
+and, unless ``--no-baseline``, the batch-1 path: ``serve --no-batching`` (each request alone through one
+session, the server before batching) with a batching worker's session options (threads, spinning), and
+measures both at every client count, interleaved (ABAB, ``--rounds``). Two in-process cells, no sockets,
+join the rotation at the same rounds: the *bare batched ceiling* (the server's worker sessions, at its
+threads, spinning and ``max_batch``, each running batches of the real requests back to back; joins the
+largest client count) and the *bare batch-1 tail* (one such session, one request at a time; joins the
+smallest client count). Every cell runs once untimed before the rounds (``--warmup``). The targets are
+ratios taken per round and given as median and interquartile range over the rounds. After the rounds a
+batch-size sweep of bare sessions (``--sweep-seconds``) shows whether another batch size or layout would
+raise the ceiling.
 
 Writes ``loadtest.json``, ``loadtest.md`` and ``loadtest.png`` (throughput and p99 against clients) to
 ``--out``; ``--json`` also prints the JSON. Units: ms, requests/s, samples/s.
@@ -33,7 +39,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["run_loadtest", "add_arguments", "prepare_requests", "summarize", "ceiling"]
+__all__ = ["run_loadtest", "add_arguments", "prepare_requests", "summarize", "bare_cell", "bare_batches",
+           "inprocess_config", "batch_sweep", "targets"]
 
 #: a reply is wrong when |logits - reference| exceeds this x (1 + max |reference|), or top-1 differs
 TOLERANCE = 1e-3
@@ -44,6 +51,7 @@ def prepare_requests(bundle, fmt: str, precision: str, limit: int = 16, threads:
     """Request tensors from the bundle's samples as a device sends them, and the reference logits.
 
     Returns {"tensors": [name -> int8 (1, C, H, W)], "quant": name -> {scale, zero_point, dtype},
+    "feeds": [name -> float32 (1, C, H, W): the tail's inputs as the server dequantises them],
     "reference": [(1, K) float32 logits from the tail run here], "files": [...]}.
 
     Raises:
@@ -63,15 +71,17 @@ def prepare_requests(bundle, fmt: str, precision: str, limit: int = 16, threads:
     head = Chain(bundle, "device", fmt, precision, threads, with_exits=False)
     tail = Chain(bundle, "server", fmt, precision, threads, with_exits=False)
     params = wire_params(bundle, "int8")
-    tensors, refs, quant = [], [], {}
+    tensors, refs, feeds, quant = [], [], [], {}
     for f in files:
         x = load_inputs([f], m.preprocess)
         values = head.run_segments({m.input.name: x[:1]})
         t, quant = quantize_wire(params, values)
         feed = {n: params[n].dequantize(t[n]) for n in t}  # what the server dequantises
         tensors.append(t)
+        feeds.append(feed)
         refs.append(tail.run_segments(feed)[m.output.name].astype(np.float32))
-    return {"tensors": tensors, "quant": quant, "reference": refs, "files": [os.path.basename(f) for f in files]}
+    return {"tensors": tensors, "quant": quant, "feeds": feeds, "reference": refs,
+            "files": [os.path.basename(f) for f in files]}
 
 
 def write_requests(req: dict, folder: Path) -> None:
@@ -84,6 +94,14 @@ def write_requests(req: dict, folder: Path) -> None:
     np.savez(folder / "requests.npz", **arrays)
     (folder / "requests.json").write_text(json.dumps({"quant": req["quant"], "count": len(req["tensors"]),
                                                       "names": sorted(req["tensors"][0])}))
+
+
+def is_right(logits: Optional[np.ndarray], ref: np.ndarray) -> bool:
+    """Whether ``logits`` ((1, K) float32) answer like the reference ``ref`` (same shape): same top-1 and
+    no logit off by more than TOLERANCE x (1 + max |ref|)."""
+    if logits is None or logits.shape != ref.shape or int(logits.argmax()) != int(ref.argmax()):
+        return False
+    return float(np.abs(logits - ref).max()) <= TOLERANCE * (1.0 + float(np.abs(ref).max()))
 
 
 # --------------------------------------------------------------------------- one client process
@@ -141,13 +159,10 @@ def client_run(tensors, refs, quant, server: str, start_at: float, duration: flo
             out["retried"] += int(r.attempts > 1)
             if "batch" in r.meta:
                 out["batches"].append(int(r.meta["batch"]))
-            ref = refs[k]
-            tol = TOLERANCE * (1.0 + float(np.abs(ref).max()))
-            if r.logits is None or r.logits.shape != ref.shape or int(r.logits.argmax()) != int(ref.argmax()) \
-                    or float(np.abs(r.logits - ref).max()) > tol:
-                out["wrong"] += 1
-            else:
+            if is_right(r.logits, refs[k]):
                 out["ok"] += 1
+            else:
+                out["wrong"] += 1
     finally:
         cli.close()  # an idle open connection would make the batcher wait for it
     return out
@@ -280,15 +295,109 @@ def _merge(parts: List[dict]) -> dict:
             c["batches"] += r.get("batches", [])
             if r.get("error_example"):
                 c["error_example"] = r["error_example"]
-    return summarize(list(by_client.values()), dur)
+    out = summarize(list(by_client.values()), dur)
+    out["per_round"] = []
+    for p in parts:  # each round on its own: the ratios against the cells next to it are taken per round
+        s = summarize(p["results"], p["duration"])
+        out["per_round"].append({k: s[k] for k in ("req_per_s", "replies", "p50_ms", "p99_ms") if k in s})
+    return out
 
 
-# --------------------------------------------------------------------------- the ceiling
-def ceiling(bundle, fmt: str, precision: str, layouts: Sequence[tuple], batches: Sequence[int], sample: dict,
-            seconds: float = 2.0) -> dict:
+# --------------------------------------------------------------------------- in-process cells (no sockets)
+def inprocess_config(plan: Optional[dict], cores: int) -> dict:
+    """The bare sessions that stand for a batching server: {"sessions", "threads", "batch", "spinning",
+    "providers"} from its start-up ``plan`` (``serve``'s or Ray Serve's JSON plan line): one session per
+    worker (replica), the same intra-op threads and spinning, batches of its ``max_batch``."""
+    plan = plan or {}
+    return {"sessions": int(plan.get("workers") or plan.get("replicas") or 1),
+            "threads": plan.get("threads") or (None if plan.get("device") == "gpu" else cores),
+            "batch": int(plan.get("max_batch") or 1), "spinning": plan.get("allow_spinning"),
+            "providers": plan.get("providers")}
+
+
+def bare_batches(feeds: List[Dict[str, np.ndarray]], batch: int, count: int = 8) -> List[tuple]:
+    """``count`` (at most one per request) batches of ``batch`` requests each, as the batcher concatenates
+    them: [(name -> (batch, ...) float32, [request index of each row])]; batch j starts at request j and
+    takes the requests after it in turn, so every request appears in every row position over the set."""
+    n = len(feeds)
+    out = []
+    for j in range(min(count, n)):
+        idx = [(j + i) % n for i in range(batch)]
+        out.append(({k: np.ascontiguousarray(np.concatenate([feeds[i][k] for i in idx], axis=0)) for k in feeds[0]},
+                    idx))
+    return out
+
+
+def bare_cell(chains, output: str, batches: List[tuple], refs: List[np.ndarray], seconds: float,
+              keep_answers: bool = False, runs: Optional[int] = None) -> dict:
+    """One in-process cell: every chain (one tail session each, as a batching worker has) runs ``batches``
+    in turn, back to back, in its own thread, for ``seconds`` s (or exactly ``runs`` batches each); every
+    row of every output is checked against ``refs`` (:func:`is_right`).
+
+    Returns {"runs", "samples", "ok", "wrong", "seconds", "samples_per_s", "latency_ms": [ms per run]} and,
+    with ``keep_answers``, "answers": request index -> (1, K) float32 logits (the last seen)."""
+    stats = [{"runs": 0, "samples": 0, "ok": 0, "wrong": 0, "latency_ms": []} for _ in chains]
+    answers: Dict[int, np.ndarray] = {}
+    end = time.perf_counter() + seconds
+
+    def work(w: int) -> None:
+        st, j = stats[w], w
+        while (st["runs"] < runs) if runs is not None else (time.perf_counter() < end):
+            feeds, idx = batches[j % len(batches)]
+            j += len(chains)
+            t0 = time.perf_counter()
+            logits = chains[w].run_segments(feeds)[output]
+            st["latency_ms"].append((time.perf_counter() - t0) * 1e3)
+            st["runs"] += 1
+            st["samples"] += len(idx)
+            for row, k in enumerate(idx):
+                got = np.asarray(logits[row:row + 1], dtype=np.float32)
+                if is_right(got, refs[k]):
+                    st["ok"] += 1
+                else:
+                    st["wrong"] += 1
+                if keep_answers:
+                    answers[k] = got
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(len(chains))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    out = {k: sum(st[k] for st in stats) for k in ("runs", "samples", "ok", "wrong")}
+    out.update(seconds=wall, samples_per_s=out["samples"] / wall if wall > 0 else 0.0,
+               latency_ms=[v for st in stats for v in st["latency_ms"]])
+    if keep_answers:
+        out["answers"] = answers
+    return out
+
+
+def _merge_bare(parts: List[dict], config: dict) -> dict:
+    """Rounds of one in-process cell: counts added, run latencies pooled, the rate over the total time,
+    and each round's rate and p50."""
+    lat = np.asarray([v for p in parts for v in p["latency_ms"]])
+    secs = sum(p["seconds"] for p in parts)
+    out = dict(config, **{k: sum(p[k] for p in parts) for k in ("runs", "samples", "ok", "wrong")})
+    out.update(seconds=secs, samples_per_s=out["samples"] / secs if secs else 0.0,
+               per_round=[{"samples_per_s": p["samples_per_s"], "runs": p["runs"],
+                           "p50_ms": float(np.percentile(p["latency_ms"], 50)) if p["latency_ms"] else None}
+                          for p in parts])
+    if lat.size:
+        out.update({"p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+                    "p99_ms": float(np.percentile(lat, 99)), "mean_ms": float(lat.mean())})
+    return out
+
+
+def batch_sweep(bundle, fmt: str, precision: str, layouts: Sequence[tuple], batches: Sequence[int], sample: dict,
+                seconds: float = 2.0, server: Optional[dict] = None) -> dict:
     """Bare tail sessions, no server: samples/s at each batch size for each (sessions, threads) layout,
     the sessions running concurrently (spinning off when more than one), the median of three windows of
-    ``seconds / 3``. Returns {"points": [...], "best": {...}}."""
+    ``seconds / 3``. Not interleaved with the server cells: read it as ratios within the sweep.
+    ``server``: the in-process config of the batching server (:func:`inprocess_config`); its point, when
+    measured, gives "best_vs_server_config" (how much a different batch size or layout would add).
+    Returns {"points": [...], "best": {...}, "seconds_per_point", "best_vs_server_config"?}."""
     from .chain import Chain
 
     points = []
@@ -319,7 +428,14 @@ def ceiling(bundle, fmt: str, precision: str, layouts: Sequence[tuple], batches:
             points.append({"sessions": sessions, "threads": threads, "batch": b,
                            "samples_per_s": float(np.median(rates)), "windows": [round(v, 1) for v in rates]})
     best = max(points, key=lambda p: p["samples_per_s"])
-    return {"points": points, "best": best, "seconds_per_point": seconds}
+    out = {"points": points, "best": best, "seconds_per_point": seconds}
+    if server:
+        mine = [p for p in points if (p["sessions"], p["threads"], p["batch"])
+                == (server["sessions"], server["threads"], server["batch"])]
+        if mine:
+            out["server_config"] = mine[0]
+            out["best_vs_server_config"] = best["samples_per_s"] / mine[0]["samples_per_s"]
+    return out
 
 
 # --------------------------------------------------------------------------- servers
@@ -365,21 +481,28 @@ def add_arguments(p) -> None:
     p.add_argument("bundle")
     p.add_argument("--server", help="HOST:PORT of a running server (default: start them here on 127.0.0.1)")
     p.add_argument("--clients", default="1,8,32,64", help="client counts, comma-separated (default 1,8,32,64)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per client count and server (default 10)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds the duration is split into (ABAB)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per client count and server (default 20)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds the duration is split into (ABAB); "
+                                                          "the targets' ratios are taken per round")
     p.add_argument("--max-requests", type=int, default=100000, help="most requests per client and round")
     p.add_argument("--timeout", type=float, default=10.0, help="client timeout per request (s)")
     p.add_argument("--no-baseline", action="store_true", help="do not measure 'serve --no-batching' alongside")
     p.add_argument("--serve-args", default="", help="extra arguments for the batching server it starts, e.g. "
                                                     "'--workers 1 --max-batch 16'")
-    p.add_argument("--baseline-args", default="", help="extra arguments for the 'serve --no-batching' server, "
-                                                       "e.g. '--spinning off' (same session options as the workers)")
+    p.add_argument("--baseline-args", default="", help="extra arguments for the 'serve --no-batching' server (the "
+                                                       "batch-1 path), after the batching workers' --threads and "
+                                                       "--spinning it gets by default, e.g. '--spinning on'")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="graphs for the servers it starts, the references and the ceiling")
     p.add_argument("--samples", type=int, default=16, help="distinct request inputs from the bundle's samples/")
-    p.add_argument("--ceiling-seconds", type=float, default=2.0, help="seconds per ceiling point (0: skip the ceiling)")
-    p.add_argument("--ceiling-batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="seconds each cell runs untimed before the rounds (servers at the most clients)")
+    p.add_argument("--no-bare", action="store_true",
+                   help="skip the in-process cells (bare batched ceiling, bare batch-1 tail)")
+    p.add_argument("--sweep-seconds", type=float, default=2.0,
+                   help="seconds per point of the batch-size sweep of bare sessions after the rounds (0: skip it)")
+    p.add_argument("--sweep-batches", default="1,2,4,8,16,32,64")
     p.add_argument("--secret", help="shared secret of the server (or $EETOOL_SECRET)")
     p.add_argument("--out", default="loadtest-report", help="folder for loadtest.json / .md / .png")
     p.add_argument("--json", action="store_true", help="print the JSON result")
@@ -395,18 +518,38 @@ def _ints(text: str, what: str) -> List[int]:
     return out
 
 
+def _session_options(plan: dict) -> List[str]:
+    """``serve`` arguments giving a session the batching workers' threads and spinning (from their plan)."""
+    out = ["--threads", str(plan["threads"])] if plan.get("threads") else []
+    if plan.get("allow_spinning") is not None:
+        out += ["--spinning", "on" if plan["allow_spinning"] else "off"]
+    return out
+
+
+def _progress(label: str, k: Optional[int], s: dict) -> None:
+    if k is None:  # an in-process cell
+        print("%-24s %7.1f samples/s  %d runs, p50 %7.1f ms per run  wrong %d" % (
+            label, s["samples_per_s"], s["runs"], float(np.percentile(s["latency_ms"], 50)) if s["latency_ms"]
+            else float("nan"), s["wrong"]), file=sys.stderr, flush=True)
+        return
+    print("%-12s %3d clients: %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  wrong %d lost %d errors %s"
+          % (label, k, s["req_per_s"], s.get("p50_ms", float("nan")), s.get("p99_ms", float("nan")),
+             s["wrong"], s["lost"], s["errors"] or 0), file=sys.stderr, flush=True)
+
+
 def run_loadtest(args) -> int:
     """The ``loadtest`` command (see the module doc). Raises ValueError for bad options."""
     import shlex
 
     from .bundle import Bundle
+    from .chain import Chain
     from .session import pick_backend, pick_precision
-    from .serving import probe_sample, usable_cores
+    from .serving import build_workers, probe_sample, usable_cores
 
-    clients = _ints(args.clients, "--clients")
-    batches = _ints(args.ceiling_batches, "--ceiling-batches")
-    if args.duration <= 0 or args.rounds < 1:
-        raise ValueError("--duration must be > 0 and --rounds >= 1")
+    clients = sorted(set(_ints(args.clients, "--clients")))
+    sweep_batches = _ints(args.sweep_batches, "--sweep-batches")
+    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
+        raise ValueError("--duration must be > 0, --rounds >= 1 and --warmup >= 0")
     if args.server:
         host, _, port = args.server.rpartition(":")
         if not host or not port.isdigit():
@@ -421,9 +564,15 @@ def run_loadtest(args) -> int:
         (out / name).unlink(missing_ok=True)  # nothing left over from an earlier run
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t_start = time.time()
+    cores = usable_cores()
     req = prepare_requests(bundle, fmt, precision, args.samples)
+    output = bundle.manifest.output.name
     servers = []  # (label, proc or None, addr, plan)
     pool = None
+    cfg, chains = None, []  # the in-process cells' config and sessions
+    cells: Dict[tuple, List[dict]] = {}
+    bare: Dict[str, List[dict]] = {"ceiling": [], "batch1": []}
+    warm: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="eetool-loadtest-") as tmp:
         write_requests(req, Path(tmp))
         try:
@@ -434,50 +583,77 @@ def run_loadtest(args) -> int:
                 p, addr, plan = start_server(str(bundle.root), common + shlex.split(args.serve_args), out / "serve.log")
                 servers.append(("batching", p, addr, plan))
                 if not args.no_baseline:
-                    p, addr, plan = start_server(str(bundle.root), common + ["--no-batching"]
-                                                 + shlex.split(getattr(args, "baseline_args", "") or ""),
-                                                 out / "serve-nobatch.log")
-                    servers.append(("no batching", p, addr, plan))
+                    # the batch-1 path: each request alone through one session with a batching worker's options
+                    p, addr, plan_b = start_server(str(bundle.root), common + ["--no-batching"] + _session_options(plan)
+                                                   + shlex.split(getattr(args, "baseline_args", "") or ""),
+                                                   out / "serve-nobatch.log")
+                    servers.append(("no batching", p, addr, plan_b))
+            if not args.no_bare:
+                plan = servers[0][3]
+                if plan is None:  # a server started elsewhere: stand in with what 'serve' would choose here
+                    _, sp = build_workers(bundle, "server", fmt, precision, sample=probe_sample(bundle, False))
+                    plan = sp.to_json()
+                cfg = inprocess_config(plan, cores)
+                cfg["from"] = "the batching server's plan" if servers[0][3] else "this machine's serve defaults"
+                chains = [Chain(bundle, "server", fmt, precision, cfg["threads"], with_exits=False,
+                                allow_spinning=cfg["spinning"], providers=cfg["providers"])
+                          for _ in range(cfg["sessions"])]
+                ceil_batches = bare_batches(req["feeds"], cfg["batch"])
+                one_batches = bare_batches(req["feeds"], 1)
             pool = ClientPool(max(clients), Path(tmp))
-            cells: Dict[tuple, List[dict]] = {}
+            if args.warmup > 0:  # every cell once, untimed: sessions, connections and allocations warm alike
+                for label, _, addr, _ in servers:
+                    warm[label] = summarize(pool.run(clients[-1], addr, args.warmup, args.max_requests, args.timeout,
+                                                     secret), args.warmup)
+                if chains:
+                    for name, cs, bs in (("ceiling", chains, ceil_batches), ("batch1", chains[:1], one_batches)):
+                        w = bare_cell(cs, output, bs, req["reference"], args.warmup)
+                        warm[name] = {"wrong": w["wrong"], "ok": w["ok"], "lost": 0}
             per_round = args.duration / args.rounds
             for k in clients:
                 for _ in range(args.rounds):
-                    for label, _, addr, _ in servers:  # interleaved: A B A B
+                    for label, _, addr, _ in servers:  # interleaved: A B (C) A B (C)
                         res = pool.run(k, addr, per_round, args.max_requests, args.timeout, secret)
                         cells.setdefault((label, k), []).append({"results": res, "duration": per_round})
-                        s = summarize(res, per_round)
-                        print("%-12s %3d clients: %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  wrong %d lost %d errors %s"
-                              % (label, k, s["req_per_s"], s.get("p50_ms", float("nan")), s.get("p99_ms", float("nan")),
-                                 s["wrong"], s["lost"], s["errors"] or 0), file=sys.stderr, flush=True)
+                        _progress(label, k, summarize(res, per_round))
+                    if chains and k == clients[-1]:
+                        bare["ceiling"].append(bare_cell(chains, output, ceil_batches, req["reference"], per_round))
+                        _progress("bare batched ceiling", None, bare["ceiling"][-1])
+                    if chains and k == clients[0]:
+                        bare["batch1"].append(bare_cell(chains[:1], output, one_batches, req["reference"], per_round))
+                        _progress("bare batch-1 tail", None, bare["batch1"][-1])
         finally:
             if pool is not None:
                 pool.close()
             for _, p, _, _ in servers:
                 if p is not None:
                     stop_server(p)
+    del chains
     levels = []
     for k in clients:
         levels.append({"clients": k, **{label: _merge(cells[(label, k)]) for label, _, _, _ in servers}})
-    cores = usable_cores()
     result = {
         "bundle": str(bundle.root), "backend": fmt, "precision": precision, "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(), "cores": cores, "logical_cpus": os.cpu_count(),
         "python": platform.python_version(), "duration_s": args.duration, "rounds": args.rounds,
-        "request_inputs": len(req["tensors"]), "tolerance": TOLERANCE,
+        "warmup_s": args.warmup, "request_inputs": len(req["tensors"]), "tolerance": TOLERANCE,
         "servers": {label: {"address": addr, "plan": plan, "started_here": p is not None}
                     for label, p, addr, plan in servers},
-        "levels": levels,
+        "levels": levels, "warmup": warm,
     }
-    if args.ceiling_seconds > 0:
-        plan = servers[0][3] or {}
+    if cfg is not None:
+        result["ceiling"] = _merge_bare(bare["ceiling"], cfg)
+        result["bare_batch1"] = _merge_bare(bare["batch1"], dict(cfg, sessions=1, batch=1))
+    if args.sweep_seconds > 0:
         layouts = [(1, cores)]
-        if plan.get("workers", 1) > 1 and plan.get("threads"):
-            layouts.append((plan["workers"], plan["threads"]))
+        if cfg is not None and cfg["threads"]:
+            layouts.append((cfg["sessions"], cfg["threads"]))
         if cores > 1:
             layouts.append((cores, 1))
-        result["ceiling"] = ceiling(bundle, fmt, precision, list(dict.fromkeys(layouts)), batches,
-                                    probe_sample(bundle, False), args.ceiling_seconds)
+        if cfg is not None and cfg["batch"] not in sweep_batches:
+            sweep_batches = sorted(sweep_batches + [cfg["batch"]])
+        result["batch_sweep"] = batch_sweep(bundle, fmt, precision, list(dict.fromkeys(layouts)), sweep_batches,
+                                            probe_sample(bundle, False), args.sweep_seconds, cfg)
     result["load_average"] = {"before": list(load_before) if load_before else None,
                               "after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     result["wall_s"] = round(time.time() - t_start, 1)
@@ -494,27 +670,54 @@ def run_loadtest(args) -> int:
     return 0
 
 
+def _spread(values: Sequence[float]) -> dict:
+    """Median ("ratio"), quartiles and every value of per-round ratios."""
+    a = np.asarray(values, dtype=float)
+    return {"ratio": float(np.median(a)), "q25": float(np.percentile(a, 25)), "q75": float(np.percentile(a, 75)),
+            "per_round": [round(float(v), 4) for v in a]}
+
+
 def targets(r: dict) -> dict:
-    """The issue's targets from one run's numbers: throughput at the most clients against the ceiling,
-    p99 / p50 there, lone-device p50 against the server without batching, wrong and lost counts."""
+    """The issue's targets from one run's numbers, each a ratio taken per round (the cells it divides ran
+    next to each other) with its median ("ratio"), quartiles and the pooled value:
+
+    - throughput_vs_ceiling: batching req/s at the most clients / the bare batched ceiling (target >= 0.8);
+    - p99_over_p50: at the most clients, with batching (target <= 3);
+    - lone_device_vs_batch1_path: p50 at the fewest clients, batching / the batch-1 path (``serve
+      --no-batching``, same session options; target <= 1.10);
+    - lone_device_vs_bare_batch1: the same p50 / the bare batch-1 tail in-process (the whole cost of the
+      server and the wire at one device; no target);
+    - wrong_answers, lost_replies: over every cell and warm-up (target 0).
+    """
     levels = r["levels"]
     out: Dict[str, object] = {}
     top, lone = levels[-1], levels[0]
     b = top.get("batching") or top.get("server")
-    if b and r.get("ceiling"):
-        out["throughput_vs_ceiling"] = {"clients": top["clients"], "req_per_s": b["req_per_s"],
-                                        "ceiling_samples_per_s": r["ceiling"]["best"]["samples_per_s"],
-                                        "ratio": b["req_per_s"] / r["ceiling"]["best"]["samples_per_s"], "target": 0.8}
+    ceil = r.get("ceiling")
+    if b and ceil and ceil.get("samples_per_s"):
+        vals = [x["req_per_s"] / y["samples_per_s"] for x, y in zip(b["per_round"], ceil["per_round"])
+                if y["samples_per_s"] > 0]
+        out["throughput_vs_ceiling"] = dict(_spread(vals), clients=top["clients"], req_per_s=b["req_per_s"],
+                                            ceiling_samples_per_s=ceil["samples_per_s"],
+                                            pooled=b["req_per_s"] / ceil["samples_per_s"], target=0.8, better="higher")
     if b and b.get("p50_ms"):
-        out["p99_over_p50"] = {"clients": top["clients"], "ratio": b["p99_ms"] / b["p50_ms"], "target": 3.0}
-    lb, ln = lone.get("batching"), lone.get("no batching")
-    if lb and ln and lb.get("p50_ms") and ln.get("p50_ms"):
-        out["lone_device_p50_vs_no_batching"] = {"clients": lone["clients"], "batching_p50_ms": lb["p50_ms"],
-                                                 "no_batching_p50_ms": ln["p50_ms"],
-                                                 "ratio": lb["p50_ms"] / ln["p50_ms"], "target": 1.10}
+        vals = [x["p99_ms"] / x["p50_ms"] for x in b["per_round"] if x.get("p50_ms")]
+        out["p99_over_p50"] = dict(_spread(vals), clients=top["clients"], p50_ms=b["p50_ms"], p99_ms=b["p99_ms"],
+                                   pooled=b["p99_ms"] / b["p50_ms"], target=3.0, better="lower")
+    lb = lone.get("batching") or lone.get("server")
+    for key, other, of, target in (("lone_device_vs_batch1_path", lone.get("no batching"), "p50_ms", 1.10),
+                                   ("lone_device_vs_bare_batch1", r.get("bare_batch1"), "p50_ms", None)):
+        if lb and other and lb.get("p50_ms") and other.get(of):
+            vals = [x["p50_ms"] / y[of] for x, y in zip(lb["per_round"], other["per_round"]) if x.get("p50_ms") and y.get(of)]
+            out[key] = dict(_spread(vals), clients=lone["clients"], server_p50_ms=lb["p50_ms"], other_p50_ms=other[of],
+                            pooled=lb["p50_ms"] / other[of], target=target, better="lower")
+    for t in out.values():
+        if t.get("target") is not None:
+            t["met"] = t["ratio"] >= t["target"] if t["better"] == "higher" else t["ratio"] <= t["target"]
     cells = [c for lv in levels for key, c in lv.items() if key != "clients"]
+    cells += [c for c in (r.get("ceiling"), r.get("bare_batch1")) if c] + list((r.get("warmup") or {}).values())
     out["wrong_answers"] = sum(c["wrong"] for c in cells)
-    out["lost_replies"] = sum(c["lost"] for c in cells)
+    out["lost_replies"] = sum(c.get("lost", 0) for c in cells)
     return out
 
 

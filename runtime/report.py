@@ -246,6 +246,14 @@ def _spin(plan: dict) -> str:
     return {None: "on (onnxruntime's default)", True: "on", False: "off"}[plan["allow_spinning"]]
 
 
+def _quartiles(values) -> str:
+    """"median [q25-q75]" of a list of numbers."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return "%.1f [%.1f-%.1f]" % (np.median(a), np.percentile(a, 25), np.percentile(a, 75)) if a.size else "-"
+
+
 def _srv_label(label: str) -> str:
     return {"batching": "serve (batching)", "no batching": "serve --no-batching"}.get(label, label)
 
@@ -271,37 +279,57 @@ def loadtest_markdown(r: dict, plot: Optional[str] = None, level: int = 1) -> st
                                                                      for k in ("p50_ms", "p90_ms", "p99_ms")),
                 "%.1f" % c["mean_batch"] if "mean_batch" in c else "-", c["wrong"], c["lost"],
                 ", ".join("%s %d" % kv for kv in sorted(c["errors"].items())) or "0"))
-    ceil = r.get("ceiling")
-    if ceil:
-        best = ceil["best"]
-        lines += ["", "Ceiling (bare tail sessions, no server, same machine, %.0f s per point, median of 3 windows): best "
-                  "%.1f samples/s at "
-                  "batch %d with %d session(s) x %s thread(s)." % (ceil["seconds_per_point"], best["samples_per_s"],
-                                                                  best["batch"], best["sessions"], best["threads"]), "",
-                  "| sessions x threads | " + " | ".join("batch %d" % b for b in sorted({p["batch"] for p in ceil["points"]})) + " |",
-                  "|---|" + "---:|" * len({p["batch"] for p in ceil["points"]})]
-        layouts = list(dict.fromkeys((p["sessions"], p["threads"]) for p in ceil["points"]))
-        for lay in layouts:
-            row = {p["batch"]: p["samples_per_s"] for p in ceil["points"] if (p["sessions"], p["threads"]) == lay}
-            lines.append("| %d x %s | " % lay + " | ".join("%.1f" % row[b] if b in row else "-" for b in sorted(row)) + " |")
+    ceil, one = r.get("ceiling"), r.get("bare_batch1")
+    if ceil or one:
+        lines += ["", "In-process cells (the tail sessions alone, no sockets, in the same rounds as the servers: the "
+                  "ceiling next to the most clients, the batch-1 tail next to the fewest; the real requests' tail "
+                  "inputs, every answer checked):", "",
+                  "| cell | sessions x threads | batch | spinning | samples/s | median [IQR] over rounds | ms per run "
+                  "p50 / p99 | wrong |", "|---|---|---:|---|---:|---:|---:|---:|"]
+        for name, c in (("bare batched ceiling", ceil), ("bare batch-1 tail", one)):
+            if not c:
+                continue
+            sp = _quartiles([x["samples_per_s"] for x in c["per_round"]])
+            lines.append("| %s | %d x %s | %d | %s | %.1f | %s | %s | %d |" % (
+                name, c["sessions"], c["threads"], c["batch"], _spin({"allow_spinning": c["spinning"]}), c["samples_per_s"], sp,
+                "%.1f / %.1f" % (c["p50_ms"], c["p99_ms"]) if "p50_ms" in c else "-", c["wrong"]))
+        if ceil:
+            lines += ["", "Sessions, threads, spinning and batch: %s." % ceil.get("from", "the batching server's plan")]
     t = r.get("targets") or {}
-    lines += ["", "Targets:"]
-    if "throughput_vs_ceiling" in t:
-        x = t["throughput_vs_ceiling"]
-        lines.append("- at %d clients, batching serves %.1f req/s = %.2fx the ceiling (target >= %.1fx): %s" % (
-            x["clients"], x["req_per_s"], x["ratio"], x["target"], "met" if x["ratio"] >= x["target"] else "NOT met"))
-    if "p99_over_p50" in t:
-        x = t["p99_over_p50"]
-        lines.append("- at %d clients, p99 / p50 = %.2f (target <= %.1f): %s" % (
-            x["clients"], x["ratio"], x["target"], "met" if x["ratio"] <= x["target"] else "NOT met"))
-    if "lone_device_p50_vs_no_batching" in t:
-        x = t["lone_device_p50_vs_no_batching"]
-        lines.append("- at %d client, p50 %.2f ms with batching vs %.2f ms without = %.3fx (target <= %.2fx): %s" % (
-            x["clients"], x["batching_p50_ms"], x["no_batching_p50_ms"], x["ratio"], x["target"],
-            "met" if x["ratio"] <= x["target"] else "NOT met"))
-    lines.append("- wrong answers %d, lost replies %d (target 0): %s" % (
+    names = {"throughput_vs_ceiling": "req/s with batching at %d clients / bare batched ceiling",
+             "p99_over_p50": "p99 / p50 with batching at %d clients",
+             "lone_device_vs_batch1_path": "p50 at %d client: batching / batch-1 path (serve --no-batching, same "
+                                           "threads and spinning)",
+             "lone_device_vs_bare_batch1": "p50 at %d client: batching / bare batch-1 tail (what the server and the "
+                                           "wire add)"}
+    rows = [(k, t[k]) for k in names if k in t]
+    if rows:
+        lines += ["", "Targets, each a ratio of cells measured next to each other, taken per round (median and "
+                  "interquartile range over %d rounds; judged on the median):" % r["rounds"], "",
+                  "| ratio | median | IQR | per round | pooled | target | |", "|---|---:|---:|---|---:|---:|---|"]
+        for k, x in rows:
+            lines.append("| %s | %.3f | %.3f-%.3f | %s | %.3f | %s | %s |" % (
+                names[k] % x["clients"], x["ratio"], x["q25"], x["q75"], " ".join("%.3f" % v for v in x["per_round"]),
+                x["pooled"], "-" if x.get("target") is None else ("%s %.2f" % (">=" if x["better"] == "higher" else "<=",
+                                                                            x["target"])),
+                "" if x.get("target") is None else ("met" if x["met"] else "NOT met")))
+    lines += ["", "- wrong answers %d, lost replies %d over every cell and the warm-up (target 0): %s" % (
         t.get("wrong_answers", 0), t.get("lost_replies", 0),
-        "met" if not t.get("wrong_answers") and not t.get("lost_replies") else "NOT met"))
+        "met" if not t.get("wrong_answers") and not t.get("lost_replies") else "NOT met")]
+    sweep = r.get("batch_sweep")
+    if sweep:
+        best = sweep["best"]
+        lines += ["", "Batch-size sweep (bare sessions after the rounds, %.0f s per point, median of 3 windows; read as "
+                  "ratios within the sweep): best %.1f samples/s at batch %d with %d session(s) x %s thread(s)%s." % (
+                      sweep["seconds_per_point"], best["samples_per_s"], best["batch"], best["sessions"],
+                      best["threads"], ", %.2fx the server's sessions and batch in the same sweep" %
+                      sweep["best_vs_server_config"] if "best_vs_server_config" in sweep else ""), "",
+                  "| sessions x threads | " + " | ".join("batch %d" % b for b in sorted({p["batch"] for p in sweep["points"]})) + " |",
+                  "|---|" + "---:|" * len({p["batch"] for p in sweep["points"]})]
+        layouts = list(dict.fromkeys((p["sessions"], p["threads"]) for p in sweep["points"]))
+        for lay in layouts:
+            row = {p["batch"]: p["samples_per_s"] for p in sweep["points"] if (p["sessions"], p["threads"]) == lay}
+            lines.append("| %d x %s | " % lay + " | ".join("%.1f" % row[b] if b in row else "-" for b in sorted(row)) + " |")
     lines += ["", "What each server it started chose (its start-up log):"]
     for label, srv in r["servers"].items():
         plan = srv.get("plan")
@@ -345,7 +373,7 @@ def loadtest_plot(r: dict, path: Path) -> Optional[str]:
         a1.plot(ks, [lv[label]["req_per_s"] for lv in r["levels"]], marker="o", label=_srv_label(label))
         a2.plot(ks, [lv[label].get("p99_ms", float("nan")) for lv in r["levels"]], marker="o", label=_srv_label(label))
     if r.get("ceiling"):
-        a1.axhline(r["ceiling"]["best"]["samples_per_s"], color="k", ls="--", lw=1, label="ceiling (bare sessions)")
+        a1.axhline(r["ceiling"]["samples_per_s"], color="k", ls="--", lw=1, label="bare batched ceiling")
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks)
