@@ -12,7 +12,8 @@
 #     whose device side is a labelled FLOPs estimate; that board again with the 4-bit feature codec),
 #     then one Markdown page of it all;
 #  4. the edge server under load: step 1's bundle (fp32 tail, int8 wire) served with batching and without,
-#     1/8/32/64 client processes, every reply checked, and the bare-session ceiling, in one interleaved run;
+#     1/8/32/64 client processes, every reply checked, and the bare batched ceiling and bare batch-1 tail
+#     in-process, in one interleaved run;
 #  5. with the ImageNet samples: the int8 recipe and TFLite float-vs-int8 benchmarks (JSON beside it).
 # Every number describes the machine that runs this script: BOARD must be this machine's profile (checked
 # first, before any work; FORCE_BOARD=1 overrides the CPU / board-model detection, never the architecture).
@@ -77,9 +78,9 @@ $BIN/eetool plan efficientnet-lite0 --board "$PLAN_BOARD" --server-profile "$REP
     > "$REPORT/plan-$PLAN_BOARD-4bit.json"
 PLANS+=("$REPORT/plan-$PLAN_BOARD-4bit.json")
 
-echo "== 4. edge server load test (batching vs none, and the bare-session ceiling)"
+echo "== 4. edge server load test (batching vs the batch-1 path, and the bare batched ceiling)"
 $BIN/python -m runtime loadtest "$EFF" --precision fp32 --clients "${LOADTEST_CLIENTS:-1,8,32,64}" \
-    --duration "${LOADTEST_DURATION:-10}" --out "$REPORT/loadtest" >/dev/null
+    --duration "${LOADTEST_DURATION:-20}" --out "$REPORT/loadtest" >/dev/null
 
 $BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOARD" \
     --bench "${BENCHES[@]}" --plan "${PLANS[@]}" --rate "$REPORT/rate.json" --loadtest "$REPORT/loadtest"
