@@ -526,6 +526,11 @@ def _session_options(plan: dict) -> List[str]:
     return out
 
 
+def _load1() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def _progress(label: str, k: Optional[int], s: dict) -> None:
     if k is None:  # an in-process cell
         print("%-24s %7.1f samples/s  %d runs, p50 %7.1f ms per run  wrong %d" % (
@@ -573,6 +578,7 @@ def run_loadtest(args) -> int:
     cells: Dict[tuple, List[dict]] = {}
     bare: Dict[str, List[dict]] = {"ceiling": [], "batch1": []}
     warm: Dict[str, dict] = {}
+    loads: List[float] = []  # 1-minute load average after every measured cell: how shared the machine was
     with tempfile.TemporaryDirectory(prefix="eetool-loadtest-") as tmp:
         write_requests(req, Path(tmp))
         try:
@@ -616,12 +622,15 @@ def run_loadtest(args) -> int:
                         res = pool.run(k, addr, per_round, args.max_requests, args.timeout, secret)
                         cells.setdefault((label, k), []).append({"results": res, "duration": per_round})
                         _progress(label, k, summarize(res, per_round))
+                        loads.append(_load1())
                     if chains and k == clients[-1]:
                         bare["ceiling"].append(bare_cell(chains, output, ceil_batches, req["reference"], per_round))
                         _progress("bare batched ceiling", None, bare["ceiling"][-1])
+                        loads.append(_load1())
                     if chains and k == clients[0]:
                         bare["batch1"].append(bare_cell(chains[:1], output, one_batches, req["reference"], per_round))
                         _progress("bare batch-1 tail", None, bare["batch1"][-1])
+                        loads.append(_load1())
         finally:
             if pool is not None:
                 pool.close()
@@ -655,7 +664,8 @@ def run_loadtest(args) -> int:
         result["batch_sweep"] = batch_sweep(bundle, fmt, precision, list(dict.fromkeys(layouts)), sweep_batches,
                                             probe_sample(bundle, False), args.sweep_seconds, cfg)
     result["load_average"] = {"before": list(load_before) if load_before else None,
-                              "after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+                              "after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                              "cells_1min": [round(v, 2) for v in loads if v is not None]}
     result["wall_s"] = round(time.time() - t_start, 1)
     result["targets"] = targets(result)
     (out / "loadtest.json").write_text(json.dumps(result, indent=2))

@@ -347,10 +347,13 @@ def loadtest_markdown(r: dict, plot: Optional[str] = None, level: int = 1) -> st
             lines.append("  - " + reason)
     la = r.get("load_average") or {}
     if la.get("before"):
-        lines += ["", "Conditions: %s, Python %s, load average before %s, after %s (1/5/15 min; other jobs share "
-                  "this machine when it exceeds the core count); the whole run took %.0f s." % (
+        cells = la.get("cells_1min") or []
+        lines += ["", "Conditions: %s, Python %s, load average before %s, after %s (1/5/15 min)%s; other jobs share "
+                  "this machine when it exceeds the core count %d; the whole run took %.0f s." % (
                       r["machine"], r["python"], "/".join("%.1f" % v for v in la["before"]),
-                      "/".join("%.1f" % v for v in la["after"]), r.get("wall_s", 0))]
+                      "/".join("%.1f" % v for v in la["after"]),
+                      ", 1-min load after each cell %.1f to %.1f" % (min(cells), max(cells)) if cells else "",
+                      r["cores"], r.get("wall_s", 0))]
     if plot:
         lines += ["", "![throughput and p99 against clients](%s)" % plot]
     return "\n".join(lines) + "\n"

@@ -145,6 +145,7 @@ def test_loadtest_command_end_to_end(effnet_bundle, tmp_path):
         assert len(c["per_round"]) == 2 and c["samples"] > 0 and c["ok"] == c["samples"] and c["wrong"] == 0
         assert c["samples"] == c["runs"] * c["batch"]
     assert set(r["warmup"]) == {"batching", "no batching", "ceiling", "batch1"}
+    assert len(r["load_average"]["cells_1min"]) == 2 * (2 * 2 + 2)  # rounds x (servers x client counts + 2 bare)
     pts = r["batch_sweep"]["points"]
     assert {p["batch"] for p in pts} >= {1, 2} and r["batch_sweep"]["best"] in pts
     t = r["targets"]
