@@ -315,13 +315,13 @@ def inprocess_config(plan: Optional[dict], cores: int) -> dict:
             "providers": plan.get("providers")}
 
 
-def bare_batches(feeds: List[Dict[str, np.ndarray]], batch: int, count: int = 8) -> List[tuple]:
-    """``count`` (at most one per request) batches of ``batch`` requests each, as the batcher concatenates
-    them: [(name -> (batch, ...) float32, [request index of each row])]; batch j starts at request j and
-    takes the requests after it in turn, so every request appears in every row position over the set."""
+def bare_batches(feeds: List[Dict[str, np.ndarray]], batch: int, max_rows: int = 512) -> List[tuple]:
+    """Batches of ``batch`` requests each, as the batcher concatenates them: [(name -> (batch, ...) float32,
+    [request index of each row])]. Batch j holds requests j, j + 1, ... (mod the number of requests): one
+    batch per request, fewer when that would hold more than ``max_rows`` rows (at least one batch)."""
     n = len(feeds)
     out = []
-    for j in range(min(count, n)):
+    for j in range(min(n, max(1, max_rows // batch))):
         idx = [(j + i) % n for i in range(batch)]
         out.append(({k: np.ascontiguousarray(np.concatenate([feeds[i][k] for i in idx], axis=0)) for k in feeds[0]},
                     idx))

@@ -39,10 +39,10 @@ def test_summarize_counts_and_percentiles():
 def test_bare_batches_concatenate_requests_in_turn():
     feeds = [{"x": np.full((1, 2), i, np.float32)} for i in range(3)]
     got = bare_batches(feeds, 2)
-    assert [idx for _, idx in got] == [[0, 1], [1, 2], [2, 0]]  # every request in every row position
+    assert [idx for _, idx in got] == [[0, 1], [1, 2], [2, 0]]  # every request in every row position here
     for f, idx in got:
         assert f["x"].shape == (2, 2) and list(f["x"][:, 0]) == idx
-    assert len(bare_batches(feeds * 10, 4, count=8)) == 8
+    assert len(bare_batches(feeds * 10, 4, max_rows=32)) == 8 and len(bare_batches(feeds, 64, max_rows=32)) == 1
 
 
 def test_inprocess_config_follows_the_server_plan():
