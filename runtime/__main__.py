@@ -25,7 +25,9 @@ def device_options(args) -> S.DeviceOptions:
                            spinning=args.spinning, server=args.server, secret=args.secret, timeout_s=args.timeout,
                            codec=args.codec, bandwidth=args.bandwidth, rtt=args.rtt,
                            thresholds=S.parse_thresholds(args.threshold), exits=not args.no_exits,
-                           wire_dtype=args.wire_dtype, local_tail=args.local_tail)
+                           wire_dtype=args.wire_dtype, local_tail=args.local_tail, gates=S.parse_gates(args.gate),
+                           predictor=not args.no_predictor, adaptive=args.adaptive,
+                           assume_bandwidth=args.assume_bandwidth)
 
 
 def server_options(args) -> S.ServerOptions:
@@ -71,7 +73,17 @@ def cmd_run(args) -> int:
     if why:  # run only takes threads and the backend from the profile: say so, do not refuse
         print("warning: %s; its settings (threads, backend) are used as given" % why, file=sys.stderr)
     runner, fmt, precision = S.make_runner(bundle, board, device_options(args))
-    results = [dict(input=name, **r.to_json()) for name, r in S.run_files(runner, bundle, args.inputs)]
+    schedule = None
+    if args.bandwidth_schedule:
+        from .link import parse_schedule
+
+        schedule = parse_schedule(args.bandwidth_schedule)
+    shaper = getattr(runner.client, "shaper", None)
+    results = []
+    for name, r in S.run_files(runner, bundle, args.inputs, schedule):
+        results.append(dict(input=name, **r.to_json()))
+        if shaper is not None:
+            results[-1]["emulated_mbps"] = shaper.bandwidth_mbps
     info = {"machine": platform.machine(), "python": platform.python_version(), "backend": fmt,
             "precision": precision, "board": args.board, "results": results}
     if args.json:
@@ -81,8 +93,13 @@ def cmd_run(args) -> int:
         for r in results:
             where = r["exit"] if r["exit"] else r["where"]
             total = sum(r["ms"].values())
-            print("%-32s top1 %4d  via %-8s  %7d B sent  %8.2f ms%s" % (
-                r["input"], r["top1"], where, r["bytes_sent"], total, "  (%s)" % r["error"] if "error" in r else ""))
+            adapt = ""
+            if "bandwidth_estimate_mbps" in r:
+                adapt = "  at %.2f Mbit/s: thresholds %s" % (r["bandwidth_estimate_mbps"], ", ".join(
+                    "%s %s" % (k, "off" if v is None else "%.3f" % v) for k, v in r["thresholds"].items()))
+            print("%-32s top1 %4d  via %-8s  %7d B sent  %8.2f ms%s%s" % (
+                r["input"], r["top1"], where, r["bytes_sent"], total, adapt,
+                "  (%s)" % r["error"] if "error" in r else ""))
     return 0
 
 
@@ -94,7 +111,7 @@ def cmd_bench(args) -> int:
         include_calibration=args.include_calibration, layer_profile=not args.no_layer_profile,
         profile_runs=args.profile_runs, repeat=args.repeat, warmup=args.warmup, bandwidths=args.bandwidths,
         energy_csv=args.energy_csv, energy_rails=args.energy_rails, force_board=args.force_board, out=args.out,
-        compare=not args.no_compare))
+        compare=not args.no_compare, adaptive_schedule=args.adaptive_schedule))
 
 
 def cmd_loadtest(args) -> int:
@@ -160,6 +177,14 @@ def _device_opts(p):
     p.add_argument("--threshold", action="append", metavar="EXIT=VALUE", help="override an exit threshold")
     p.add_argument("--no-exits", action="store_true", help="disable early exits")
     p.add_argument("--local-tail", action="store_true", help="load the tail too, to fall back on offline")
+    p.add_argument("--gate", action="append", metavar="EXIT=VALUE",
+                   help="override the Exit Predictor's prediction threshold of an exit (off: not gated)")
+    p.add_argument("--no-predictor", action="store_true", help="do not run the Exit Predictor")
+    p.add_argument("--adaptive", action="store_true",
+                   help="latency-aware thresholds: the manifest's regression at the bandwidth measured from this "
+                        "device's own transfers (pings when idle); each result records the estimate and thresholds")
+    p.add_argument("--assume-bandwidth", type=_bandwidth,
+                   help="with --adaptive: take the thresholds for this bandwidth instead of measuring it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _device_opts(p)
     p.add_argument("--server", help="HOST:PORT of the edge server")
+    p.add_argument("--bandwidth-schedule", metavar="RATE:N,...",
+                   help="change the emulated link during the run: RATE:REQUESTS phases in turn, e.g. "
+                        "1mbit:50,20mbit:50 (needs --server and --bandwidth)")
     p.add_argument("--json", action="store_true")
     p.add_argument("inputs", nargs="+")
     p.set_defaults(fn=cmd_run)
@@ -226,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure under --board even though this machine does not look like that board "
                         "(architecture / CPU / board model differ)")
     p.add_argument("--out", default="bench-report", help="report directory")
+    p.add_argument("--adaptive-schedule", default="1mbit:60,20mbit:60,5mbit:60",
+                   help="with latency-aware thresholds in the bundle: RATE:REQUESTS phases of the emulated link for one "
+                        "adaptive run against the server ('' = skip)")
     p.add_argument("--no-compare", action="store_true",
                    help="skip the LC / EC / SC / SC+EE comparison (it starts a second, whole-model server)")
     p.set_defaults(fn=cmd_bench)

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from .manifest import SCHEMA, ExitBranch, GraphEntry, Manifest, ManifestError, Segment, WireTensor, parse_manifest
+from .manifest import (SCHEMA, ExitBranch, ExitPredictor, GraphEntry, Manifest, ManifestError, Segment, WireTensor,
+                       parse_manifest)
 
 __all__ = ["SCHEMA", "Bundle", "BundleError", "sha256_file"]
 
@@ -97,6 +98,11 @@ class Bundle:
         return self.manifest.exits
 
     @property
+    def predictor(self) -> Optional[ExitPredictor]:
+        """The Exit Predictor, or None when the bundle has none."""
+        return self.manifest.predictor
+
+    @property
     def wire_tensors(self) -> List[str]:
         """Names of the tensors sent from device to server (outputs of the last device segment)."""
         return self.manifest.wire_tensors
@@ -108,8 +114,8 @@ class Bundle:
         except KeyError:
             raise BundleError(f"tensor {name!r} is not in the manifest's tensors: {sorted(self.manifest.tensors)}")
 
-    def graph_key(self, owner: Union[Segment, ExitBranch], fmt: str, precision: str) -> str:
-        """Key of ``owner``'s (segment or exit) graph in ``fmt`` (onnx|tflite) and ``precision`` (fp32|int8);
+    def graph_key(self, owner: Union[Segment, ExitBranch, ExitPredictor], fmt: str, precision: str) -> str:
+        """Key of ``owner``'s (segment, exit or Exit Predictor) graph in ``fmt`` (onnx|tflite) and ``precision`` (fp32|int8);
         for int8, the variant made for :attr:`int8_target` when the bundle has one (runtime/targets.py)."""
         from .targets import choose_graph
 

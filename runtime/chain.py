@@ -11,7 +11,7 @@ import numpy as np
 
 from .backends import open_session
 from .bundle import Bundle
-from .manifest import ExitBranch, Segment
+from .manifest import ExitBranch, ExitPredictor, Segment
 
 
 class Chain:
@@ -34,12 +34,16 @@ class Chain:
         # exits keyed by the tensor they read; only exits whose input this chain produces
         produced = {o for s, _ in self.segments for o in s.outputs}
         self.exits: Dict[str, List[Tuple[ExitBranch, object]]] = {}
+        self.predictor: Optional[Tuple[ExitPredictor, object]] = None
         if with_exits:
             for e in bundle.exits:
                 if e.input in produced:
                     self.exits.setdefault(e.input, []).append((e, self._open(e, threads)))
+            p = bundle.predictor
+            if p is not None and self.exits and (p.input in produced or p.input == bundle.manifest.input.name):
+                self.predictor = (p, self._open(p, threads))
 
-    def _open(self, owner: Union[Segment, ExitBranch], threads: Optional[int]):
+    def _open(self, owner: Union[Segment, ExitBranch, ExitPredictor], threads: Optional[int]):
         key = self.bundle.graph_key(owner, self.fmt, self.precision)
         g = self.bundle.graph(key)
         return open_session(self.bundle.graph_path(key), g.format, threads, g.name_map, self.allow_spinning,

@@ -145,6 +145,7 @@ class EdgeClient:
         self._lock = threading.Lock()
         self.reconnects = 0
         self.retries = 0  # requests resent after a replica_lost answer
+        self.last_ping_bytes = 0
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> socket.socket:
@@ -287,15 +288,18 @@ class EdgeClient:
                 tensors=dict(t), meta=rep.meta,
             )
 
-    def ping(self) -> float:
-        """Round trip of an empty PING frame (ms, link emulation included).
+    def ping(self, pad_bytes: int = 0) -> float:
+        """Round trip of a PING frame (ms, link emulation included); ``pad_bytes`` of ignored payload probe the
+        uplink. ``last_ping_bytes`` then holds the bytes moved (PING + PONG frames).
 
         Raises:
             ServerUnavailable, ServerError, BadReply: as :meth:`infer`.
         """
         with self._lock:
             rid = next(self._ids)
-            answer, ms, _ = self._exchange(P.encode_ping(rid, self.secret))
+            frame = P.encode_ping(rid, self.secret, pad_bytes)
+            answer, ms, _ = self._exchange(frame)
+            self.last_ping_bytes = len(frame) + answer.nbytes
             self._check_answer(answer, rid)
             if answer.msg_type != P.PONG:
                 self.close()

@@ -64,3 +64,11 @@ def passes(conf: np.ndarray, threshold: Optional[float], rule: str) -> np.ndarra
     if threshold is None:
         return np.zeros(np.shape(conf), dtype=bool)
     return conf >= threshold if rule == "max_softmax" else conf <= threshold
+
+
+def sigmoid(logits) -> np.ndarray:
+    """Logistic function, float32 in and out, any shape (numerically stable for large |x|): the Exit
+    Predictor's logits -> probabilities in [0, 1]."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)

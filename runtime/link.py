@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
-__all__ = ["LinkShaper", "parse_bandwidth", "parse_bandwidths", "format_bandwidth", "parse_duration",
+__all__ = ["LinkShaper", "parse_bandwidth", "parse_bandwidths", "parse_schedule", "format_bandwidth", "parse_duration",
            "BANDWIDTH_GRAMMAR"]
 
 # One bandwidth grammar for every option that takes a bandwidth (run / bench --bandwidth(s), eetool plan
@@ -95,6 +95,20 @@ def parse_bandwidths(text: str) -> List[float]:
     last = parse_bandwidth(items[-1])  # its own error first: its unit is lent to the bare numbers
     unit = items[-1][_BW_RE.fullmatch(items[-1]).end("num"):].strip()
     return [parse_bandwidth(t + unit if unit and re.fullmatch(_NUM, t) else t) for t in items[:-1]] + [last]
+
+
+def parse_schedule(text: str) -> List[Tuple[float, int]]:
+    """A link that changes during a run: ``"1mbit:60,20mbit:60"`` -> ``[(1.0, 60), (20.0, 60)]`` (Mbit/s,
+    requests per phase). Raises ValueError naming the bad item."""
+    out = []
+    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+        bw, _, n = item.rpartition(":")
+        if not bw or not n.isdigit() or int(n) < 1:
+            raise ValueError("schedule item %r: expected RATE:REQUESTS, e.g. 1mbit:60,20mbit:60" % item)
+        out.append((parse_bandwidth(bw), int(n)))
+    if not out:
+        raise ValueError("empty schedule: give RATE:REQUESTS items, e.g. 1mbit:60,20mbit:60")
+    return out
 
 
 def format_bandwidth(mbps: float) -> str:
@@ -176,6 +190,17 @@ class LinkShaper:
             self.bandwidth_mbps, self.downlink_mbps, self.rtt_ms)
 
     # -- pure model -------------------------------------------------------------------------
+    def set_bandwidth(self, bandwidth_mbps: Union[str, float], downlink_mbps: Union[None, str, float] = None) -> None:
+        """Change the emulated rate from the next chunk on (a link that changes during a run); the downlink
+        follows unless given. Raises ValueError like the constructor."""
+        same = self.downlink_mbps == self.bandwidth_mbps
+        self.bandwidth_mbps = parse_bandwidth(bandwidth_mbps)
+        if downlink_mbps is not None:
+            self.downlink_mbps = parse_bandwidth(downlink_mbps)
+        elif same:
+            self.downlink_mbps = self.bandwidth_mbps
+        self._rate = self.bandwidth_mbps * 1e6 / 8.0
+
     def uplink_ms(self, nbytes: int) -> float:
         """Model time (ms) for the peer to have ``nbytes`` sent from an idle link: N*8/bw + rtt/2."""
         return nbytes * 8.0 / (self.bandwidth_mbps * 1e3) + self.rtt_ms / 2.0

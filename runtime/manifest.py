@@ -209,6 +209,60 @@ class ExitBranch(_Node):
 
 
 @dataclass
+class ExitPredictor(_Node):
+    """The Exit Predictor (Dong, Mao & Zhang, "Resource-Constrained Edge AI with Early Exit Prediction", 2022):
+    a small network run on the device before the first exit; for every exit it scores the probability that
+    the exit's confidence passes its threshold, and an exit whose score is below its prediction threshold is
+    skipped (its branch does not run), so "hard" samples pay for no branch."""
+
+    name: str = doc("graph owner name (`predictor`)", required=True)
+    input: str = doc("tensor it reads: the model input or a device tensor produced no later than the first exit's",
+                     required=True)
+    output: str = doc("its logits tensor, `<name>.logits`, shape (N, exits); sigmoid gives each exit's score",
+                      required=True)
+    exits: List[str] = doc("the exit scored by each output column, in column order", factory=list, required=True)
+    mflops: Optional[float] = doc("MFLOPs per sample (every sample pays them while the predictor is used)")
+    rule: str = doc("confidence rule of the exits its training labels came from", default="max_softmax",
+                    choices=EXIT_RULES)
+    label_thresholds: List[Optional[float]] = doc(
+        "confidence threshold per exit that defined its training labels (1: the exit's confidence passes it)",
+        factory=list)
+    architecture: Dict[str, Any] = doc("toolkit.exit_predictor.ExitPredictor configuration", factory=dict)
+    thresholds: Dict[str, Optional[List[Optional[float]]]] = doc(
+        "prediction thresholds per graph format `<format>/<precision>`, one per entry of `exits` in [0, 1]: the "
+        "exit's branch runs only when its score >= the value (null entry: not gated); null or absent: the "
+        "predictor does not run with that format", factory=dict)
+    graphs: Dict[str, str] = doc("`<format>/<precision>` -> key in `graphs`", factory=dict, required=True)
+
+    @property
+    def inputs(self) -> List[str]:
+        return [self.input]
+
+    @property
+    def outputs(self) -> List[str]:
+        return [self.output]
+
+    def gates_for(self, pair: str) -> Optional[Dict[str, Optional[float]]]:
+        """``{exit name: prediction threshold or None}`` for graphs ``pair``; None: not used with them."""
+        values = self.thresholds.get(pair)
+        return None if values is None else dict(zip(self.exits, values))
+
+    def _check(self, path: str) -> None:
+        for pair, values in self.thresholds.items():
+            _check_pair(pair, "%s.thresholds: key" % path)
+            if values is None:
+                continue
+            if len(values) != len(self.exits):
+                raise ManifestError("%s.thresholds[%r]" % (path, pair), "%d values for %d exits" % (len(values), len(self.exits)))
+            for v in values:
+                if v is not None and not 0.0 <= v <= 1.0:
+                    raise ManifestError("%s.thresholds[%r]" % (path, pair), "%r is outside [0, 1]" % v)
+        if self.label_thresholds and len(self.label_thresholds) != len(self.exits):
+            raise ManifestError(path + ".label_thresholds", "%d values for %d exits"
+                                % (len(self.label_thresholds), len(self.exits)))
+
+
+@dataclass
 class WireQuant(_Node):
     """Affine quantisation of a tensor sent from device to server (runtime/quant.py):
     `q = clip(round(x / scale) + zero_point, qmin, qmax)`, `x ~= (q - zero_point) * scale`."""
@@ -362,8 +416,14 @@ class CalibrationResult(_Node):
     source: str = doc("validation dataset", required=True)
     unreachable: List[str] = doc("exits whose threshold no confidence reached (they never fire)", factory=list)
     exit_accuracy: Dict[str, float] = doc("top-1 of every exit and of the final classifier, no exiting", factory=dict)
-    expected_ms: Optional[float] = doc("expected end-to-end latency (latency objective)")
+    expected_ms: Optional[float] = doc("expected end-to-end latency (latency objective; with several bandwidths "
+                                       "the slowest one's)")
     latency_model: Optional[str] = doc("where the latency estimate comes from (latency objective)")
+    prediction_thresholds: Optional[List[Optional[float]]] = doc(
+        "the Exit Predictor's prediction threshold per exit (bundle exit order; null entry: not gated); null: "
+        "predictor not used")
+    branch_rates: List[float] = doc("fraction of samples whose exit branch ran, per exit", factory=list)
+    bypass_rate: Optional[float] = doc("fraction of samples the predictor sent past every exit branch")
 
 
 @dataclass
@@ -380,6 +440,77 @@ class ExitCalibration(_Node):
     rtt_ms: Optional[float] = doc("round trip assumed by the latency objective (ms)")
     board: Optional[str] = doc("device board profile of the latency objective")
     budget_ms: Optional[float] = doc("latency budget (ms): most accurate thresholds that fit")
+    budget_mflops: Optional[float] = doc("compute budget (expected device MFLOPs per sample): most accurate "
+                                         "thresholds that fit")
+    bandwidths_mbps: Optional[List[float]] = doc("latency-aware calibration: the grid of bandwidths the thresholds "
+                                                 "were chosen for; the stored ones meet the budget at every one")
+
+
+@dataclass
+class LatencyModel(_Node):
+    """Latencies of device-edge co-inference the latency-aware thresholds were chosen with (ms per sample)."""
+
+    segments_ms: List[float] = doc("device backbone from one exit to the next (one per exit), then up to the split",
+                                   factory=list, required=True)
+    exits_ms: List[float] = doc("each exit branch", factory=list, required=True)
+    predictor_ms: float = doc("the Exit Predictor", default=0.0)
+    server_ms: float = doc("the edge server's part of the model", required=True)
+    bytes_per_sample: float = doc("bytes sent per offloaded sample", required=True)
+    rtt_ms: float = doc("network round trip", default=0.0)
+    source: str = doc("where the latencies come from (board profile estimate or measured layer latencies)",
+                      default="")
+
+
+@dataclass
+class AdaptationModel(_Node):
+    """Bandwidth -> thresholds regression of one graph format (runtime/adaptive.py): one function of
+    `x = log10(bandwidth in Mbit/s)` per threshold, `x` clamped to `bandwidth_range_mbps`. Values outside a
+    threshold's range switch it: confidence > 1 (max_softmax) or < 0 (normalized_entropy): exit off;
+    prediction threshold <= 0: not gated."""
+
+    rule: str = doc("confidence rule of the exits", required=True, choices=EXIT_RULES)
+    kind: str = doc("`piecewise-linear` (straight lines through `knots`) or `polynomial` (coefficients, lowest "
+                    "order first)", required=True, choices=("piecewise-linear", "polynomial"))
+    bandwidth_range_mbps: List[float] = doc("[lowest, highest] bandwidth fitted (Mbit/s)", factory=list, required=True)
+    knots: Optional[List[float]] = doc("piecewise-linear: x of every grid point, ascending")
+    degree: Optional[int] = doc("polynomial: its degree")
+    exits: Dict[str, List[float]] = doc("exit name -> confidence threshold model (knot values or coefficients)",
+                                        factory=dict, required=True)
+    gates: Dict[str, List[float]] = doc("exit name -> prediction threshold model (with the Exit Predictor)",
+                                        factory=dict)
+    budget_ms: float = doc("latency budget the thresholds were chosen for (ms)", required=True)
+    budget_met: bool = doc("whether the regression's thresholds meet the budget at every checked bandwidth "
+                           "(grid points and between them) on the validation data", default=False)
+    grid: List[Dict[str, Any]] = doc("the choice at every grid bandwidth (thresholds, accuracy, expected ms)",
+                                     factory=list)
+    fit: List[Dict[str, Any]] = doc("the regression's thresholds simulated at every checked bandwidth", factory=list)
+
+    def _check(self, path: str) -> None:
+        if len(self.bandwidth_range_mbps) != 2 or not 0 < self.bandwidth_range_mbps[0] <= self.bandwidth_range_mbps[1]:
+            raise ManifestError(path + ".bandwidth_range_mbps", "needs [lowest, highest] > 0")
+        n = len(self.knots or []) if self.kind == "piecewise-linear" else None
+        if self.kind == "piecewise-linear" and (not n or list(self.knots) != sorted(self.knots)):
+            raise ManifestError(path + ".knots", "piecewise-linear needs ascending knots")
+        for field_name, models in (("exits", self.exits), ("gates", self.gates)):
+            for name, values in models.items():
+                if not values or (n is not None and len(values) != n):
+                    raise ManifestError("%s.%s[%r]" % (path, field_name, name), "%d values for %s knots"
+                                        % (len(values), n if n is not None else "a polynomial's"))
+
+
+@dataclass
+class LatencyAdaptation(_Node):
+    """Latency-aware thresholds (Dong, Mao & Zhang 2022): chosen for the most accuracy within a latency budget
+    at a grid of bandwidths, then regressed on bandwidth; `runtime run --adaptive` evaluates the regression
+    at the bandwidth the device measures from its own transfers."""
+
+    budget_ms: float = doc("latency budget (ms)", required=True)
+    rtt_ms: float = doc("round trip assumed (ms)", default=0.0)
+    board: Optional[str] = doc("device board profile of the latency model")
+    server: Optional[str] = doc("edge server profile of the latency model")
+    grid_mbps: List[float] = doc("bandwidths the thresholds were chosen for (Mbit/s)", factory=list)
+    latency_model: LatencyModel = doc("the latencies used", required=True)
+    models: Dict[str, AdaptationModel] = doc("per graph format `<format>/<precision>`", factory=dict)
 
 
 @dataclass
@@ -404,6 +535,9 @@ class Manifest(_Node):
     samples: Optional[Samples] = doc("labels of samples/ (when the export data had labels)")
     layer_profile_graph: Optional[ProfileGraph] = doc("whole-model graph for per-layer latency on the board")
     exit_calibration: Optional[ExitCalibration] = doc("written by `eetool exits calibrate`")
+    predictor: Optional[ExitPredictor] = doc("the Exit Predictor (`eetool exits predictor train`)")
+    latency_adaptation: Optional[LatencyAdaptation] = doc(
+        "bandwidth -> thresholds regression (`eetool exits calibrate --board B --budget-ms X --bandwidth B1,B2,..`)")
     extensions: Dict[str, Any] = doc("data of other tools, by tool name; eetool keeps it and never reads it",
                                      factory=dict)
     files: Dict[str, str] = doc("sha256 of every file in the bundle except manifest.json; loading refuses a "
@@ -501,6 +635,31 @@ class Manifest(_Node):
             for name in self.wire_tensors:
                 if name not in self.tensors:
                     raise ManifestError(path + ".tensors", "wire tensor %r (sent to the server) is missing" % name)
+        if self.predictor is not None:
+            p = self.predictor
+            names = {e.name for e in self.exits}
+            unknown = [n for n in p.exits if n not in names]
+            if unknown:
+                raise ManifestError(path + ".predictor.exits", "%s are not exits of the bundle (%s)"
+                                    % (unknown, sorted(names)))
+            first = min((k for k, s in enumerate(self.device_segments) for e in self.exits if e.input in s.outputs),
+                        default=len(self.device_segments) - 1)
+            readable = [self.input.name] + [t for s in self.device_segments[:first + 1] for t in s.outputs]
+            if p.input not in readable:
+                raise ManifestError(path + ".predictor.input", "%r: the predictor must read the input or a device "
+                                    "tensor no later than the first exit's (%s)" % (p.input, readable))
+            for pair, key in p.graphs.items():
+                where = "%s.predictor.graphs[%r]" % (path, pair)
+                fmt, precision = _check_pair(pair, where)
+                if key not in self.graphs or (self.graphs[key].format, self.graphs[key].precision) != (fmt, precision):
+                    raise ManifestError(where, "graph %r is not a %s graph in `graphs`" % (key, pair))
+        if self.latency_adaptation is not None:
+            exits = {e.name for e in self.exits}
+            for pair, m in self.latency_adaptation.models.items():
+                _check_pair(pair, "%s.latency_adaptation.models: key" % path)
+                if set(m.exits) != exits:
+                    raise ManifestError("%s.latency_adaptation.models[%r].exits" % (path, pair),
+                                        "models %s, the bundle's exits are %s" % (sorted(m.exits), sorted(exits)))
 
 
 MIGRATIONS = {}  # type: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]]

@@ -833,9 +833,13 @@ def decode_error(data: Union[Frame, bytes], secret: Union[None, str, bytes] = No
     return ErrorMessage(frame.request_id, code, message)
 
 
-def encode_ping(request_id: int, secret: Union[None, str, bytes] = None) -> bytes:
-    """Build a PING frame (header ``{}``, empty payload); the server answers PONG with the same id."""
-    return encode_frame(PING, request_id, {}, b"", secret)
+def encode_ping(request_id: int, secret: Union[None, str, bytes] = None, pad_bytes: int = 0) -> bytes:
+    """Build a PING frame (header ``{}``); the server answers PONG (empty) with the same id. ``pad_bytes``
+    zero bytes of payload, which the server ignores, let the client time the uplink with a known load
+    (:mod:`runtime.bandwidth`)."""
+    if pad_bytes < 0:
+        raise ValueError("pad_bytes must be >= 0, got %r" % (pad_bytes,))
+    return encode_frame(PING, request_id, {}, bytes(int(pad_bytes)), secret)
 
 
 def encode_pong(request_id: int, secret: Union[None, str, bytes] = None) -> bytes:

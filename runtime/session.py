@@ -16,8 +16,8 @@ import numpy as np
 from .bundle import Bundle, BundleError
 
 __all__ = ["DeviceOptions", "ServerOptions", "board_profile", "check_input", "make_runner", "make_server",
-           "parse_server_address", "parse_thresholds", "pick_backend", "pick_precision", "run_files", "runtime_threads",
-           "server_inputs"]
+           "parse_gates", "parse_server_address", "parse_thresholds", "pick_backend", "pick_precision", "run_files",
+           "runtime_threads", "server_inputs"]
 
 
 def board_profile(name: Optional[str]) -> Optional[dict]:
@@ -104,7 +104,10 @@ class DeviceOptions:
     exits or ``local_tail`` decide); ``bandwidth`` / ``rtt``: emulated link (``10mbit`` or Mbit/s,
     ``20ms``); ``thresholds``: per-exit overrides; ``exits=False`` disables early exits; ``wire_dtype``:
     ``int8`` (quantised as the manifest says: int8 or n-bit codes) or ``float32`` on the wire; ``codec``: the
-    entropy coder (None: the bundle's, :func:`runtime.device.wire_codec`)."""
+    entropy coder (None: the bundle's, :func:`runtime.device.wire_codec`); ``gates``: per-exit overrides of
+    the Exit Predictor's prediction thresholds (None: not gated); ``predictor=False``: do not run it;
+    ``adaptive``: latency-aware thresholds from the manifest's regression at the bandwidth measured from the
+    runner's own transfers, or at ``assume_bandwidth`` when given."""
 
     backend: str = "auto"
     precision: str = "auto"
@@ -120,6 +123,10 @@ class DeviceOptions:
     exits: bool = True
     wire_dtype: str = "int8"
     local_tail: bool = False
+    gates: Dict[str, Optional[float]] = field(default_factory=dict)
+    predictor: bool = True
+    adaptive: bool = False
+    assume_bandwidth: Optional[Union[str, float]] = None
 
 
 def make_runner(bundle: Bundle, board: Optional[dict], opts: DeviceOptions):
@@ -138,10 +145,26 @@ def make_runner(bundle: Bundle, board: Optional[dict], opts: DeviceOptions):
         shaper = LinkShaper.from_strings(opts.bandwidth, opts.rtt) if opts.bandwidth else None
         client = EdgeClient(host, port, secret=opts.secret or os.environ.get("EETOOL_SECRET"),
                             timeout_s=opts.timeout_s, shaper=shaper, codec=opts.codec or wire_codec(bundle))
+    from .link import parse_bandwidth
+
     runner = DeviceRunner(bundle, client, fmt, precision, runtime_threads(opts.threads, board), opts.thresholds,
                           exits=opts.exits, wire_dtype=opts.wire_dtype, local_tail=opts.local_tail,
-                          allow_spinning=allow_spinning(board, opts.spinning))
+                          allow_spinning=allow_spinning(board, opts.spinning), gates=opts.gates or None,
+                          predictor=opts.predictor, adaptive=opts.adaptive,
+                          bandwidth_mbps=parse_bandwidth(opts.assume_bandwidth) if opts.assume_bandwidth else None)
     return runner, fmt, precision
+
+
+def parse_gates(items: Optional[Sequence[str]]) -> Dict[str, Optional[float]]:
+    """``["exit0=0.4", "exit1=off"]`` (``--gate``) -> ``{"exit0": 0.4, "exit1": None}``. Raises ValueError."""
+    out = {}  # type: Dict[str, Optional[float]]
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = None if value in ("off", "none") else float(value)
+        except ValueError:
+            raise ValueError("--gate %r: expected EXIT=VALUE with VALUE in [0, 1] or off, e.g. exit0=0.4" % item)
+    return out
 
 
 @dataclass
@@ -230,16 +253,25 @@ def make_server(bundle: Bundle, opts: ServerOptions):
     return server, fmt, precision, what, plan
 
 
-def run_files(runner, bundle: Bundle, paths: Sequence[str]) -> List[Tuple[str, object]]:
+def run_files(runner, bundle: Bundle, paths: Sequence[str], schedule: Optional[Sequence[Tuple[float, int]]] = None
+              ) -> List[Tuple[str, object]]:
     """Preprocess each input file (image, or ``.npy`` in model layout) as the manifest says, check it
     (:func:`check_input`) and run it through ``runner`` one sample at a time (exits decide per sample).
-    Returns ``[(name, runtime.device.Result)]``; a file holding N samples gives ``name[0] .. name[N-1]``."""
+    ``schedule`` (``[(Mbit/s, requests), ...]``, :func:`runtime.link.parse_schedule`) changes the emulated
+    link during the run, phase after phase, repeating. Returns ``[(name, runtime.device.Result)]``; a file
+    holding N samples gives ``name[0] .. name[N-1]``. Raises ValueError for a schedule without a link."""
     from .preprocess import load_inputs
 
+    shaper = getattr(runner.client, "shaper", None) if runner.client is not None else None
+    if schedule and shaper is None:
+        raise ValueError("a bandwidth schedule needs --server and an emulated link (--bandwidth)")
+    steps = [bw for bw, n in schedule or [] for _ in range(n)]
     out = []
     for path in paths:
         batch = check_input(load_inputs([path], bundle.manifest.preprocess), bundle, path)
         for i in range(len(batch)):
+            if steps:
+                shaper.set_bandwidth(steps[len(out) % len(steps)])
             name = os.path.basename(path) + ("[%d]" % i if len(batch) > 1 else "")
             out.append((name, runner.infer(batch[i:i + 1])))
     return out
