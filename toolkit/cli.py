@@ -225,6 +225,14 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
                                               layer_profile_graph=not no_profile_graph, samples=n_samples,
                                               wire=wire),
                            calib_ds, verify_ds)
+    if exits_dir and (Path(exits_dir) / "predictor.json").is_file():  # trained with 'eetool exits predictor train'
+        from .exit_predictor import load_predictor
+        from .exit_predictor_bundle import add_to_bundle, features_for
+
+        predictor, meta = load_predictor(exits_dir)
+        b = Bundle.load(out)
+        report["predictor"] = add_to_bundle(out, predictor, meta, features_for(b, calib_ds, meta["input"]),
+                                            features_for(b, verify_ds, meta["input"]))
     _print_export_summary(Path(out), report)
 
 
@@ -269,6 +277,10 @@ def _print_export_summary(out: Path, report: dict) -> None:
     for e in manifest.exits:
         click.echo(f"  {e.name:6s} exit   at {e.at}  {e.mflops or 0.0:.2f} MFLOPs  {e.rule} threshold "
                    + ("off" if e.threshold is None else f"{e.threshold:.3f}"))
+    p = manifest.predictor
+    if p is not None:
+        click.echo(f"  {p.name} Exit Predictor on {p.input} for {', '.join(p.exits)}  {p.mflops or 0.0:.4f} MFLOPs  "
+                   "(prediction thresholds: 'eetool exits calibrate')")
 
 
 @main.command(name="eval")
@@ -389,28 +401,45 @@ def exits_train(ctx, model, weights, input_shape, preprocess, names, data, limit
 @click.option("--curve", type=click.Path(dir_okay=False), help="write the accuracy vs expected MFLOPs curve (PNG)")
 @click.option("--board", help="optimise expected end-to-end latency on this board profile instead of device MFLOPs")
 @click.option("--server-board", default="host", show_default=True, help="edge server profile for the latency objective")
-@click.option("--bandwidth", default="10mbit", show_default=True, help="uplink for the latency objective")
+@click.option("--bandwidth", default="10mbit", show_default=True,
+              help="uplink for the latency objective; several (1,2,5,10,20mbit) with --budget-ms: latency-aware "
+                   "thresholds, regressed on bandwidth for 'runtime run --adaptive'")
 @click.option("--rtt", default="0ms", show_default=True)
 @click.option("--budget-ms", type=float, help="with --board: most accurate thresholds whose expected latency fits")
+@click.option("--budget-mflops", type=float,
+              help="most accurate thresholds whose expected device MFLOPs per sample fit (instead of --delta); "
+                   "a value <= 1 is a share of the backbone's MFLOPs")
+@click.option("--no-predictor", is_flag=True, help="choose confidence thresholds only; the Exit Predictor does not run")
+@click.option("--layers", type=click.Path(exists=True),
+              help="with --board: measured layer latencies (a 'runtime bench' folder or its layers.json) "
+                   "instead of the board profile's FLOPs estimate")
+@click.option("--regression", type=click.Choice(["piecewise-linear", "polynomial"]), default="piecewise-linear",
+              show_default=True, help="latency-aware mode: the bandwidth -> threshold model")
 @click.pass_context
 def exits_calibrate(ctx, bundle, data, offset, limit, delta, rule, curve, board, server_board, bandwidth, rtt,
-                    budget_ms):
+                    budget_ms, budget_mflops, no_predictor, layers, regression):
     """Choose per-exit confidence thresholds on BUNDLE's own graphs (float and int8) for the least expected
-    device compute with a top-1 drop <= --delta, and store them in the manifest."""
+    device compute with a top-1 drop <= --delta, and store them in the manifest.
+
+    With an Exit Predictor in the bundle its prediction thresholds are chosen jointly (Dong, Mao & Zhang).
+    With --board, several --bandwidth values and --budget-ms: latency-aware mode, the most accurate thresholds
+    within the budget at each bandwidth and a regression from bandwidth to thresholds, stored in the manifest
+    for the runtime's adaptive mode ('python -m runtime run --adaptive')."""
     from calibration import thresholds as T
 
     from .exits_bundle import bundle_profile, calibrate_thresholds
+    from .plan import parse_bandwidths
 
     if not 0.0 <= delta <= 1.0:
         raise click.BadParameter(f"{delta} is outside [0, 1]", param_hint="--delta")
     if not board:
-        refuse(given(ctx, "server_board", "bandwidth", "rtt", "budget_ms"),
+        refuse(given(ctx, "server_board", "bandwidth", "rtt", "budget_ms", "layers", "regression"),
                "describe{s} the latency objective, which --board DEVICE_BOARD selects; add --board or drop {it}")
-    from runtime.link import parse_bandwidth, parse_duration
+    from runtime.link import parse_duration
 
     try:  # before any work: a typo in the link must not cost a calibration run
-        bandwidth_mbps, rtt_ms = parse_bandwidth(bandwidth), parse_duration(rtt)
-    except ValueError as e:
+        bandwidths, rtt_ms = parse_bandwidths(bandwidth), parse_duration(rtt)
+    except (ValueError, PlanError) as e:
         raise click.BadParameter(str(e), param_hint="--bandwidth / --rtt")
     b = Bundle.load(bundle)
     if not b.exits:
@@ -423,20 +452,42 @@ def exits_calibrate(ctx, bundle, data, offset, limit, delta, rule, curve, board,
         raise DataError(f"{ds.source} has no labels: threshold calibration compares each exit's prediction with "
                         "the ground truth (a folder with synsets.txt / labels.txt / class subfolders, .npz with y, "
                         "fashion-mnist)")
+    if budget_mflops is not None and budget_mflops <= 1.0:
+        budget_mflops *= sum(s.mflops or 0.0 for s in b.segments)
     latency = None
     if board:
         from runtime.boards import load_board
 
-        latency = {"board": load_board(board), "server": load_board(server_board),
-                   "bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms, "budget_ms": budget_ms}
-    results = calibrate_thresholds(bundle, ds, delta, rule, latency=latency)
+        latency = {"board": load_board(board), "server": load_board(server_board), "bandwidth_mbps": bandwidths[0],
+                   "rtt_ms": rtt_ms, "budget_ms": budget_ms, "kind": regression}
+        if len(bandwidths) > 1:
+            latency["grid_mbps"] = bandwidths
+        if layers:
+            from runtime.profile_layers import load_profile
+
+            p = Path(layers)
+            latency["layers"] = load_profile(p / "layers.json" if p.is_dir() else p)
+    results = calibrate_thresholds(bundle, ds, delta, rule, latency=latency, budget_mflops=budget_mflops,
+                                   use_predictor=not no_predictor)
     for pair, r in results.items():
         th = ", ".join("off" if t is None else f"{t:.4f}" for t in r["thresholds"])
         rates = ", ".join(f"{v:.1%}" for v in r["exit_rates"])
-        click.echo(f"{pair:12s} thresholds [{th}]  accuracy {r['accuracy']:.2%} (final {r['final_accuracy']:.2%})"
+        gates = ""
+        if "prediction_thresholds" in r:
+            g = r["prediction_thresholds"]
+            gates = "  predictor " + ("not used" if g is None else
+                                      "[" + ", ".join("-" if v is None else f"{v:.3f}" for v in g) + "]")
+        click.echo(f"{pair:12s} thresholds [{th}]{gates}  accuracy {r['accuracy']:.2%} (final {r['final_accuracy']:.2%})"
                    f"  exit rates [{rates}]  {r['expected_mflops']:.2f} MFLOPs/sample = {r['mflops_ratio']:.2f}x backbone"
                    + (f"  expected {r['expected_ms']:.2f} ms ({r['latency_model']})" if "expected_ms" in r else "")
                    + (f"  UNREACHABLE: {', '.join(r['unreachable'])}" if r["unreachable"] else ""))
+    adapt = Bundle.load(bundle).manifest.latency_adaptation
+    if adapt is not None:
+        for pair, reg in adapt.models.items():
+            click.echo(f"{pair:12s} latency-aware ({reg.kind}, budget {adapt.budget_ms:g} ms, "
+                       f"{'met' if reg.budget_met else 'NOT met'} at every checked bandwidth): "
+                       + "; ".join(f"{f['bandwidth_mbps']:.3g} Mbit/s {f['accuracy']:.2%} {f['expected_ms']:.2f} ms"
+                                   for f in reg.grid))
     if curve:
         fmt, precision = next(iter(results)).split("/")
         T.plot_curve([T.curve(bundle_profile(Bundle.load(bundle), ds, fmt, precision), rule)], curve,
@@ -507,6 +558,153 @@ def rate(bundles, data, limit, jpeg, webp, wire_bits, wire_per_channel, wire_ran
     for note in report["notes"]:
         click.echo(f"note: {note}")
     click.echo(f"plot: {plot_path}; JSON: {json_path}")
+
+
+@exits.group(name="predictor")
+def exits_predictor():
+    """The Exit Predictor (Dong, Mao & Zhang): a small network before the first exit that sends "hard" samples
+    past the exit branches."""
+
+
+@exits_predictor.command(name="train")
+@click.argument("target")
+@with_model_options
+@click.option("--exits", "exits_dir", type=click.Path(exists=True, file_okay=False),
+              help="MODEL only: its trained exits (a directory from 'eetool exits train', with calibration.json or "
+                   "--label-thresholds); the predictor is saved there for 'eetool export --exits'")
+@click.option("--data", help="real inputs (labels not needed; with labels the report has accuracy), e.g. "
+                             "fashion-mnist:train or an image folder (default: as for exits train)")
+@click.option("--offset", default=0, show_default=True)
+@click.option("--limit", type=int)
+@click.option("--at", help="tensor it reads: 'input' or a device tensor before the first exit "
+                           "(default: the first device segment's output)")
+@click.option("--pair", default="onnx/fp32", show_default=True,
+              help="BUNDLE: graphs whose confidences and calibrated thresholds give the labels")
+@click.option("--label-thresholds", help="one confidence threshold per exit instead of the calibrated ones, e.g. 0.9,0.8")
+@click.option("--pool", default=2, show_default=True, help="pooled spatial size")
+@click.option("--hidden", default=0, show_default=True, help="hidden FC units (0: one linear layer)")
+@click.option("--conv", "conv_channels", default=0, show_default=True, help="channels of a first 1x1 conv (0: none)")
+@click.option("--epochs", default=8, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--holdout", default=0.1, show_default=True, help="share of --data kept out of training for the report")
+@click.option("--calib-samples", default=256, show_default=True, help="BUNDLE: inputs for the int8 predictor graphs")
+@click.option("--json", "as_json", is_flag=True)
+def exits_predictor_train(target, weights, input_shape, preprocess, exits_dir, data, offset, limit, at, pair,
+                          label_thresholds, pool, hidden, conv_channels, epochs, lr, holdout, calib_samples, as_json):
+    """Train the Exit Predictor for TARGET: a bundle (trained on its own device graphs, then exported into it
+    as ONNX / TFLite float and int8 graphs, verified by value) or a MODEL with --exits DIR (saved into DIR for
+    'eetool export --exits DIR'). Labels: whether each exit's confidence passes its threshold. Reports the
+    predictor's MFLOPs, accuracy, recall of "hard" samples and its effect on held-out data; then run
+    'eetool exits calibrate' to choose its prediction thresholds with the exits' thresholds."""
+    arch = {"pool": pool, "hidden": hidden, "conv_channels": conv_channels}
+    th = None
+    if label_thresholds:
+        th = [None if v.strip() in ("off", "none") else float(v) for v in label_thresholds.split(",")]
+    if (Path(target) / "manifest.json").is_file():
+        from .exit_predictor_bundle import add_to_bundle, features_for, train_on_bundle
+
+        b = Bundle.load(target)
+        source = data or default_data(b.manifest.preprocess).replace(":test", ":train")
+        ds = read_dataset(source, b.manifest.preprocess, limit=limit, offset=offset, progress=True)
+        model, report = train_on_bundle(target, ds, at, pair, th, holdout, epochs, lr, **arch)
+        cal = b.manifest.calibration
+        calib_ds = read_dataset(cal.source if cal is not None else source, b.manifest.preprocess, limit=calib_samples,
+                                spread=True)
+        n_val = max(1, int(round(len(ds) * holdout))) if holdout > 0 else min(len(ds), 64)
+        verify_x = features_for(b, ds.subset(np.arange(len(ds) - min(n_val, 256), len(ds))), report["input"])
+        report["verification"] = add_to_bundle(target, model, report, features_for(b, calib_ds, report["input"]), verify_x)
+    else:
+        from .exit_predictor import save_predictor
+        from .exit_predictor_model import train_on_model
+
+        if not exits_dir:
+            raise click.BadParameter("a MODEL needs --exits DIR (its trained exit branches)", param_hint="--exits")
+        src = resolve(target, weights, input_shape, preprocess)
+        if src.model is None:
+            raise ModelSourceError("the Exit Predictor is trained on a PyTorch model or a bundle, not an .onnx file")
+        ds = read_dataset(data or default_data(src.preprocess).replace(":test", ":train"), src.preprocess,
+                          limit=limit, offset=offset, progress=True)
+        model, report = train_on_model(src.model, exits_dir, ds, at, th, holdout, epochs, lr, **arch)
+        save_predictor(exits_dir, model, report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    _print_predictor_report(report)
+
+
+def _print_predictor_report(r: dict) -> None:
+    click.echo(f"Exit Predictor on {r['input']!r} for exits {', '.join(r['exits'])}: {r['mflops']:.4f} MFLOPs per sample, "
+               f"labels = confidence passes [{', '.join('off' if t is None else f'{t:.4f}' for t in r['label_thresholds'])}]"
+               f" ({r['rule']})")
+    h = r.get("holdout")
+    if h:
+        per = "; ".join(f"{n}: accuracy {e['accuracy']:.1%}, recall {e['recall']:.1%}, fires {e['fires']:.1%}"
+                        for n, e in zip(r["exits"], h["exits"]))
+        click.echo(f"  held-out {h['samples']} samples, prediction threshold 0.5: {per}")
+        click.echo(f"  \"hard\" (no exit fires): {h['hard_rate']:.1%} of samples; recall {h['hard_recall']:.1%}, "
+                   f"precision {h['hard_precision']:.1%}; easy samples routed past every exit {h['easy_routed']:.1%}")
+    e = r.get("effect")
+    if e:
+        a, p = e["exits_alone"], e["with_predictor"]
+        click.echo(f"  effect at the label thresholds: top-1 {a['accuracy']:.2%} -> {p['accuracy']:.2%}, device MFLOPs "
+                   f"{a['expected_mflops']:.3f} -> {p['expected_mflops']:.3f} per sample ({a['mflops_ratio']:.3f}x -> "
+                   f"{p['mflops_ratio']:.3f}x backbone), branches run {', '.join(f'{v:.0%}' for v in a['branch_rates'])}"
+                   f" -> {', '.join(f'{v:.0%}' for v in p['branch_rates'])}")
+    v = r.get("verification")
+    if v:
+        click.echo("  graphs verified against PyTorch: " + "; ".join(
+            f"{pair} max |diff| {c['max_abs_diff']:.1e}, decisions {c['decision_agreement']:.1%}" for pair, c in v.items()))
+
+
+@exits.command(name="curve")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--val-data", help="labelled validation data the operating points are chosen on "
+                                 "(default: fashion-mnist:train with --val-offset 55000 for array models)")
+@click.option("--val-offset", default=None, type=int)
+@click.option("--val-limit", type=int)
+@click.option("--data", help="labelled test data (default: fashion-mnist:test for array models)")
+@click.option("--limit", type=int)
+@click.option("--pair", help="graphs, e.g. onnx/int8 (default: int8 ONNX when present)")
+@click.option("--deltas", help="top-1 drops in pt for the operating points, e.g. 0,0.25,0.5,1,2")
+@click.option("--bandwidth", "bandwidths", default="1,5,20mbit", show_default=True,
+              help="bandwidths for accuracy vs bandwidth (needs a latency-aware calibration)")
+@click.option("--link-schedule", default="1mbit:80,20mbit:80,5mbit:80", show_default=True,
+              help="after a latency-aware calibration: emulated RATE:REQUESTS phases of one adaptive run against a "
+                   "local edge server (empty: skip)")
+@click.option("--no-runtime", is_flag=True, help="offline simulation only (no runtime pass per point)")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+def exits_curve(bundle, val_data, val_offset, val_limit, data, limit, pair, deltas, bandwidths, link_schedule,
+                no_runtime, out):
+    """Accuracy vs device MFLOPs for exits alone, with the Exit Predictor and the backbone alone, and (after a
+    latency-aware calibration) accuracy vs bandwidth under the latency budget for fixed vs adaptive
+    thresholds: chosen on validation data, measured on test data through the runtime. Writes curve.json,
+    curve.md and plots to --out."""
+    from .exits_curve import DELTAS, compute_curve, latency_curve, link_run, write
+    from .plan import parse_bandwidths
+
+    b = Bundle.load(bundle)
+    spec = b.manifest.preprocess
+    array = spec.kind == "array"
+    if not b.exits:
+        raise click.BadParameter(f"{bundle} has no exits", param_hint="BUNDLE")
+    val_source = val_data or ("fashion-mnist:train" if array else default_data(spec))
+    offset = val_offset if val_offset is not None else (55000 if val_data is None and array else 0)
+    val = read_dataset(val_source, spec, limit=val_limit, offset=offset, progress=True)
+    test = read_dataset(data or default_data(spec), spec, limit=limit, progress=True)
+    if val.y is None or test.y is None:
+        raise DataError("the curve needs labels on both --val-data and --data")
+    pair = pair or ("onnx/int8" if "onnx/int8" in b.formats() else b.formats()[0])
+    ds = tuple(float(v) / 100 for v in deltas.split(",")) if deltas else DELTAS
+    curve = {"bundle": str(bundle), "compute": compute_curve(b, val, test, pair, ds, runtime=not no_runtime,
+                                                              progress=lambda m: click.echo(m, err=True))}
+    if b.manifest.latency_adaptation is not None:
+        curve["latency"] = latency_curve(b, test, pair, parse_bandwidths(bandwidths), runtime=not no_runtime,
+                                         progress=lambda m: click.echo(m, err=True))
+        if link_schedule and not no_runtime and b.server_segments:
+            click.echo(f"{pair}: adaptive run over an emulated link ({link_schedule})", err=True)
+            curve["link"] = link_run(b, test, pair, link_schedule)
+    write(curve, Path(out))
+    click.echo((Path(out) / "curve.md").read_text())
 
 
 def _runtime_passthrough(name: str, help_text: str):
