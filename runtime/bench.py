@@ -45,7 +45,9 @@ class BenchOptions:
     ``max_inputs`` spread evenly, ``repeat`` passes after ``warmup``, ``bandwidths`` emulated for the
     sweep (``"1mbit,10mbit"``), the per-layer profile (``profile_runs`` runs), the LC / EC / SC comparison
     (``compare``), an external power log ``energy_csv``, the sensor rails ``energy_rails``, ``force_board``
-    to measure under a board name this machine does not match, and the report folder ``out``."""
+    to measure under a board name this machine does not match, the report folder ``out``, and (for a bundle
+    with latency-aware thresholds) ``adaptive_schedule``: the emulated link's phases of one adaptive run,
+    ``RATE:REQUESTS,...`` ("" to skip)."""
 
     board: Optional[str] = None
     inputs: Optional[List[str]] = None
@@ -61,6 +63,7 @@ class BenchOptions:
     force_board: bool = False
     out: str = "bench-report"
     compare: bool = True
+    adaptive_schedule: str = "1mbit:60,20mbit:60,5mbit:60"
 
 
 #: files a bench run writes into --out (removed first, so none can be left over from an earlier run)
@@ -355,6 +358,9 @@ def _measure(bundle_dir: str, device: S.DeviceOptions, opts: BenchOptions, bundl
     report["input_file_bytes_mean"] = float(np.mean([os.path.getsize(f) for f in files]))
     if opts.compare:
         report["comparison"] = compare_modes(bundle_dir, device, opts, bundle, board, xs, meter_for_board, labels, files)
+    if bundle.manifest.latency_adaptation is not None and opts.adaptive_schedule and device.server:
+        report["adaptive_link"] = adaptive_link(bundle, device.server, fmt, precision, opts.adaptive_schedule, xs,
+                                                labels, threads, device.codec, device.timeout_s)
     if "onnx/fp32" in bundle.formats():
         report["runtime_vs_bare_onnxruntime"] = runtime_overhead(bundle, xs, threads, opts.repeat, max(1, opts.warmup),
                                                                  allow_spinning=spinning)
@@ -379,10 +385,12 @@ def accuracy(top1: List[int], labels: List[int]) -> float:
 
 
 def device_mflops(bundle: Bundle, result) -> float:
-    """MFLOPs the device spent on one request: the segments and exit branches it ran (the stages timed in
-    ``result.ms``), plus the server segments when it ran the tail itself."""
+    """MFLOPs the device spent on one request: the segments, exit branches and Exit Predictor it ran (the
+    stages timed in ``result.ms``), plus the server segments when it ran the tail itself."""
     spent = sum(s.mflops or 0.0 for s in bundle.segments if s.name in result.ms)
     spent += sum(e.mflops or 0.0 for e in bundle.exits if e.name in result.ms)
+    if bundle.predictor is not None and bundle.predictor.name in result.ms:
+        spent += bundle.predictor.mflops or 0.0
     if "local_tail" in result.ms:
         spent += sum(s.mflops or 0.0 for s in bundle.server_segments)
     return float(spent)
@@ -543,3 +551,54 @@ def _sweep(device: S.DeviceOptions, opts: BenchOptions, bundle: Bundle, board: d
     return rows
 
 
+
+
+def adaptive_link(bundle: Bundle, server: str, fmt: str, precision: str, schedule: str, xs, labels=None,
+                  threads=None, codec: str = "zstd", timeout: float = 5.0) -> dict:
+    """Latency-aware thresholds on a link whose emulated bandwidth changes during one run: the device runner
+    in adaptive mode against the edge server at ``server`` (HOST:PORT), the link shaper set to each phase's
+    rate of ``schedule`` (``"1mbit:60,20mbit:60"``, :func:`runtime.link.parse_schedule`), with the round trip
+    the regression was fitted for. Per phase: the device's own bandwidth estimate, the thresholds it
+    applied, the share offloaded, mean wall latency per request (ms) and top-1 when ``labels`` are known
+    (inputs ``xs``, float32 (1, C, H, W) each, are taken in turn); plus the per-request trace."""
+    from .client import EdgeClient
+    from .device import DeviceRunner
+    from .link import LinkShaper, parse_schedule
+
+    la = bundle.manifest.latency_adaptation
+    pair = "%s/%s" % (fmt, precision)
+    if pair not in la.models:
+        return {"skipped": "no latency adaptation model for %s (has %s)" % (pair, ", ".join(sorted(la.models)))}
+    phases = parse_schedule(schedule)
+    host, port = S.parse_server_address(server)
+    shaper = LinkShaper(phases[0][0], la.rtt_ms)
+    client = EdgeClient(host, port, shaper=shaper, codec=codec, timeout_s=timeout)
+    runner = DeviceRunner(bundle, client, fmt, precision, threads, adaptive=True)
+    names = [e.name for e in bundle.exits]
+    trace, summary, k = [], [], 0
+    for bw, n in phases:
+        shaper.set_bandwidth(bw)
+        rows = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = runner.infer(xs[k % len(xs)])
+            row = {"emulated_mbps": bw, "estimate_mbps": r.bandwidth_mbps, "where": r.where, "exit": r.exit,
+                   "ms": (time.perf_counter() - t0) * 1e3, "thresholds": [r.thresholds.get(m) for m in names],
+                   "gates": None if r.gates is None else [r.gates.get(m) for m in names]}
+            if labels:
+                row["correct"] = int(r.top1 == labels[k % len(xs)])
+            rows.append(row)
+            k += 1
+        est = [q["estimate_mbps"] for q in rows[len(rows) // 2:] if q["estimate_mbps"] is not None]
+        summary.append({"bandwidth_mbps": bw, "requests": n,
+                        "estimate_mbps": float(np.median(est)) if est else None,
+                        "thresholds": rows[-1]["thresholds"], "gates": rows[-1]["gates"],
+                        "offloaded": float(np.mean([q["where"] == "server" for q in rows])),
+                        "latency_ms_mean": float(np.mean([q["ms"] for q in rows])),
+                        "accuracy": float(np.mean([q["correct"] for q in rows])) if labels else None})
+        trace += rows
+    client.close()
+    est = runner.estimator
+    return {"pair": pair, "budget_ms": la.budget_ms, "rtt_ms": la.rtt_ms, "phases": summary,
+            "estimator": "window of the last %d transfers within %g s, probes when idle for %g s" % (
+                est.window, est.max_age_s, est.idle_s), "trace": trace}

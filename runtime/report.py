@@ -135,6 +135,8 @@ def render_markdown(r: dict, level: int = 1, plots_prefix: str = "") -> str:
             lines.append("| %s | %s |" % (key, " | ".join(cells)) if "error" not in v else "| %s | %s |" % (key, v["error"]))
     if r.get("comparison"):
         lines += [""] + comparison_table(r["comparison"], h)
+    if (r.get("adaptive_link") or {}).get("phases"):
+        lines += [""] + link_markdown(r["adaptive_link"], h + "#")
     for name in ("latency_breakdown.png", "latency_vs_bandwidth.png", "comparison.png"):
         if r.get("plots") and name in r["plots"]:
             lines += ["", "![%s](%s%s)" % (name[:-4].replace("_", " "), plots_prefix, name)]
@@ -392,6 +394,122 @@ def loadtest_plot(r: dict, path: Path) -> Optional[str]:
     return str(path)
 
 
+# --------------------------------------------------------------------------- early-exit curves
+def _th(values) -> str:
+    if values is None:
+        return "-"
+    return ", ".join("off" if v is None else "%.3f" % v for v in values)
+
+
+def _gates(values) -> str:
+    if values is None:
+        return "not run"
+    return ", ".join("-" if v is None else "%.3f" % v for v in values)
+
+
+def curve_markdown(curve: dict, h: str = "##", plots_prefix: str = "") -> str:
+    """``eetool exits curve``'s ``curve.json`` as Markdown: accuracy vs device MFLOPs (exits alone, with the
+    Exit Predictor, backbone alone) and accuracy vs bandwidth under a latency budget (fixed vs adaptive
+    thresholds), every number as measured."""
+    lines: List[str] = []
+    c = curve.get("compute")
+    if c:
+        bb = c["backbone_mflops"]
+        lines += ["%s Accuracy vs device MFLOPs (%s graphs through the runtime)" % (h, c["pair"]), "",
+                  "operating points chosen on %d validation samples (%s) for the least expected device MFLOPs at a "
+                  "top-1 drop <= delta; measured on %d test samples (%s) by the device runtime one sample at a time, "
+                  "tail run on the device (device MFLOPs = everything computed: backbone %.3f MFLOPs, exit branches "
+                  "%s, predictor %s), beside the offline simulation of the same thresholds on the same graphs." % (
+                      c["validation"]["samples"], c["validation"]["source"], c["test"]["samples"], c["test"]["source"],
+                      bb, " / ".join("%.4f" % v for v in c["branch_mflops"]),
+                      "-" if c.get("predictor_mflops") is None else "%.4f MFLOPs" % c["predictor_mflops"]), "",
+                  "| exits | delta (val) | confidence thresholds | prediction thresholds | top-1 runtime | device MFLOPs "
+                  "runtime | x backbone | top-1 sim | MFLOPs sim | exit rates runtime | branches run |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---|---|"]
+        b = c["backbone"]
+        rb = b.get("runtime") or b["simulation"]
+        lines.append("| backbone alone | - | - | - | %.2f %% | %.3f | %.3f | %.2f %% | %.3f | - | - |" % (
+            100 * rb["accuracy"], rb["mflops_per_sample"], rb["mflops_per_sample"] / bb,
+            100 * b["simulation"]["accuracy"], b["simulation"]["mflops_per_sample"]))
+        for method, pts in c["methods"].items():
+            for p in pts:
+                r, sim = p.get("runtime"), p["simulation"]
+                rates = r["exit_rates"] if r else sim["exit_rates"]
+                lines.append("| %s | %.2f pt | %s | %s | %s | %s | %.3f | %.2f %% | %.3f | %s | %s |" % (
+                    method, 100 * p["delta"], _th(p["thresholds"]), _gates(p["gates"]),
+                    ("%.2f %%" % (100 * r["accuracy"])) if r else "-", ("%.3f" % r["mflops_per_sample"]) if r else "-",
+                    (r or sim)["mflops_per_sample"] / bb, 100 * sim["accuracy"], sim["mflops_per_sample"],
+                    ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in rates.items()),
+                    " / ".join("%.1f%%" % (100 * v) for v in sim["branch_rates"])))
+        cmp_ = c.get("comparison") or {}
+        if cmp_.get("pairs"):
+            lines += ["", "Equal accuracy (within %.1f pt, %s numbers): each point with the predictor against the cheapest "
+                      "point without it that is at least as accurate minus %.1f pt." % (
+                          100 * cmp_["tolerance"], cmp_["basis"], 100 * cmp_["tolerance"]), "",
+                      "| with predictor: top-1 | MFLOPs | exits alone: top-1 | MFLOPs | saving MFLOPs | fewer MFLOPs |",
+                      "|---:|---:|---:|---:|---:|---|"]
+            for row in cmp_["pairs"]:
+                a, e = row["with_predictor"], row["exits_alone"]
+                lines.append("| %.2f %% | %.3f | %.2f %% | %.3f | %+.4f | %s |" % (
+                    100 * a["accuracy"], a["mflops_per_sample"], 100 * e["accuracy"], e["mflops_per_sample"],
+                    row["saving_mflops"], "yes" if row["win"] else "NO"))
+            lines += ["", "points where the predictor uses strictly fewer device MFLOPs at equal accuracy: %d of %d"
+                      % (cmp_["wins"], len(cmp_["pairs"]))]
+        t = c.get("targets") or {}
+        if t:
+            best = t.get("best_at_0.40x")
+            lines += ["", "- best point at <= 0.40x backbone MFLOPs: " + (
+                "%s, %.2f %% at %.3fx (%.2f pt below the backbone's %.2f %%)" % (
+                    best["method"], 100 * best["accuracy"], best["mflops_ratio"], best["drop_pt"],
+                    100 * t["backbone_accuracy"]) if best else "none"),
+                      "- runtime vs offline simulation: largest gap %.2f pt in accuracy, %.2f pt in exit rates" % (
+                          t["runtime_vs_simulation_pt"]["accuracy"], t["runtime_vs_simulation_pt"]["exit_rates"])]
+    lt = curve.get("latency")
+    if lt:
+        lm = lt["latency_model"]
+        lines += ["", "%s Accuracy vs bandwidth under a %g ms latency budget (%s)" % (h, lt["budget_ms"], lt["pair"]), "",
+                  "latency model: %s; rtt %g ms, %.0f B per offloaded sample, server %.3f ms; thresholds regressed on "
+                  "bandwidth (%s) over %s Mbit/s, on validation data. Fixed: the most accurate thresholds meeting the "
+                  "budget at every grid bandwidth. Expected latency is the model's on the %d test samples." % (
+                      lm["source"], lm["rtt_ms"], lm["bytes_per_sample"], lm["server_ms"], lt["kind"],
+                      ", ".join("%g" % b for b in lt["grid_mbps"] or []), lt["test"]["samples"]), "",
+                  "| Mbit/s | fixed: top-1 | expected ms | adaptive: confidence thresholds | prediction thresholds | "
+                  "top-1 | expected ms | gain pt |", "|---:|---:|---:|---|---|---:|---:|---:|"]
+        for row, v in zip(lt["rows"], lt["verdict"]):
+            f, a = row["fixed"], row["adaptive"]
+            fm, am = f.get("runtime") or f["simulation"], a.get("runtime") or a["simulation"]
+            lines.append("| %g | %.2f %% | %.3f | %s | %s | %.2f %% | %.3f | %+.2f |" % (
+                row["bandwidth_mbps"], 100 * fm["accuracy"], f["simulation"]["expected_ms"], _th(a["thresholds"]),
+                _gates(a["gates"]), 100 * am["accuracy"], a["simulation"]["expected_ms"], v["gain_pt"]))
+        lines += ["", "fixed thresholds: %s; prediction thresholds: %s" % (
+            _th(lt["rows"][0]["fixed"]["thresholds"]), _gates(lt["rows"][0]["fixed"]["gates"]))]
+    link = curve.get("link")
+    if link and link.get("phases"):
+        lines += [""] + link_markdown(link, h)
+    elif link:
+        lines += ["", "adaptive run on a changing link: skipped (%s)" % link.get("skipped")]
+    for name in curve.get("plots") or []:
+        lines += ["", "![%s](%s%s)" % (name[:-4].replace("_", " "), plots_prefix, name)]
+    return "\n".join(lines) + "\n"
+
+
+def link_markdown(link: dict, h: str = "##") -> List[str]:
+    """The adaptive run over an emulated link whose bandwidth changes during the run (runtime bench)."""
+    lines = ["%s Adaptive thresholds on a changing link (%s)" % (h, link["pair"]), "",
+             "one run against the edge server, the emulated uplink changed between phases; the device estimates "
+             "its bandwidth from its own transfers (%s) and takes its thresholds from the regression." % link["estimator"],
+             "", "| phase | emulated Mbit/s | requests | estimate Mbit/s (median of the last half) | thresholds used "
+             "(last request) | prediction thresholds | offloaded | mean latency ms | top-1 |",
+             "|---:|---:|---:|---:|---|---|---:|---:|---:|"]
+    for i, ph in enumerate(link["phases"]):
+        lines.append("| %d | %g | %d | %s | %s | %s | %.1f %% | %.2f | %s |" % (
+            i + 1, ph["bandwidth_mbps"], ph["requests"],
+            "-" if ph["estimate_mbps"] is None else "%.2f" % ph["estimate_mbps"], _th(ph["thresholds"]),
+            _gates(ph["gates"]), 100 * ph["offloaded"], ph["latency_ms_mean"],
+            "-" if ph.get("accuracy") is None else "%.2f %%" % (100 * ph["accuracy"])))
+    return lines
+
+
 # --------------------------------------------------------------------------- one page for a whole run
 def plan_claim(plan: dict) -> str:
     """Neurosurgeon's claim for one ``eetool plan --json`` result: the best split moves with bandwidth
@@ -492,14 +610,42 @@ def rate_table(rate: dict, h: str = "##") -> List[str]:
     return lines
 
 
+def predictor_claims(curve: dict) -> List[str]:
+    """Dong, Mao & Zhang's two claims checked on an ``eetool exits curve`` result: the Exit Predictor cuts device
+    compute at equal accuracy, and latency-aware thresholds beat fixed ones under a latency budget."""
+    out = []
+    c = curve.get("compute") or {}
+    cmp_ = c.get("comparison") or {}
+    if cmp_.get("pairs"):
+        best = max(cmp_["pairs"], key=lambda r: r["saving_mflops"])
+        out.append("the Exit Predictor %s device compute at equal accuracy (within %.1f pt): fewer MFLOPs at %d of %d "
+                   "operating points (%s, %s), largest saving %.4f MFLOPs/sample (%.2f %% vs %.2f %% top-1)" % (
+                       "cuts" if cmp_["wins"] else "does NOT cut", 100 * cmp_["tolerance"], cmp_["wins"],
+                       len(cmp_["pairs"]), c["pair"], cmp_["basis"], best["saving_mflops"],
+                       100 * best["with_predictor"]["accuracy"], 100 * best["exits_alone"]["accuracy"]))
+    lt = curve.get("latency") or {}
+    if lt.get("verdict"):
+        gains = ", ".join("%+.2f pt at %g Mbit/s" % (v["gain_pt"], v["bandwidth_mbps"]) for v in lt["verdict"])
+        better = [v for v in lt["verdict"] if v["gain_pt"] > 0]
+        worse = [v for v in lt["verdict"] if v["gain_pt"] < 0]
+        out.append("latency-aware thresholds %s fixed ones under a %g ms budget (%s): %s" % (
+            "beat" if better and not worse else ("do NOT always beat" if worse else "equal"), lt["budget_ms"],
+            lt["board"], gains))
+    return out
+
+
 def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], title: str,
-                   loadtests: Sequence[Tuple[str, dict]] = (), rates: Sequence[dict] = ()) -> str:
+                   loadtests: Sequence[Tuple[str, dict]] = (), rates: Sequence[dict] = (),
+                   curves: Sequence[Tuple[str, dict]] = ()) -> str:
     """One Markdown page for a ``make bench`` run: claims first, then each plan, each rate comparison, each
-    bench report and each load test. ``benches`` / ``loadtests``: ``(relative directory, JSON dict)``;
-    ``plans``: ``eetool plan --json`` dicts; ``rates``: ``eetool rate --json`` dicts."""
+    bench report, each load test and each early-exit curve. ``benches`` / ``loadtests`` / ``curves``:
+    ``(relative directory, report.json / loadtest.json / curve.json dict)``; ``plans``: ``eetool plan --json``
+    dicts; ``rates``: ``eetool rate --json`` dicts."""
     claims = [plan_claim(p) for p in plans]
     for r in rates:
         claims += rate_claims(r)
+    for _, c in curves:
+        claims += predictor_claims(c)
     claims += [c for c in (feature_vs_jpeg_claim(p) for p in plans[:1]) if c]
     for _, r in benches:
         modes = (r.get("comparison") or {}).get("modes", {})
@@ -527,6 +673,9 @@ def render_summary(benches: Sequence[Tuple[str, dict]], plans: Sequence[dict], t
     for rel, r in loadtests:
         plot = (rel.rstrip("/") + "/loadtest.png") if (rel and r.get("plot")) else None
         lines += ["", loadtest_markdown(r, plot, level=2)]
+    for rel, c in curves:
+        lines += ["", "## Early exits and the Exit Predictor: %s -> `%s/`" % (c.get("bundle", ""), rel), "",
+                  curve_markdown(c, "###", (rel.rstrip("/") + "/") if rel else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -557,6 +706,7 @@ def add_arguments(p) -> None:
     p.add_argument("--loadtest", nargs="*", default=[], metavar="DIR",
                    help="folders written by 'python -m runtime loadtest' (each holds loadtest.json)")
     p.add_argument("--rate", nargs="*", default=[], metavar="RATE.json", help="'eetool rate' JSON outputs")
+    p.add_argument("--curve", nargs="*", default=[], metavar="DIR", help="folders written by 'eetool exits curve'")
     p.add_argument("--title", default="eetool bench")
 
 
@@ -584,8 +734,16 @@ def run(a) -> int:
         r["plot"] = (Path(d) / "loadtest.png").is_file()
         loadtests.append((os.path.relpath(Path(d).resolve(), page), r))
     rates = [_load(f, RATE_KEYS, "a rate report", "eetool rate") for f in getattr(a, "rate", []) or []]
-    if not benches and not plans and not loadtests and not rates:
-        raise ValueError("nothing to report: give --bench DIR, --plan FILE, --rate FILE and/or --loadtest DIR")
-    Path(a.out).write_text(render_summary(benches, plans, a.title, loadtests, rates), encoding="utf-8")
+    curves = []
+    for d in getattr(a, "curve", None) or []:
+        f = Path(d) / "curve.json"
+        if not f.is_file():
+            raise ValueError("%s: no curve.json (run 'eetool exits curve BUNDLE --out %s' first)" % (d, d))
+        curves.append((os.path.relpath(Path(d).resolve(), page),
+                       _load(f, ("compute",), "an early-exit curve", "eetool exits curve")))
+    if not benches and not plans and not loadtests and not rates and not curves:
+        raise ValueError("nothing to report: give --bench DIR, --plan FILE, --rate FILE, --loadtest DIR and/or "
+                         "--curve DIR")
+    Path(a.out).write_text(render_summary(benches, plans, a.title, loadtests, rates, curves), encoding="utf-8")
     print("report written to %s" % a.out)
     return 0
