@@ -85,20 +85,33 @@ def train_backbone(model: nn.Module, loader: Batches, epochs: int, lr: float, pr
     return _one_cycle(model, loader, epochs, lr, lambda m, x, y: F.cross_entropy(m(x), y), "backbone", progress)
 
 
-def train_joint(model: EarlyExitModel, loader: Batches, epochs: int, lr: float, progress: bool = True) -> dict:
+def train_joint(model: EarlyExitModel, loader: Batches, epochs: int, lr: float, progress: bool = True,
+                self_distill: float = 0.0, temperature: float = 2.0) -> dict:
     """Joint training (weighted sum of every exit's and the final output's cross-entropy) with the same
     one-cycle schedule as the backbone; :func:`toolkit.exits.train_exits` keeps a constant LR, which
-    matters little for exits on a trained backbone but does for training from scratch."""
-    from toolkit.exits import default_weights
+    matters little for exits on a trained backbone but does for training from scratch.
+
+    ``self_distill`` (0..1): each early exit's loss becomes ``(1 - a) * CE(exit, y) + a * KD(exit, final)``
+    with the final output (detached) as teacher at ``temperature`` (Hinton et al. 2015; self-distillation
+    as in Zhang et al., "Be Your Own Teacher", ICCV 2019): exits that agree with the final classifier lose
+    less accuracy when they stop a sample."""
+    from toolkit.exits import _distill, default_weights
 
     w = default_weights(len(model.exit_names) + 1)
+    if not 0.0 <= self_distill <= 1.0:
+        raise ValueError(f"self_distill must be in [0, 1], got {self_distill}")
 
     def loss(m, x, y):
-        return sum(wk * F.cross_entropy(o, y) for wk, o in zip(w, m(x).values()))
+        outs = list(m(x).values())
+        final = outs[-1]
+        terms = [(1 - self_distill) * F.cross_entropy(o, y) + self_distill * _distill(o, final, temperature)
+                 if self_distill else F.cross_entropy(o, y) for o in outs[:-1]]
+        return sum(wk * t for wk, t in zip(w, terms + [F.cross_entropy(final, y)]))
 
     hist = _one_cycle(model, loader, epochs, lr, loss, "joint", progress)
-    return {"mode": "joint", "loss": "ce", "epochs": epochs, "lr": lr, "weights": w, "history": hist,
-            "schedule": "one-cycle"}
+    return {"mode": "joint", "loss": "ce" if not self_distill else f"ce + self-distillation {self_distill:g}",
+            "epochs": epochs, "lr": lr, "weights": w, "history": hist, "schedule": "one-cycle",
+            "self_distill": self_distill, "temperature": temperature if self_distill else None}
 
 
 def costs(model: EarlyExitModel) -> tuple[list[float], list[float]]:
@@ -162,6 +175,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3, help="backbone peak LR (one-cycle)")
     ap.add_argument("--exit-lr", type=float, default=2e-3)
     ap.add_argument("--mode", choices=["separate", "joint"], default="separate")
+    ap.add_argument("--self-distill", type=float, default=0.0,
+                    help="joint mode: weight of distillation from the final output in each exit's loss (0..1)")
     ap.add_argument("--loss", choices=["ce", "distill"], default="ce")
     ap.add_argument("--val", type=int, default=5000, help="last N train samples held out for calibration")
     ap.add_argument("--delta", type=float, default=0.005, help="allowed accuracy drop vs final exit")
@@ -204,7 +219,8 @@ def main(argv=None) -> dict:
         bb_hist = None
         torch.manual_seed(exits_torch_seed)
         model = EarlyExitModel(backbone, build_exits(backbone, EXIT_POINTS, xtr[:2], **EXIT_OPTS))
-        train_cfg = train_joint(model, Batches(xtr, ytr, a.batch_size, seed=a.seed), a.epochs, a.lr, prog)
+        train_cfg = train_joint(model, Batches(xtr, ytr, a.batch_size, seed=a.seed), a.epochs, a.lr, prog,
+                                self_distill=a.self_distill)
         timings["joint_s"] = time.time() - t
     train_cfg["backbone_history"] = bb_hist
     t = time.time()
