@@ -27,7 +27,7 @@ PY38 = os.environ.get("EETOOL_PY38", "/root/.pyenv/versions/3.8.18/bin/python")
 #: runtime-only test files (no torch) that also run under the 3.8 venv.
 PY38_TESTS = ["tests/test_codec.py", "tests/test_nbit.py", "tests/test_protocol.py", "tests/test_link.py",
               "tests/test_server.py", "tests/test_batching.py", "tests/test_energy.py", "tests/test_boards.py",
-              "tests/test_manifest.py", "tests/test_quant.py"]
+              "tests/test_bandwidth.py", "tests/test_manifest.py", "tests/test_quant.py"]
 PY38_VENV = os.environ.get("EETOOL_PY38_VENV", os.path.join(REPO, "build", "py38"))
 
 HOOK = r"""

@@ -113,6 +113,19 @@ def test_infer_and_ping(server):
     assert r.attempts == 1
 
 
+def test_padded_ping_probes_the_link_and_the_connection_keeps_serving(server):
+    q = make_input(2)
+    with EdgeClient(*server.address, codec="none") as cli:
+        cli.ping()
+        empty = cli.last_ping_bytes
+        cli.ping(pad_bytes=4096)
+        assert cli.last_ping_bytes == empty + 4096  # the padding went out, the PONG stays empty
+        r = cli.infer({"feat": q}, QUANT)  # same connection, next request still served
+    np.testing.assert_allclose(r.logits, reference(q), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pad_bytes"):
+        P.encode_ping(1, None, -1)
+
+
 def test_topk_softmax_ties_and_small_c():
     idx, sc = topk_softmax(np.array([[1.0, 3.0, 3.0, 0.0]], np.float32), 10)
     assert idx.tolist() == [[1, 2, 0, 3]] and sc.shape == (1, 4)
