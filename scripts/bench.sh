@@ -6,8 +6,10 @@
 #     bundle's own samples; then `eetool rate`: bytes vs top-1 of its wire codecs (int8, 6..2-bit; zstd
 #     and brotli) against JPEG / WebP of the same crop, on fold 1/2 of the samples (calibrated on fold 0/2);
 #  2. with Fashion-MNIST installed (apt-get install -y dataset-fashion-mnist): the reference CNN with two
-#     trained exits, thresholds calibrated on held-out training images, benched on 2000 labelled test
-#     images: LC / LC+EE / EC / SC / SC+EE;
+#     trained exits and the Exit Predictor, thresholds calibrated on held-out training images, benched on
+#     2000 labelled test images: LC / LC+EE / EC / SC / SC+EE; then `eetool exits curve` on the 10k test
+#     images: accuracy vs device MFLOPs (exits alone, with the predictor, backbone alone) and accuracy vs
+#     bandwidth under a latency budget (fixed vs latency-aware thresholds, PLAN_BOARD's profile);
 #  3. the split planner fed with step 1's per-layer profile (device = this board, and a target board
 #     whose device side is a labelled FLOPs estimate; that board again with the 4-bit feature codec),
 #     then one Markdown page of it all;
@@ -32,6 +34,7 @@ To plan for a $BOARD from this machine: \`make bench PLAN_BOARD=$BOARD\` (this m
 $BOARD's device side a FLOPs estimate from boards/$BOARD.json)." || exit 2
 mkdir -p "$BUNDLES"
 BENCHES=()
+CURVES=()
 
 echo "== 1. EfficientNet-Lite0, split after blocks.5, int8"
 EFF="$BUNDLES/efficientnet-lite0-blocks.5"
@@ -57,8 +60,21 @@ if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; loa
   $BIN/eetool export fashion-cnn --weights "$REF/backbone.pt" --exits "$REF" --split stage2 --int8 \
       --calib fashion-mnist:train --verify-data fashion-mnist:test --verify-samples 2000 --samples 2000 -o "$FASH"
   $BIN/eetool exits calibrate "$FASH" --data fashion-mnist:train --offset 55000 --delta 0.005
+  # the Exit Predictor (Dong, Mao & Zhang), trained on training images through the bundle's own graphs; then
+  # every threshold chosen again, jointly with its prediction thresholds
+  $BIN/eetool exits predictor train "$FASH" --data fashion-mnist:train --limit 30000
+  $BIN/eetool exits calibrate "$FASH" --data fashion-mnist:train --offset 55000 --delta 0.005
   $BIN/python -m runtime bench "$FASH" --board "$BOARD" $FORCE --repeat 2 --out "$REPORT/fashion-cnn-exits" >/dev/null
   BENCHES+=("$REPORT/fashion-cnn-exits")
+  # latency-aware thresholds on a copy (its fixed thresholds are the latency budget's): the $PLAN_BOARD profile,
+  # 2 ms round trip, 5 ms budget, chosen at 1..20 Mbit/s and regressed on bandwidth; then the curves (accuracy
+  # vs device MFLOPs with and without the predictor; accuracy vs bandwidth, fixed vs adaptive; a changing link)
+  FASHL="$BUNDLES/fashion-cnn-stage2-latency"
+  rm -rf "$FASHL" && cp -r "$FASH" "$FASHL"
+  $BIN/eetool exits calibrate "$FASHL" --data fashion-mnist:train --offset 55000 --board "$PLAN_BOARD" --rtt 2ms \
+      --budget-ms 5 --bandwidth 1,2,3,5,7,10,14,20mbit
+  $BIN/eetool exits curve "$FASHL" --bandwidth 1,5,20mbit --out "$REPORT/fashion-cnn-curve" >/dev/null
+  CURVES+=("$REPORT/fashion-cnn-curve")
 else
   echo "== 2. skipped: Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)"
 fi
@@ -83,7 +99,8 @@ $BIN/python -m runtime loadtest "$EFF" --precision fp32 --clients "${LOADTEST_CL
     --duration "${LOADTEST_DURATION:-20}" --out "$REPORT/loadtest" >/dev/null
 
 $BIN/python -m runtime report "$REPORT/report.md" --title "eetool bench on $BOARD" \
-    --bench "${BENCHES[@]}" --plan "${PLANS[@]}" --rate "$REPORT/rate.json" --loadtest "$REPORT/loadtest"
+    --bench "${BENCHES[@]}" --plan "${PLANS[@]}" --rate "$REPORT/rate.json" --loadtest "$REPORT/loadtest" \
+    ${CURVES[@]:+--curve "${CURVES[@]}"}
 
 if [ -d "$SAMPLES" ]; then
   echo "== 5. int8 recipe and TFLite float-vs-int8 benchmarks"
