@@ -67,12 +67,12 @@ if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; loa
   $BIN/python -m runtime bench "$FASH" --board "$BOARD" $FORCE --repeat 2 --out "$REPORT/fashion-cnn-exits" >/dev/null
   BENCHES+=("$REPORT/fashion-cnn-exits")
   # latency-aware thresholds on a copy (its fixed thresholds are the latency budget's): the $PLAN_BOARD profile,
-  # 2 ms round trip, 5 ms budget, chosen at 1..20 Mbit/s and regressed on bandwidth; then the curves (accuracy
+  # 2 ms round trip, 3 ms budget, chosen at 1..20 Mbit/s and regressed on bandwidth; then the curves (accuracy
   # vs device MFLOPs with and without the predictor; accuracy vs bandwidth, fixed vs adaptive; a changing link)
   FASHL="$BUNDLES/fashion-cnn-stage2-latency"
   rm -rf "$FASHL" && cp -r "$FASH" "$FASHL"
   $BIN/eetool exits calibrate "$FASHL" --data fashion-mnist:train --offset 55000 --board "$PLAN_BOARD" --rtt 2ms \
-      --budget-ms 5 --bandwidth 1,2,3,5,7,10,14,20mbit
+      --budget-ms 3 --bandwidth 1,2,3,5,7,10,14,20mbit
   $BIN/eetool exits curve "$FASHL" --bandwidth 1,5,20mbit --out "$REPORT/fashion-cnn-curve" >/dev/null
   CURVES+=("$REPORT/fashion-cnn-curve")
 else
