@@ -392,6 +392,37 @@ def choose(profile: PredictorProfile, rule: str = "max_softmax", use_predictor: 
     return out
 
 
+def choose_gates(profile: PredictorProfile, thresholds: Sequence[float | None], rule: str = "max_softmax",
+                 max_loss: float = 0.0, max_candidates: int = 60, max_passes: int = 8) -> dict:
+    """The Exit Predictor added to exits whose confidence thresholds are given: the prediction thresholds
+    with the least expected device MFLOPs whose accuracy is at least that of the exits alone minus
+    ``max_loss`` (the predictor's first use in Dong, Mao & Zhang: cut the device cost of the exits without
+    changing what they decide). Greedy coordinate descent over candidate prediction thresholds (None plus
+    quantiles of the observed scores). Returns :func:`simulate`'s dict (``gates`` None when no gating saves
+    compute) plus ``baseline``: the exits alone."""
+    if profile.scores is None:
+        raise ValueError("choose_gates needs a profile with predictor scores")
+    th = T._check_thresholds(profile.exits, thresholds, rule)
+    base = simulate(profile, th, None, rule)
+    target = base["accuracy"] - max_loss
+    m = profile.num_exits
+    cands = [[None] + (_conf_candidates(profile.scores[k], max_candidates)[1:] if th[k] is not None else [])
+             for k in range(m)]
+    gates = [None] * m
+    best = base
+    for _ in range(max_passes):
+        changed = False
+        for k in range(m):
+            for c in cands[k]:
+                trial = gates[:k] + [c] + gates[k + 1:]
+                r = simulate(profile, th, None if all(v is None for v in trial) else trial, rule)
+                if r["accuracy"] >= target - 1e-12 and r["expected_mflops"] < best["expected_mflops"] - 1e-12:
+                    gates, best, changed = trial, r, True
+        if not changed:
+            break
+    return {**best, "baseline": base, "rule": rule, "max_loss": max_loss}
+
+
 def frontier(profile: PredictorProfile, rule: str = "max_softmax", use_predictor: bool = True,
              max_candidates: int = 60) -> list[dict]:
     """Accuracy vs expected device MFLOPs: the Pareto-optimal configurations found by the search (no other

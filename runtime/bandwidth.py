@@ -16,8 +16,10 @@ Estimate (documented window): over the last ``window`` observations (default 8) 
 i.e. total bits over total serialisation time — the rate of the window as a whole, so one small or fast
 exchange cannot swing it, and a change of link shows fully after ``window`` transfers. ``rtt`` comes from
 probes: an empty ping and a ping padded to ``probe_bytes`` sent back to back give two equations
-``ms = rtt + bits / B`` for one rate, hence both unknowns; the estimate keeps the smallest rtt of the last
-``window`` probes (0 before the first probe: the rate is then a lower bound). When no transfer happened for
+``ms = rtt + bits / B`` for one rate, hence both unknowns; the estimate keeps the median rtt of the last
+``window`` probes (0 before the first probe: the rate is then a lower bound), and never more than 90 % of
+the quickest recent exchange (no exchange is faster than the round trip; a probe slowed down by anything
+else must not leave the transfers with no time to serialise). When no transfer happened for
 ``idle_s`` (default 1 s) — every sample left at an exit — :meth:`needs_probe` says so and the runner probes.
 With payloads much smaller than a round trip's worth of bits the rate is ill-conditioned (a little rtt
 jitter swings it) but then it also matters little for latency, which the round trip dominates.
@@ -85,14 +87,18 @@ class BandwidthEstimator:
         if not obs:
             self._estimate = None
             return
-        rtt = self.rtt_ms
+        rtt = min(self.rtt_ms, 0.9 * min(ms for _, _, ms in obs))
         busy = sum(max(ms - rtt, self.floor_ms) for _, _, ms in obs)
         self._estimate = sum(bits for _, bits, _ in obs) / busy / 1e3  # bits per ms -> Mbit/s
 
     @property
     def rtt_ms(self) -> float:
-        """Round-trip estimate (ms): the smallest of the last ``window`` probes' (0 before any probe)."""
-        return min(self._rtts) if self._rtts else 0.0
+        """Round-trip estimate (ms): the median of the last ``window`` probes' (0 before any probe)."""
+        if not self._rtts:
+            return 0.0
+        v = sorted(self._rtts)
+        mid = len(v) // 2
+        return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
 
     def estimate_mbps(self) -> Optional[float]:
         """The smoothed uplink estimate (Mbit/s), or None without a recent observation."""

@@ -206,6 +206,8 @@ class DeviceRunner:
         from .client import EdgeClientError
 
         try:
+            if not self.estimator.observations:
+                self.client.ping()  # connect first: the connection's set-up is no part of the round trip
             small_ms = self.client.ping()
             small = self.client.last_ping_bytes
             big_ms = self.client.ping(self.estimator.probe_bytes)

@@ -436,7 +436,8 @@ def curve_markdown(curve: dict, h: str = "##", plots_prefix: str = "") -> str:
                 r, sim = p.get("runtime"), p["simulation"]
                 rates = r["exit_rates"] if r else sim["exit_rates"]
                 lines.append("| %s | %.2f pt | %s | %s | %s | %s | %.3f | %.2f %% | %.3f | %s | %s |" % (
-                    method, 100 * p["delta"], _th(p["thresholds"]), _gates(p["gates"]),
+                    method if p.get("how") in (None, "exits") else "%s (%s)" % (method, p["how"]),
+                    100 * p["delta"], _th(p["thresholds"]), _gates(p["gates"]),
                     ("%.2f %%" % (100 * r["accuracy"])) if r else "-", ("%.3f" % r["mflops_per_sample"]) if r else "-",
                     (r or sim)["mflops_per_sample"] / bb, 100 * sim["accuracy"], sim["mflops_per_sample"],
                     ", ".join("%s %.1f%%" % (k, 100 * v) for k, v in rates.items()),

@@ -109,6 +109,20 @@ def test_choose_meets_its_constraints_and_predictor_never_hurts():
         PT.choose(p, budget=0.01)
 
 
+def test_gates_on_given_exits_save_compute_without_losing_accuracy():
+    p = synthetic()
+    th = PT.choose(p, delta=0.01, use_predictor=False)["thresholds"]
+    r = PT.choose_gates(p, th)
+    assert r["thresholds"] == r["baseline"]["thresholds"] == th
+    assert r["accuracy"] >= r["baseline"]["accuracy"] - 1e-12
+    assert r["gates"] is not None and r["expected_mflops"] < r["baseline"]["expected_mflops"]
+    assert r["bypass_rate"] > 0
+    # a predictor too expensive to pay for itself is left out
+    costly = PT.PredictorProfile(p.exits, p.scores, predictor_mflops=10.0)
+    r = PT.choose_gates(costly, th)
+    assert r["gates"] is None and r["expected_mflops"] == r["baseline"]["expected_mflops"]
+
+
 def test_frontier_is_pareto():
     f = PT.frontier(synthetic(1500))
     costs = [r["expected_mflops"] for r in f]

@@ -50,10 +50,14 @@ def _runtime_point(bundle, test, fmt, precision, names, th, gates, use_pred) -> 
 
 def compute_curve(bundle: Bundle, val: Dataset, test: Dataset, pair: str, deltas=DELTAS, runtime: bool = True,
                   rule: str | None = None, progress=print) -> dict:
-    """Part 1 of the module docstring for the graphs ``pair`` (``onnx/int8``). Returns ``{"pair", "backbone",
-    "methods": {"exits": [points], "exits+predictor": [points]}, "comparison", "targets"}``; each point has
-    ``delta``, ``thresholds``, ``gates``, ``validation`` / ``simulation`` / ``runtime`` results (accuracy,
-    device MFLOPs per sample, exit rates)."""
+    """Part 1 of the module docstring for the graphs ``pair`` (``onnx/int8``). Operating points with the
+    predictor come two ways, both chosen on the validation data: ``joint`` (prediction and confidence
+    thresholds chosen together for the same delta) and ``gates on these exits`` (the prediction thresholds
+    that cut the most device MFLOPs from a plain point's own exits without losing validation accuracy,
+    :func:`calibration.predictor_thresholds.choose_gates`). Returns ``{"pair", "backbone", "methods":
+    {"exits": [points], "exits+predictor": [points]}, "comparison", "targets"}``; each point has ``delta``,
+    ``how``, ``thresholds``, ``gates``, ``validation`` / ``simulation`` / ``runtime`` results (accuracy, device
+    MFLOPs per sample, exit rates)."""
     fmt, precision = pair.split("/")
     names = [e.name for e in bundle.exits]
     rule = rule or bundle.exits[0].rule
@@ -71,30 +75,44 @@ def compute_curve(bundle: Bundle, val: Dataset, test: Dataset, pair: str, deltas
         backbone["runtime"] = measure_early_exit(bundle, test, fmt, precision, exits=False)
         backbone["runtime"]["seconds"] = time.perf_counter() - t0
     out["backbone"] = backbone
-    methods = {"exits": False}
-    if prof_v.scores is not None:
-        methods["exits+predictor"] = True
-    out["methods"] = {}
-    for method, use in methods.items():
-        search = PT._Search(prof_v, rule, 60)
-        points, seen = [], set()
-        for d in deltas:
+    def point(d, how, c) -> dict:
+        sim = PT.simulate(prof_t, c["thresholds"], c["gates"], rule)
+        p = {"delta": d, "how": how, "thresholds": c["thresholds"], "gates": c["gates"],
+             "validation": {"accuracy": c["accuracy"], "mflops_per_sample": c["expected_mflops"]},
+             "simulation": {"accuracy": sim["accuracy"], "mflops_per_sample": sim["expected_mflops"],
+                            "exit_rates": dict(zip(prof_t.exits.names, sim["exit_rates"])),
+                            "branch_rates": sim["branch_rates"], "bypass_rate": sim["bypass_rate"]}}
+        if runtime:
+            progress(f"{pair}: {'exits alone' if c['gates'] is None else 'with the predictor'} ({how}), "
+                     f"delta {100 * d:.2f} pt, through the runtime")
+            p["runtime"] = _runtime_point(bundle, test, fmt, precision, names, c["thresholds"], c["gates"],
+                                          c["gates"] is not None)
+        return p
+
+    search = PT._Search(prof_v, rule, 60)
+    plain, joint, seen = [], [], set()
+    for d in deltas:
+        for use, bucket in ((False, plain), (True, joint)):
+            if use and prof_v.scores is None:
+                continue
             c = PT.choose(prof_v, rule, use, delta=d, search=search)
             key = (tuple(c["thresholds"]), None if c["gates"] is None else tuple(c["gates"]))
-            if key in seen:
+            if key in seen or (use and c["gates"] is None):  # a joint choice without gating is a plain one
                 continue
             seen.add(key)
-            sim = PT.simulate(prof_t, c["thresholds"], c["gates"], rule)
-            p = {"delta": d, "thresholds": c["thresholds"], "gates": c["gates"],
-                 "validation": {"accuracy": c["accuracy"], "mflops_per_sample": c["expected_mflops"]},
-                 "simulation": {"accuracy": sim["accuracy"], "mflops_per_sample": sim["expected_mflops"],
-                                "exit_rates": dict(zip(prof_t.exits.names, sim["exit_rates"])),
-                                "branch_rates": sim["branch_rates"], "bypass_rate": sim["bypass_rate"]}}
-            if runtime:
-                progress(f"{pair}: {method}, delta {100 * d:.2f} pt through the runtime")
-                p["runtime"] = _runtime_point(bundle, test, fmt, precision, names, c["thresholds"], c["gates"], use)
-            points.append(p)
-        out["methods"][method] = sorted(points, key=lambda p: p["validation"]["mflops_per_sample"])
+            bucket.append((d, "joint" if use else "exits", c))
+    gated = []
+    if prof_v.scores is not None:  # the predictor on each plain point's own thresholds
+        for d, _, c in plain:
+            g = PT.choose_gates(prof_v, c["thresholds"], rule)
+            key = (tuple(g["thresholds"]), None if g["gates"] is None else tuple(g["gates"]))
+            if g["gates"] is not None and key not in seen:
+                seen.add(key)
+                gated.append((d, "gates on these exits", g))
+    out["methods"] = {"exits": sorted((point(*x) for x in plain), key=lambda p: p["validation"]["mflops_per_sample"])}
+    if prof_v.scores is not None:
+        out["methods"]["exits+predictor"] = sorted((point(*x) for x in joint + gated),
+                                                   key=lambda p: p["validation"]["mflops_per_sample"])
     out["comparison"] = compare_methods(out)
     out["targets"] = targets(out)
     return out
