@@ -581,7 +581,7 @@ def exits_predictor():
 @click.option("--pair", default="onnx/fp32", show_default=True,
               help="BUNDLE: graphs whose confidences and calibrated thresholds give the labels")
 @click.option("--label-thresholds", help="one confidence threshold per exit instead of the calibrated ones, e.g. 0.9,0.8")
-@click.option("--pool", default=2, show_default=True, help="pooled spatial size")
+@click.option("--pool", type=int, help="pooled spatial size (default: the largest <= 7 dividing the feature's)")
 @click.option("--hidden", default=0, show_default=True, help="hidden FC units (0: one linear layer)")
 @click.option("--conv", "conv_channels", default=0, show_default=True, help="channels of a first 1x1 conv (0: none)")
 @click.option("--epochs", default=8, show_default=True)

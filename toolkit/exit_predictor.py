@@ -84,6 +84,12 @@ def exit_labels(conf: np.ndarray, thresholds: Sequence[float | None], rule: str)
     return np.stack([passes(conf[m], t, rule) for m, t in enumerate(thresholds)], axis=1)
 
 
+def default_pool(h: int, w: int, largest: int = 7) -> int:
+    """The largest pooled size <= ``largest`` that divides both ``h`` and ``w`` (adaptive pooling to a size
+    that does not divide the input exports to neither ONNX nor TFLite as a pooling op)."""
+    return next(p for p in range(min(largest, h, w), 0, -1) if h % p == 0 and w % p == 0)
+
+
 def train_predictor(features: np.ndarray, labels: np.ndarray, epochs: int = 8, lr: float = 3e-3,
                     batch_size: int = 128, balanced: bool = True, seed: int = 0, progress: bool = False,
                     **arch) -> tuple[ExitPredictor, dict]:
@@ -91,11 +97,12 @@ def train_predictor(features: np.ndarray, labels: np.ndarray, epochs: int = 8, l
     ``(N, M)``, :func:`exit_labels`): Adam with a one-cycle learning rate, binary cross-entropy per exit,
     positives weighted by ``negatives / positives`` of that exit when ``balanced``.
 
-    ``arch``: :class:`ExitPredictor` options (pool, hidden, conv_channels). Returns ``(model in eval
+    ``arch``: :class:`ExitPredictor` options (pool, hidden, conv_channels); ``pool`` None or absent:
+    :func:`default_pool` of the feature's size. Returns ``(model in eval
     mode, {"epochs", "lr", "history", "pos_weight", "positives"})``. Raises ValueError for mismatched
     sizes or an exit with no positive or no negative label (nothing to learn: calibrate the exits first
     or use other label thresholds)."""
-    from tqdm import tqdm
+    from runtime.progress import progress as bar
 
     x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
     y = torch.as_tensor(np.asarray(labels, dtype=np.float32))
@@ -107,6 +114,8 @@ def train_predictor(features: np.ndarray, labels: np.ndarray, epochs: int = 8, l
         raise ValueError(f"exit(s) {flat}: every label is {'0' if pos[flat[0]] == 0 else '1'} at these thresholds; "
                          f"nothing to predict (calibrate the exits first, or give other label thresholds)")
     torch.manual_seed(seed)
+    if arch.get("pool") is None:
+        arch = {**arch, "pool": default_pool(int(x.shape[2]), int(x.shape[3]))}
     model = ExitPredictor(int(x.shape[1]), int(y.shape[1]), **arch)
     pos_weight = ((len(y) - pos) / pos) if balanced else torch.ones_like(pos)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -118,8 +127,7 @@ def train_predictor(features: np.ndarray, labels: np.ndarray, epochs: int = 8, l
         model.train()
         idx = torch.randperm(len(x), generator=gen)
         total = 0.0
-        for i in tqdm(range(0, len(x), batch_size), desc=f"predictor epoch {ep + 1}/{epochs}", leave=False,
-                      disable=not progress):
+        for i in bar(range(0, len(x), batch_size), f"predictor epoch {ep + 1}/{epochs}", "batch", enabled=progress):
             j = idx[i:i + batch_size]
             loss = F.binary_cross_entropy_with_logits(model(x[j]), y[j], pos_weight=pos_weight)
             opt.zero_grad(set_to_none=True)
