@@ -5,7 +5,8 @@ assumes): moving ``b`` bytes in a request and its reply takes ``rtt + b * 8 / B`
 same rate ``B`` both ways. Each observation is one exchange with the edge server:
 
 * a request: bytes of the request frame + the reply frame, and its wire time = the client's send-to-reply
-  time minus the server's own compute time (``Reply.network_ms - Reply.tail_ms``);
+  time minus the server's whole time on it (``Reply.wire_ms``: the reply's ``meta.server_ms`` covers
+  decoding, the wait for a worker and the tail; ``tail_ms`` from a server that does not send it);
 * a ping (``PING`` -> ``PONG``), optionally padded to probe the link when it is idle.
 
 Estimate (documented window): over the last ``window`` observations (default 8) that are at most

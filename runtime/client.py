@@ -103,6 +103,15 @@ class Reply:
         return self.network_ms - self.tail_ms
 
     @property
+    def wire_ms(self) -> float:
+        """network_ms minus the server's whole time on the request (``meta["server_ms"]``: decoding, queue and
+        tail; ``tail_ms`` from a server that does not send it): the link's share of the exchange (ms)."""
+        server = self.meta.get("server_ms") if isinstance(self.meta, dict) else None
+        if not isinstance(server, (int, float)) or isinstance(server, bool) or not server >= 0:
+            server = self.tail_ms
+        return max(0.0, self.network_ms - max(float(server), self.tail_ms))
+
+    @property
     def topk(self) -> List[List[Tuple[int, float]]]:
         """Per sample, the list of (class index, probability), best first."""
         return [[(int(i), float(s)) for i, s in zip(ri, rs)] for ri, rs in zip(self.topk_indices, self.topk_scores)]

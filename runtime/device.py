@@ -279,8 +279,7 @@ class DeviceRunner:
             r.predictor = scores
         r.bandwidth_mbps = self._used_bw
         if self.estimator is not None and r.where == "server" and self._reply is not None:
-            self.estimator.observe(self._reply.bytes_sent + self._reply.bytes_received,
-                                   max(0.0, self._reply.network_ms - self._reply.tail_ms))
+            self.estimator.observe(self._reply.bytes_sent + self._reply.bytes_received, self._reply.wire_ms)
         self._reply = None
         return r
 

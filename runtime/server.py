@@ -317,6 +317,7 @@ class EdgeServer:
 
     def _handle_request(self, frame: P.Frame, peer: str) -> bytes:
         rid = frame.request_id
+        t_in = time.perf_counter()
         try:
             specs = P.parse_tensor_specs(frame.header, len(frame.payload), rid, self._max_raw)
             self._validate(specs)  # before any decompression
@@ -343,6 +344,9 @@ class EdgeServer:
                         raise _RequestError("tail_failed", "tail raised %s: %s" % (type(exc).__name__, exc))
                     tail_ms = (time.perf_counter() - t0) * 1000.0
             reply = self._reply_tensors(outputs)
+            # the request's whole time here (decoding, queue, tail): a device timing its link subtracts this,
+            # not tail_ms alone, or a wait for a worker would read as a slow link
+            meta = dict(meta or {}, server_ms=round((time.perf_counter() - t_in) * 1000.0, 3))
             out = P.encode_reply(rid, reply, tail_ms, self.secret, meta=meta)
             self._count("replies")
             return out

@@ -126,6 +126,24 @@ def test_padded_ping_probes_the_link_and_the_connection_keeps_serving(server):
         P.encode_ping(1, None, -1)
 
 
+def test_reply_carries_the_servers_whole_time_and_the_link_time_leaves_it_out(server):
+    from runtime.client import Reply
+
+    with EdgeClient(*server.address, codec="none") as cli:
+        r = cli.infer({"feat": make_input(3)}, QUANT)
+    assert r.meta["server_ms"] >= r.tail_ms >= 0  # decoding and tail both counted
+    assert r.wire_ms == pytest.approx(r.network_ms - r.meta["server_ms"])
+
+    def reply(meta, network_ms=40.0, tail_ms=2.0):
+        e = np.zeros((1, 1), np.float32)
+        return Reply(1, None, e.astype(np.int32), e, tail_ms, network_ms, 0.0, 100, 50, meta=meta)
+
+    assert reply({"server_ms": 30.0, "queue_ms": 27.5}).wire_ms == 10.0  # a wait for a worker is no link time
+    assert reply({}).wire_ms == 38.0  # an older server: tail_ms only
+    assert reply({"server_ms": "x"}).wire_ms == 38.0 and reply({"server_ms": 1.0}).wire_ms == 38.0
+    assert reply({"server_ms": 50.0}).wire_ms == 0.0
+
+
 def test_topk_softmax_ties_and_small_c():
     idx, sc = topk_softmax(np.array([[1.0, 3.0, 3.0, 0.0]], np.float32), 10)
     assert idx.tolist() == [[1, 2, 0, 3]] and sc.shape == (1, 4)
