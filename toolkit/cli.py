@@ -589,7 +589,8 @@ def exits_predictor():
 @click.option("--holdout", default=0.1, show_default=True, help="share of --data kept out of training for the report")
 @click.option("--calib-samples", default=256, show_default=True, help="BUNDLE: inputs for the int8 predictor graphs")
 @click.option("--json", "as_json", is_flag=True)
-def exits_predictor_train(target, weights, input_shape, preprocess, exits_dir, data, offset, limit, at, pair,
+@click.pass_context
+def exits_predictor_train(ctx, target, weights, input_shape, preprocess, exits_dir, data, offset, limit, at, pair,
                           label_thresholds, pool, hidden, conv_channels, epochs, lr, holdout, calib_samples, as_json):
     """Train the Exit Predictor for TARGET: a bundle (trained on its own device graphs, then exported into it
     as ONNX / TFLite float and int8 graphs, verified by value) or a MODEL with --exits DIR (saved into DIR for
@@ -600,7 +601,13 @@ def exits_predictor_train(target, weights, input_shape, preprocess, exits_dir, d
     th = None
     if label_thresholds:
         th = [None if v.strip() in ("off", "none") else float(v) for v in label_thresholds.split(",")]
-    if (Path(target) / "manifest.json").is_file():
+    is_bundle = (Path(target) / "manifest.json").is_file()
+    if is_bundle:
+        refuse(given(ctx, "weights", "input_shape", "preprocess", "exits_dir"),
+               "appl{ies} to a MODEL; a bundle carries its own graphs, exits and preprocessing; drop {it}")
+    else:
+        refuse(given(ctx, "pair", "calib_samples"), "appl{ies} to a bundle TARGET (its graphs); drop {it} for a MODEL")
+    if is_bundle:
         from .exit_predictor_bundle import add_to_bundle, features_for, train_on_bundle
 
         b = Bundle.load(target)
