@@ -191,6 +191,27 @@ def read_dataset(data: str, preprocess: Preprocess | dict, limit: int | None = N
     return ds
 
 
+def image_files(data: str) -> list[Path]:
+    """The image files of an image-folder source (``DIR``, ``DIR:fold=K/N`` or ``samples``) in the order
+    :func:`read_dataset` reads them, without decoding any. Raises DataError for other sources."""
+    data, fold = parse_fold(data)
+    if data == "samples":
+        files = skimage_photo_paths()
+    else:
+        path = Path(data)
+        if not path.is_dir():
+            raise DataError(f"{data}: not an image folder (augmented views need image files)")
+        files = list_images(path)
+    if not files:
+        raise DataError(f"{data}: no image files found (looked for .jpg/.jpeg/.png/...)")
+    if fold is not None:
+        k, n = fold
+        files = files[k::n]
+        if not files:
+            raise DataError(f"{data}: fold {k}/{n} is empty")
+    return files
+
+
 def parse_fold(data: str) -> tuple[str, tuple[int, int] | None]:
     """Split ``DATA:fold=K/N`` into ``(DATA, (K, N))``; ``(data, None)`` without the suffix. Raises DataError
     unless ``0 <= K < N``."""
@@ -260,5 +281,5 @@ def check_channels(ds: Dataset, input_shape, options: str = "--calib / --verify-
                         f"inputs of that shape with {options}, or check --preprocess / --input-shape")
 
 
-__all__ = ["Dataset", "DataError", "default_data", "read_dataset", "parse_fold", "read_images", "check_finite",
-           "check_channels", "normalize"]
+__all__ = ["Dataset", "DataError", "default_data", "read_dataset", "parse_fold", "image_files", "read_images",
+           "check_finite", "check_channels", "normalize"]
