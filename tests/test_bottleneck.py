@@ -1,0 +1,202 @@
+"""Bottleneck injection and head network distillation on the real EfficientNet-Lite0 and real photos, in a
+tiny configuration (seconds): PCA initialisation, loss going down from it, determinism, resume, files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.photos import IMAGENET_VIEWS, LARGE_PHOTO_VIEWS, iter_views
+from calibration.readers import DataError, image_files, skimage_photo_paths
+from toolkit import bottleneck as B
+from toolkit.bottleneck_eval import pack_codes, quantize_code, unpack_codes, wire_frame
+from toolkit.bottleneck_train import TrainData, train_bottleneck
+from toolkit.distill import DistillConfig, FeatureCache, Objective, validate
+from toolkit.graph import SplitError
+from toolkit.sources import IMAGENET_PREPROCESS, resolve
+from runtime.protocol import PREFIX, parse_frame
+
+TINY = DistillConfig(epochs=3, batch=4, lr=3e-4, seed=0, threads=2, pca_samples=64)
+
+
+@pytest.fixture(scope="module")
+def photos_data(tmp_path_factory):
+    """The built-in photos: 4 train + 1 validation image (val-every 5)."""
+    return TrainData(["samples"], views=3, val_every=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, effnet, photos_data):
+    out = tmp_path_factory.mktemp("bn") / "c8"
+    spec = B.BottleneckSpec(split="blocks.3", target="blocks.5", channels=8, bits=4)
+    cfg = train_bottleneck(effnet, spec, photos_data, TINY, out)
+    return out, cfg
+
+
+def test_pack_round_trip_every_bit_depth():
+    rng = np.random.default_rng(0)
+    for bits in range(1, 9):
+        codes = rng.integers(0, 1 << bits, size=(1, 3, 5, 7)).astype(np.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.size == -(-codes.size * bits // 8)
+        assert np.array_equal(unpack_codes(packed, bits, codes.size), codes.reshape(-1))
+    with pytest.raises(ValueError, match="exceed 2 bits"):
+        pack_codes(np.array([4], np.uint8), 2)
+    assert quantize_code(np.array([-0.2, 0.0, 0.49, 0.51, 1.0, 1.7]), 1).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_wire_frame_is_a_valid_request_with_the_nbit_fields():
+    z = np.random.default_rng(1).random((1, 6, 14, 14)).astype(np.float32)
+    frame = wire_frame(z, 3, "encoder")
+    parsed = parse_frame(frame)
+    entry = parsed.header["tensors"][0]
+    assert entry["bits"] == 3 and entry["shape"] == [1, 6, 14, 14] and entry["nbytes"] == 6 * 196 * 3 // 8
+    assert len(frame) == PREFIX.size + PREFIX.unpack(frame[:PREFIX.size])[5] + len(parsed.payload)
+
+
+def test_pca_init_reconstructs_with_every_component(effnet, calib_images):
+    """With C = all 160 values of a 2x2 patch of blocks.3's 40 channels, the PCA pair is the identity up to
+    the [0.1, 99.9] percentile clamp; with 16 components it keeps what PCA says it keeps."""
+    x = torch.from_numpy(calib_images.x[:8])
+    full = B.build(effnet.model, x[:1], B.BottleneckSpec("blocks.3", "blocks.5", channels=160))
+    with torch.no_grad():
+        feats = full.model.head(x)
+    stats = B.pca_init(full.model.encoder, full.model.decoder, feats)
+    assert stats["explained_variance"] == pytest.approx(1.0)
+    assert stats["relative_mse"] < 0.01
+    small = B.build(effnet.model, x[:1], B.BottleneckSpec("blocks.3", "blocks.5", channels=16))
+    s16 = B.pca_init(small.model.encoder, small.model.decoder, feats)
+    assert 0.2 < s16["explained_variance"] < 1.0
+    assert s16["relative_mse"] == pytest.approx(1 - s16["explained_variance"], abs=0.05)
+    with torch.no_grad():
+        z = small.model.encoder(feats)
+    assert z.shape == (8, 16, 14, 14) and float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+
+
+def test_build_refuses_bad_layers(effnet):
+    x = torch.zeros(1, 3, 224, 224)
+    with pytest.raises(B.BottleneckError, match="must come after"):
+        B.build(effnet.model, x, B.BottleneckSpec("blocks.5", "blocks.3", channels=8))
+    with pytest.raises(SplitError, match="unknown split point"):
+        B.build(effnet.model, x, B.BottleneckSpec("blocks.33", "blocks.5", channels=8))
+    with pytest.raises(B.BottleneckError, match="1..8 bits"):
+        B.build(effnet.model, x, B.BottleneckSpec("blocks.3", "blocks.5", channels=8, bits=9))
+    with pytest.raises(B.BottleneckError, match="exceed the 160 values"):
+        b = B.build(effnet.model, x, B.BottleneckSpec("blocks.3", "blocks.5", channels=200))
+        B.pca_init(b.model.encoder, b.model.decoder, torch.randn(4, 40, 28, 28))
+    r18 = resolve("resnet18").model
+    with pytest.raises(B.BottleneckError, match="crossed by 2 tensors"):
+        B.build(r18, x, B.BottleneckSpec("layer2.0.conv1", "layer3", channels=8))
+    assert B.default_target(effnet.model, x, "blocks.3", 2) == "blocks.5"
+    assert B.default_target(r18, x, "layer2", 2) == "layer3"
+
+
+def test_views_are_seeded_and_augmented():
+    files = skimage_photo_paths()[:2]
+    a = list(iter_views(files, 3, IMAGENET_PREPROCESS, seed=7))
+    b = list(iter_views(files, 3, IMAGENET_PREPROCESS, seed=7))
+    c = list(iter_views(files, 3, IMAGENET_PREPROCESS, seed=8))
+    assert [n for n, _ in a] == [f"{files[0].name}#0", f"{files[0].name}#1", f"{files[0].name}#2",
+                                 f"{files[1].name}#0", f"{files[1].name}#1", f"{files[1].name}#2"]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+    assert np.array_equal(a[0][1], c[0][1])  # view 0 is the center crop, whatever the seed
+    assert not np.array_equal(a[1][1], c[1][1])
+    assert not np.array_equal(a[1][1], a[2][1])
+    from calibration.readers import read_dataset
+
+    center = read_dataset("samples", IMAGENET_PREPROCESS, limit=1).x[0]
+    assert np.abs(a[0][1] - center).max() < 1e-5  # the evaluation view, exactly as the readers make it
+    big = list(iter_views(files[:1], 2, IMAGENET_PREPROCESS, seed=0, spec=LARGE_PHOTO_VIEWS))
+    assert big[0][1].shape == (3, 224, 224) and not np.array_equal(big[0][1], a[0][1])
+
+
+def test_fold_files_and_validation_split(imagenet_source):
+    files = image_files("samples")
+    assert image_files("samples:fold=1/2") == files[1::2]
+    with pytest.raises(DataError, match="fold 0/9 is empty|fold spec"):
+        image_files("samples:fold=7/9") if len(files) > 7 else image_files("samples:fold=0/9:x")
+    train, val, photos = TrainData(["samples"], val_every=2).split_files()
+    assert val == files[1::2] and train == files[0::2] and photos == []
+    with pytest.raises(DataError, match="cannot be split"):
+        TrainData(["samples:fold=0/5"], val_every=2).split_files()
+
+
+def test_distillation_lowers_the_loss_from_the_pca_init(tiny_run, effnet, photos_data, tmp_path):
+    """The same cache, PCA init only (0 epochs) vs 3 epochs of HND: the training loss must go down."""
+    out, cfg = tiny_run
+    hist = cfg["training"]["history"]
+    assert hist["epoch"] == [0, 1, 2, 3]
+    train_dir = next((out / "cache").glob("train-*"))
+    cache = FeatureCache(train_dir)
+    assert len(cache) == 4 * 3
+    spec = B.spec_of(cfg)
+    init = B.build(effnet.model, torch.zeros(1, 3, 224, 224), spec)
+    with torch.no_grad():
+        feats = init.model.head(torch.from_numpy(np.stack([x for _, x in iter_views(
+            photos_data.split_files()[0], 3, IMAGENET_PREPROCESS, 0)])))
+    B.pca_init(init.model.encoder, init.model.decoder, feats)
+    trained = B.build(effnet.model, torch.zeros(1, 3, 224, 224), spec)
+    B.load_trainable(trained.model, torch.load(out / B.WEIGHTS, weights_only=True))
+    # the run keeps the epoch with the lowest validation loss; compare the last epoch's weights too
+    last = B.build(effnet.model, torch.zeros(1, 3, 224, 224), spec)
+    B.load_trainable(last.model, torch.load(out / "checkpoint.pt", weights_only=True)["state"])
+    before = validate(Objective(init.model, [], (), spec.bits, TINY.rec_weight), cache)["loss"]
+    after = validate(Objective(last.model, [], (), spec.bits, TINY.rec_weight), cache)["loss"]
+    assert after < 0.95 * before
+    assert hist["train_loss"][1] > hist["train_loss"][2] > hist["train_loss"][3]
+    assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_same_seed_same_weights_and_resume(tiny_run, effnet, photos_data, tmp_path, monkeypatch):
+    """A second run with the same arguments gives bit-identical weights; so does a run interrupted after
+    epoch 2 and started again (it resumes from checkpoint.pt)."""
+    out, cfg = tiny_run
+    spec = B.spec_of(cfg)
+    again = train_bottleneck(effnet, spec, photos_data, TINY, tmp_path / "again", cache=out / "cache")
+    assert again["weights"]["sha256"] == cfg["weights"]["sha256"]
+
+    import toolkit.distill as D
+
+    real_say = D.say
+
+    def interrupt(msg):
+        real_say(msg)
+        if msg.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "say", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_bottleneck(effnet, spec, photos_data, TINY, tmp_path / "resumed", cache=out / "cache")
+    monkeypatch.setattr(D, "say", real_say)
+    resumed = train_bottleneck(effnet, spec, photos_data, TINY, tmp_path / "resumed", cache=out / "cache")
+    assert resumed["weights"]["sha256"] == cfg["weights"]["sha256"]
+    other = B.BottleneckSpec(**{**B.spec_of(cfg).__dict__, "bits": 3})
+    with pytest.raises(B.BottleneckError, match="other arguments"):
+        train_bottleneck(effnet, other, photos_data, TINY, tmp_path / "resumed", cache=out / "cache")
+
+
+def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path):
+    out, cfg = tiny_run
+    state = torch.load(out / B.WEIGHTS, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert {k.split(".")[0] for k in state} == {"encoder", "decoder"}
+    assert (out / B.WEIGHTS).stat().st_size < 2_000_000
+    saved = json.loads((out / B.CONFIG).read_text())
+    assert saved["training"]["labels_used"] is False and saved["code_shape"] == [8, 14, 14]
+    assert saved["device_mflops"] < saved["model_mflops"] / 4
+    built, _ = B.load(out, effnet.model, torch.zeros(1, 3, 224, 224), "efficientnet-lite0")
+    with torch.no_grad():
+        assert torch.equal(built.model.encoder.conv.weight, state["encoder.conv.weight"])
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("cache", "checkpoint.pt"))
+    data = bytearray((bad / B.WEIGHTS).read_bytes())
+    data[-20] ^= 0xFF
+    (bad / B.WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(B.BottleneckError, match="sha256"):
+        B.load(bad, effnet.model, torch.zeros(1, 3, 224, 224))
+    with pytest.raises(B.BottleneckError, match="trained for model"):
+        B.load(out, effnet.model, torch.zeros(1, 3, 224, 224), "resnet18")
