@@ -514,6 +514,65 @@ class LatencyAdaptation(_Node):
 
 
 @dataclass
+class BottleneckTraining(_Node):
+    """What the bottleneck was trained on and how (`eetool bottleneck train`, head network distillation)."""
+
+    method: str = doc("training method (head network distillation, with its loss terms)", required=True)
+    data: List[str] = doc("image folders the views were cut from (`DIR` or `DIR:fold=K/N`)", factory=list,
+                          required=True)
+    photos: List[str] = doc("folders of large photos cut into random crops", factory=list)
+    views_per_image: Optional[int] = doc("augmented views per `data` image (the first: the centre crop)")
+    crops_per_photo: Optional[int] = doc("random crops per large photo")
+    train_images: Optional[int] = doc("`data` images trained on")
+    large_photos: Optional[int] = doc("large photos trained on")
+    train_views: Optional[int] = doc("views trained on (images x views + photos x crops)")
+    validation_images: Optional[int] = doc("`data` images held out for validation (centre crops)")
+    labels_used: bool = doc("whether labels were read (HND needs none)", default=False, required=True)
+    best_epoch: Optional[int] = doc("epoch whose weights were kept (lowest validation loss; 0 = the PCA "
+                                    "initialisation)")
+    command: Optional[str] = doc("the command that trained it")
+
+
+@dataclass
+class BottleneckWeights(_Node):
+    """The trained tensors the bundle's graphs were exported from."""
+
+    source: str = doc("folder given to `export --bottleneck`", required=True)
+    file: str = doc("weights file in that folder (tensors only)", required=True)
+    sha256: str = doc("sha256 of the weights file", required=True)
+    bytes: Optional[int] = doc("size of the weights file")
+
+
+@dataclass
+class Bottleneck(_Node):
+    """A bottleneck injected at the split (`eetool export --bottleneck`): the device runs the head up to
+    `split` and an encoder that cuts the feature to `channels` channels at 1/`stride` resolution, clamped to
+    [0, 1]; the server runs a decoder that reproduces the original model's output at `target`, then the
+    original tail. The decoder was trained on codes quantised to `bits` bits (scale 1 / (2**bits - 1), zero
+    point 0); `tensors[cut].quant` is the 8-bit wire encoding, as for any cut."""
+
+    split: str = doc("module path of the original model the encoder reads (the split point S)", required=True)
+    target: str = doc("module path whose output the decoder reproduces (the target layer T)", required=True)
+    cut: str = doc("the device / server cut in this bundle: the encoder's output (equals `split` of the manifest)",
+                   required=True)
+    channels: int = doc("bottleneck channels C", required=True)
+    stride: int = doc("encoder stride s", required=True)
+    code_shape: List[int] = doc("shape of the code sent per sample [C, H/s, W/s]", factory=list, required=True)
+    bits: int = doc("bits per value the training simulated (the wire grid: scale 1 / (2**bits - 1), zero point 0)",
+                    required=True)
+    tune_from: Optional[str] = doc("original layers between this cut and `split` were fine-tuned (device side)")
+    refine: Optional[int] = doc("residual blocks in the decoder")
+    split_shape: Optional[List[int]] = doc("shape of the original feature at `split` [C, H, W]")
+    target_shape: Optional[List[int]] = doc("shape of the original feature at `target` [C, H, W]")
+    device_mflops: Optional[float] = doc("MFLOPs of the device side (head + encoder) per sample")
+    model_mflops: Optional[float] = doc("MFLOPs of the original model per sample")
+    validation_agreement: Optional[float] = doc("top-1 agreement with the original model on the held-out "
+                                                "validation images, with the code quantised to `bits`")
+    training: Optional[BottleneckTraining] = doc("training data and method")
+    weights: BottleneckWeights = doc("the trained tensors and their sha256", required=True)
+
+
+@dataclass
 class Manifest(_Node):
     """`manifest.json`, the root object."""
 
@@ -538,6 +597,7 @@ class Manifest(_Node):
     predictor: Optional[ExitPredictor] = doc("the Exit Predictor (`eetool exits predictor train`)")
     latency_adaptation: Optional[LatencyAdaptation] = doc(
         "bandwidth -> thresholds regression (`eetool exits calibrate --board B --budget-ms X --bandwidth B1,B2,..`)")
+    bottleneck: Optional[Bottleneck] = doc("the injected bottleneck, for bundles exported with --bottleneck")
     extensions: Dict[str, Any] = doc("data of other tools, by tool name; eetool keeps it and never reads it",
                                      factory=dict)
     files: Dict[str, str] = doc("sha256 of every file in the bundle except manifest.json; loading refuses a "
@@ -626,6 +686,8 @@ class Manifest(_Node):
             raise ManifestError(path + ".output.name", "%r is not an output of %s" % (self.output.name, self.segments[-1].name))
         if self.cuts and self.split not in self.cuts:
             raise ManifestError(path + ".split", "%r is not one of the cuts %s" % (self.split, self.cuts))
+        if self.bottleneck is not None and self.bottleneck.cut != self.split:
+            raise ManifestError(path + ".bottleneck.cut", "%r is not the split %r" % (self.bottleneck.cut, self.split))
         device_out = {t for s in self.device_segments for t in s.outputs}
         for i, e in enumerate(self.exits):
             if e.input not in device_out:

@@ -200,3 +200,46 @@ def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path)
         B.load(bad, effnet.model, torch.zeros(1, 3, 224, 224))
     with pytest.raises(B.BottleneckError, match="trained for model"):
         B.load(out, effnet.model, torch.zeros(1, 3, 224, 224), "resnet18")
+
+
+def test_export_with_bottleneck_matches_pytorch_and_names_it(tiny_run, effnet, calib_images, verify_images, tmp_path):
+    """Head + encoder on the device, decoder + tail on the server, float and int8 ONNX; the float chain equals
+    the PyTorch model with the bottleneck by value; the manifest says which bottleneck (sha256 included)."""
+    from runtime.bundle import Bundle
+    from toolkit.bottleneck_export import with_bottleneck
+    from toolkit.bottleneck_report import evaluate_target
+    from toolkit.export import ExportOptions, export_bundle
+
+    out, cfg = tiny_run
+    with pytest.raises(B.BottleneckError, match="--split blocks.3"):
+        with_bottleneck(effnet, out, ["blocks.5"])
+    src, splits, section = with_bottleneck(effnet, out, ["blocks.3"])
+    assert splits == ["encoder"] and src.model is not effnet.model
+    bundle_dir = tmp_path / "bundle"
+    report = export_bundle(src, ExportOptions(split=splits, out=bundle_dir, int8=True, progress=False,
+                                              layer_profile_graph=False, bottleneck=section),
+                           calib_images, verify_images)
+    fp32 = report["verification"]["chains"]["onnx/fp32"]["batch_n"]
+    assert fp32["rel_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0
+    b = Bundle.load(bundle_dir)
+    m = b.manifest
+    assert m["split"] == "encoder" and m["tensors"]["encoder"]["shape"] == [None, 8, 14, 14]
+    assert m["bottleneck"]["weights"]["sha256"] == cfg["weights"]["sha256"]
+    assert m["bottleneck"]["channels"] == 8 and m["bottleneck"]["split"] == "blocks.3"
+    assert m["bottleneck"]["training"]["labels_used"] is False
+    device = [s for s in m["segments"] if s["side"] == "device"]
+    assert len(device) == 1 and device[0]["mflops"] == pytest.approx(cfg["device_mflops"], rel=1e-6)
+    assert device[0]["mflops"] < 770.4 / 4
+    with torch.no_grad():  # the device graph's output is the encoder's: clamped to [0, 1]
+        z = src.model.encoder(src.model.head(torch.from_numpy(verify_images.x[:2])))
+    assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+    result = evaluate_target(bundle_dir, "samples", None, None, None)
+    runs = [r["run"] for r in result["rows"]]
+    assert runs == ["onnx/fp32 device + onnx/fp32 server", "onnx/int8 device + onnx/int8 server",
+                    "onnx/int8 device + onnx/fp32 server"]
+    fp = result["rows"][0]
+    assert fp["samples"] == len(image_files("samples")) and 300 < fp["bytes_mean"] < 28 + 300 + 8 * 196 * 4 // 8
+    pt = evaluate_target(out, "samples", None, None, None)
+    assert [r["run"] for r in pt["rows"]] == ["pytorch fp32, float code", "pytorch fp32, 4-bit code"]
+    assert pt["rows"][1]["bytes_mean"] == pytest.approx(fp["bytes_mean"], rel=0.01)
+    assert pt["rows"][1]["agreement"] == fp["agreement"]

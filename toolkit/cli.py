@@ -19,13 +19,15 @@ from runtime.manifest import load_manifest
 from runtime.profile_layers import ProfileError
 from runtime.targets import DEFAULT_TARGETS, TargetError, check_targets
 
+from .bottleneck import BottleneckError
 from .graph import SplitError, TracingError
 from .onnx_export import ExportError
 from .plan import PlanError
 from .sources import ModelSourceError, resolve
 
 USER_ERRORS = (SplitError, ExportError, ModelSourceError, DataError, BundleError, FileNotFoundError, PlanError,
-               ProfileError, BoardError, CodecError, TracingError)
+               ProfileError, BoardError, CodecError, TracingError,
+               BottleneckError)
 
 
 class _Group(click.Group):
@@ -153,11 +155,14 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
                    "minmax = nothing clipped; mse = least squared quantisation error")
 @click.option("--wire-codec", type=click.Choice(["zstd", "brotli", "lz4", "none"]), default="zstd", show_default=True,
               help="entropy coder of the (bit-packed) codes; the runtime uses it unless run with --codec")
+@click.option("--bottleneck", "bottleneck_dir", type=click.Path(exists=True, file_okay=False),
+              help="a trained bottleneck ('eetool bottleneck train' folder) inserted at --split: the device runs "
+                   "head + encoder, the server decoder + tail")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
 @click.pass_context
 def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
            calib_method, int8_targets, int8_weights, qat, qat_epochs, verify_data, verify_samples, n_samples,
-           no_profile_graph, wire_bits, wire_per_channel, wire_range, wire_codec, out):
+           no_profile_graph, wire_bits, wire_per_channel, wire_range, wire_codec, bottleneck_dir, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
@@ -178,10 +183,17 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         refuse(given(ctx, "n_samples", "verify_samples") or ["--samples"],
                f"the bundle's {n_samples} samples are taken from the {verify_samples} verification inputs; "
                f"raise --verify-samples to at least {n_samples} or lower --samples")
+    if bottleneck_dir:
+        refuse(given(ctx, "exits_dir"), "exit branches are not exported with a bottleneck; export them without "
+                                        "--bottleneck, or drop {it}")
+        refuse(given(ctx, "qat", "qat_epochs"), "fine-tune{s} the original model, not the model with a bottleneck; "
+                                                "drop {it}")
     src = resolve(model, weights, input_shape, preprocess)
     if src.kind == "onnx":
         refuse(given(ctx, "exits_dir"), "exit branches are trained on a PyTorch model ('eetool exits train'); an "
                                         "ONNX model is sliced as it is")
+        refuse(given(ctx, "bottleneck_dir"), "a bottleneck is inserted into the PyTorch model it was trained on, not "
+                                             "an .onnx file; give that model or drop {it}")
         if "tflite" in fmts:
             refuse(["--format"], "TFLite graphs are converted from PyTorch modules (litert-torch); for an ONNX "
                                  "model use --format onnx")
@@ -219,11 +231,16 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
 
     check_codec(wire_codec)
     wire = WireCodec(wire_bits, wire_per_channel, wire_range, wire_codec)
-    report = export_bundle(src, ExportOptions(split=[s for s in split.split(",") if s], out=Path(out),
+    splits, section = [s for s in split.split(",") if s], None
+    if bottleneck_dir:
+        from .bottleneck_export import with_bottleneck
+
+        src, splits, section = with_bottleneck(src, Path(bottleneck_dir), splits)
+    report = export_bundle(src, ExportOptions(split=splits, out=Path(out),
                                               exits=exits, formats=fmts, int8=int8, quant=quant,
                                               int8_targets=targets, qat=_qat_config(qat, qat_epochs),
                                               layer_profile_graph=not no_profile_graph, samples=n_samples,
-                                              wire=wire),
+                                              wire=wire, bottleneck=section),
                            calib_ds, verify_ds)
     if exits_dir and (Path(exits_dir) / "predictor.json").is_file():  # trained with 'eetool exits predictor train'
         from .exit_predictor import load_predictor
@@ -712,6 +729,89 @@ def exits_curve(bundle, val_data, val_offset, val_limit, data, limit, pair, delt
             curve["link"] = link_run(b, test, pair, link_schedule)
     write(curve, Path(out))
     click.echo((Path(out) / "curve.md").read_text())
+
+
+@main.group()
+def bottleneck():
+    """Bottleneck injection: an encoder on the device and a decoder on the server, trained by head network
+    distillation (no labels needed); export with 'eetool export MODEL --bottleneck DIR'."""
+
+
+@bottleneck.command(name="train")
+@click.argument("model")
+@with_model_options
+@click.option("--split", required=True, help="split point S: the encoder reads this layer's output (e.g. blocks.3)")
+@click.option("--channels", required=True, type=int, help="bottleneck channels C (what is sent: C x H/s x W/s)")
+@click.option("--target-layer", help="layer T whose output the decoder reproduces (default: the first layer after "
+                                     "S at the bottleneck's resolution)")
+@click.option("--tune-from", help="also fine-tune the original layers between this cut and S (device side)")
+@click.option("--stride", default=2, show_default=True, help="encoder stride s")
+@click.option("--bits", default=4, show_default=True, help="wire quantisation the training simulates (bits per value)")
+@click.option("--refine", default=0, show_default=True, help="residual blocks in the decoder (server side)")
+@click.option("--data", "data", multiple=True,
+              help="image folder(s), DIR or DIR:fold=K/N (default: the ImageNet samples' fold 0/2, else 'samples')")
+@click.option("--photos", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="folder(s) of large photos cut into random crops (e.g. /usr/share/backgrounds/mate/nature)")
+@click.option("--views", default=16, show_default=True, help="augmented views per --data image (the first: center crop)")
+@click.option("--photo-crops", default=32, show_default=True, help="random crops per --photos image")
+@click.option("--val-every", default=8, show_default=True, help="hold out every N-th --data image for validation")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch", default=32, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--rec-weight", default=0.1, show_default=True, help="weight of the split-feature reconstruction loss")
+@click.option("--match", default="", help="later layers (after --target-layer; 'logits' for the output) whose outputs "
+                                          "also enter the loss, comma-separated (generalised HND)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads")
+@click.option("--cache", type=click.Path(file_okay=False),
+              help="teacher feature cache (default: OUT/cache); share it between runs that differ only in C or bits")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+def bottleneck_train(model, weights, input_shape, preprocess, split, channels, target_layer, tune_from, stride, bits,
+                     refine, data, photos, views, photo_crops, val_every, epochs, batch, lr, rec_weight, match, seed, threads,
+                     cache, out):
+    """Insert a bottleneck into MODEL after --split and train it by head network distillation: the student's
+    output at --target-layer must reproduce the frozen original's. Writes bottleneck.pt (tensors only),
+    bottleneck.json, curves.png and a resumable checkpoint.pt to --out."""
+    from .bottleneck import BottleneckSpec, default_target
+    from .bottleneck_train import TrainData, train_bottleneck
+    from .distill import DistillConfig
+
+    src = resolve(model, weights, input_shape, preprocess)
+    if src.model is None:
+        raise ModelSourceError("a bottleneck is trained into a PyTorch model, not an .onnx file")
+    if not data:
+        base = default_data(src.preprocess)
+        data = (base if base == "samples" else f"{base}:fold=0/2",)
+    import torch
+
+    target = target_layer or default_target(src.model, torch.zeros(src.input_shape), split, stride)
+    spec = BottleneckSpec(split=split, target=target, channels=channels, stride=stride, bits=bits, tune_from=tune_from,
+                          refine=refine)
+    cfg = DistillConfig(epochs=epochs, batch=batch, lr=lr, rec_weight=rec_weight, seed=seed, threads=threads,
+                        match=tuple(m for m in match.split(",") if m))
+    command = "eetool bottleneck train " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else ""
+    train_bottleneck(src, spec, TrainData(list(data), list(photos), views, photo_crops, val_every), cfg, Path(out),
+                     Path(cache) if cache else None, command=command)
+
+
+@bottleneck.command(name="eval")
+@click.argument("target", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_name", help="MODEL the bottleneck belongs to (default: the one it records)")
+@with_model_options
+@click.option("--data", help="labelled images never used for training or calibration (default: the ImageNet "
+                             "samples' fold 1/2, else 'samples')")
+@click.option("--limit", type=int, help="evaluate at most this many samples")
+@click.option("--bits", type=int, help="wire bits (default: the bits the bottleneck was trained for)")
+@click.option("--json", "as_json", is_flag=True)
+def bottleneck_eval(target, model_name, weights, input_shape, preprocess, data, limit, bits, as_json):
+    """Top-1 (against labels and against the original model) and framed bytes per sample of TARGET: a
+    'bottleneck train' folder (PyTorch) or a bundle exported with --bottleneck (every format and precision,
+    int8 device graphs also with the float server graphs). Bytes are an offline estimate (n-bit codes,
+    bit-packed, zstd, in today's REQUEST frame)."""
+    from .bottleneck_report import evaluate_target, render
+
+    result = evaluate_target(Path(target), data, limit, bits, model_name, weights, input_shape, preprocess)
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
 def _runtime_passthrough(name: str, help_text: str):

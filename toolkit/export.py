@@ -18,8 +18,8 @@ import torch
 
 from calibration.readers import Dataset
 from runtime import __version__
-from runtime.manifest import (Calibration, ExitBranch, GraphEntry, Manifest, ModelInfo, Preprocess, ProfileGraph,
-                              Samples, Segment, TensorSpec, WireTensor)
+from runtime.manifest import (Bottleneck, Calibration, ExitBranch, GraphEntry, Manifest, ModelInfo, Preprocess,
+                              ProfileGraph, Samples, Segment, TensorSpec, WireTensor)
 from runtime.targets import DEFAULT_TARGETS
 
 from . import calibrate
@@ -65,6 +65,7 @@ class ExportOptions:
     layer_profile_graph: bool = True
     samples: int = 8  # verification inputs copied into samples/ (with their labels, when known)
     wire: "calibrate.WireCodec" = None  # how the device encodes the split feature (None: int8 + zstd)
+    bottleneck: Bottleneck | None = None  # the injected bottleneck (toolkit.bottleneck_export)
 
 
 def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec]) -> tuple[list, object]:
@@ -188,6 +189,7 @@ def _torch_graphs(source: ModelSource, opts: ExportOptions, out: Path, x) -> tup
         preprocess=Preprocess.from_json(source.preprocess, "manifest.preprocess"),
         cuts=[c.name for c in cuts],
         split=boundary.name,
+        bottleneck=opts.bottleneck,
     )
     # Float graphs, with sample tensors flowing through PyTorch for shapes and FLOPs.
     values = {INPUT_NAME: sample}
