@@ -24,7 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.preprocess import PreprocessError, normalize
+from runtime.manifest import Preprocess
+from runtime.preprocess import PreprocessError, as_preprocess, normalize
 
 from .readers import DataError
 
@@ -67,14 +68,16 @@ def _open_rgb(path: Path, max_side: int):
     return im
 
 
-def _center_view(im, preprocess: dict):
+def _center_view(im, preprocess: Preprocess):
     from PIL import Image
 
     w, h = im.size
-    short = int(preprocess.get("resize_shorter") or min(w, h))
+    short = int(preprocess.resize_shorter or min(w, h))
     s = short / min(w, h)
-    im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
-    ch, cw = preprocess["crop"]
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[
+        preprocess.interpolation or "bilinear"]
+    im = im.resize((round(w * s), round(h * s)), resample)
+    ch, cw = preprocess.crop
     left, top = (im.size[0] - cw) // 2, (im.size[1] - ch) // 2
     return im.crop((left, top, left + cw, top + ch))
 
@@ -106,16 +109,20 @@ def _jitter(im, strength: float, rng: np.random.Generator):
     return im
 
 
-def iter_views(files: list[Path], views: int, preprocess: dict, seed: int, spec: CropSpec = IMAGENET_VIEWS
-               ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_views(files: list[Path], views: int, preprocess: Preprocess | dict, seed: int,
+               spec: CropSpec = IMAGENET_VIEWS) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, x)`` for ``views`` augmented views of each file, file by file; ``x`` is float32
     ``(C, H, W)`` preprocessed like the model's input (``preprocess``: an image spec with ``crop``).
 
     Raises DataError for an unreadable file or a preprocess spec that is not an RGB image spec."""
-    if preprocess.get("kind") != "image" or not preprocess.get("crop"):
+    try:
+        preprocess = as_preprocess(preprocess)
+    except PreprocessError as e:
+        raise DataError(str(e)) from None
+    if preprocess.kind != "image" or not preprocess.crop:
         raise DataError(f"augmented crops need an image model (preprocess kind 'image' with a crop), got "
-                        f"{preprocess.get('kind')!r}")
-    size = tuple(preprocess["crop"])
+                        f"{preprocess.kind!r}")
+    size = tuple(preprocess.crop)
     from PIL import Image
 
     for i, path in enumerate(files):

@@ -223,13 +223,14 @@ def test_export_with_bottleneck_matches_pytorch_and_names_it(tiny_run, effnet, c
     assert fp32["rel_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0
     b = Bundle.load(bundle_dir)
     m = b.manifest
-    assert m["split"] == "encoder" and m["tensors"]["encoder"]["shape"] == [None, 8, 14, 14]
-    assert m["bottleneck"]["weights"]["sha256"] == cfg["weights"]["sha256"]
-    assert m["bottleneck"]["channels"] == 8 and m["bottleneck"]["split"] == "blocks.3"
-    assert m["bottleneck"]["training"]["labels_used"] is False
-    device = [s for s in m["segments"] if s["side"] == "device"]
-    assert len(device) == 1 and device[0]["mflops"] == pytest.approx(cfg["device_mflops"], rel=1e-6)
-    assert device[0]["mflops"] < 770.4 / 4
+    assert m.split == "encoder" and m.tensors["encoder"].shape == [None, 8, 14, 14]
+    assert m.bottleneck.weights.sha256 == cfg["weights"]["sha256"]
+    assert (m.bottleneck.channels, m.bottleneck.split, m.bottleneck.target, m.bottleneck.bits) == (8, "blocks.3",
+                                                                                                   "blocks.5", 4)
+    assert m.bottleneck.training.labels_used is False and m.bottleneck.training.data == ["samples"]
+    device = m.device_segments
+    assert len(device) == 1 and device[0].mflops == pytest.approx(cfg["device_mflops"], rel=1e-6)
+    assert device[0].mflops < 770.4 / 4
     with torch.no_grad():  # the device graph's output is the encoder's: clamped to [0, 1]
         z = src.model.encoder(src.model.head(torch.from_numpy(verify_images.x[:2])))
     assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0

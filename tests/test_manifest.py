@@ -80,7 +80,8 @@ def test_built_in_code_and_validated_on_write():
 
 @pytest.mark.parametrize("edit,path,words", [
     (lambda d: d["segments"][0].update(colour="red"), "manifest.segments[0].colour", "unknown field"),
-    (lambda d: d.update(bottleneck={}), "manifest.bottleneck", "extensions"),
+    (lambda d: d.update(gpu_kernels={}), "manifest.gpu_kernels", "extensions"),
+    (lambda d: d.update(bottleneck={}), "manifest.bottleneck.split", "missing (required)"),
     (lambda d: d["exits"][0].update(threshold="high"), "manifest.exits[0].threshold", "expected number"),
     (lambda d: d["exits"][0].update(threshold=1.5), "manifest.exits[0].threshold", "outside [0, 1]"),
     (lambda d: d["exits"][0].update(rule="margin"), "manifest.exits[0].rule", "max_softmax"),

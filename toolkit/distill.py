@@ -39,6 +39,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from runtime.progress import is_terminal, progress
+
 from .bottleneck import BottleneckError, BottleneckModel, Built, fake_quant, load_trainable, pca_init
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,22 +66,10 @@ class DistillConfig:
 
 
 # --------------------------------------------------------------------------------------------- progress
-def progress(total: int, desc: str) -> Callable[..., None]:
-    """A progress callback ``step(n=1, **postfix)``: a tqdm bar when stderr is a terminal; otherwise nothing
-    until the stage ends (the caller prints one line per stage), so logs stay one line per stage."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=desc, leave=False, unit="batch")
-
-        def step(n: int = 1, **postfix):
-            bar.update(n)
-            if postfix:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-            if bar.n >= total:
-                bar.close()
-        return step
-    return lambda n=1, **postfix: None
+def _bar(iterable, desc: str, unit: str, total: int | None = None):
+    """A tqdm bar on a terminal (runtime.progress); elsewhere nothing, because every stage here ends with
+    its own summary line (:func:`say`): one line per stage in logs."""
+    return progress(iterable, desc, unit, enabled=is_terminal(sys.stderr), total=total)
 
 
 def say(msg: str) -> None:
@@ -115,14 +105,12 @@ class FeatureCache:
             return
         t0 = time.time()
         n, arr, stats = len(self), None, _Moments()
-        step = progress(math.ceil(n / batch), f"teacher {name}")
-        for i in range(0, n, batch):
+        for i in _bar(range(0, n, batch), f"teacher {name}", "batch"):
             v = fn(_cl(self.get("target", np.arange(i, min(n, i + batch))))).float().contiguous().numpy()
             if arr is None:
                 arr = np.lib.format.open_memmap(self.root / f"{name}.npy", "w+", np.float16, (n, *v.shape[1:]))
             arr[i:i + len(v)] = v
             stats.add(v)
-            step()
         arr.flush()
         self.meta["arrays"] = sorted({*self.meta["arrays"], name})
         self.meta["variance"][name] = stats.variance()
@@ -163,7 +151,6 @@ def build_cache(root: Path, key: str, built: Built, views: Iterator[tuple[str, n
     arrays: dict[str, np.ndarray] = {}
     moments: dict[str, _Moments] = {}
     names: list[str] = []
-    step = progress(math.ceil(count / batch), desc)
     t0 = time.time()
 
     def flush(xs: list[np.ndarray]):
@@ -180,10 +167,9 @@ def build_cache(root: Path, key: str, built: Built, views: Iterator[tuple[str, n
                 arrays[k] = np.lib.format.open_memmap(root / f"{k}.npy", "w+", np.float16, (count, *v.shape[1:]))
             arrays[k][start:start + len(v)] = v
             moments.setdefault(k, _Moments()).add(v)
-        step()
 
     pending: list[np.ndarray] = []
-    for name, x in views:
+    for name, x in _bar(views, desc, "view", total=count):
         names.append(name)
         pending.append(x)
         if len(pending) == batch:
@@ -341,9 +327,9 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(train_cache), generator=gen).numpy()
-        step = progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
         total_loss = 0.0
-        for b in range(steps_per_epoch):
+        steps = _bar(range(steps_per_epoch), f"epoch {epoch}/{cfg.epochs}", "batch")
+        for b in steps:
             idx = np.sort(order[b * cfg.batch:(b + 1) * cfg.batch])  # sorted: sequential reads from the memmap
             loss = obj.loss(obj.outputs(_cl(train_cache.get("inputs", idx))), train_cache, idx)
             opt.zero_grad(set_to_none=True)
@@ -352,7 +338,8 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
             sched.step()
             value = loss.item()
             total_loss += value * len(idx)
-            step(loss=value)
+            if hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{value:.4f}")
         v = validate(obj, val_cache)
         secs = time.time() - t0
         elapsed += secs
@@ -400,4 +387,4 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
 
 
 __all__ = ["DistillConfig", "FeatureCache", "Objective", "build_cache", "cache_key", "prepare_cache", "train",
-           "validate", "plot_curves", "fingerprint", "progress", "say"]
+           "validate", "plot_curves", "fingerprint", "say"]
