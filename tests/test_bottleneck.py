@@ -11,7 +11,7 @@ import torch
 from calibration.photos import IMAGENET_VIEWS, LARGE_PHOTO_VIEWS, iter_views
 from calibration.readers import DataError, image_files, skimage_photo_paths
 from toolkit import bottleneck as B
-from toolkit.bottleneck_eval import pack_codes, quantize_code, unpack_codes, wire_frame
+from toolkit.bottleneck_eval import code_grid, wire_round_trip
 from toolkit.bottleneck_train import TrainData, train_bottleneck
 from toolkit.distill import DistillConfig, FeatureCache, Objective, validate
 from toolkit.graph import SplitError
@@ -35,25 +35,21 @@ def tiny_run(tmp_path_factory, effnet, photos_data):
     return out, cfg
 
 
-def test_pack_round_trip_every_bit_depth():
-    rng = np.random.default_rng(0)
-    for bits in range(1, 9):
-        codes = rng.integers(0, 1 << bits, size=(1, 3, 5, 7)).astype(np.uint8)
-        packed = pack_codes(codes, bits)
-        assert packed.size == -(-codes.size * bits // 8)
-        assert np.array_equal(unpack_codes(packed, bits, codes.size), codes.reshape(-1))
-    with pytest.raises(ValueError, match="exceed 2 bits"):
-        pack_codes(np.array([4], np.uint8), 2)
-    assert quantize_code(np.array([-0.2, 0.0, 0.49, 0.51, 1.0, 1.7]), 1).tolist() == [0, 0, 0, 1, 1, 1]
-
-
-def test_wire_frame_is_a_valid_request_with_the_nbit_fields():
+def test_code_grid_is_the_trained_grid_and_round_trips_through_real_frames():
+    """The wire codes are rint(clip(z, 0, 1) * (2**bits - 1)) (what fake_quant trains for), sent as the runtime's
+    bit-packed REQUEST frame and decoded exactly back to the grid values."""
     z = np.random.default_rng(1).random((1, 6, 14, 14)).astype(np.float32)
-    frame = wire_frame(z, 3, "encoder")
-    parsed = parse_frame(frame)
-    entry = parsed.header["tensors"][0]
-    assert entry["bits"] == 3 and entry["shape"] == [1, 6, 14, 14] and entry["nbytes"] == 6 * 196 * 3 // 8
-    assert len(frame) == PREFIX.size + PREFIX.unpack(frame[:PREFIX.size])[5] + len(parsed.payload)
+    z[0, 0, 0, :3] = [-0.2, 1.7, 0.0]  # clipped; exact half-step ties are left out (x / scale may round them either way)
+    for bits in (2, 3, 4, 8):
+        frame, back = wire_round_trip(z, bits, "encoder")
+        levels = (1 << bits) - 1
+        assert np.array_equal(code_grid(bits).quantize(z), np.rint(np.clip(z, 0, 1) * levels).astype(np.uint8))
+        assert np.allclose(back, B.fake_quant(torch.from_numpy(np.clip(z, 0, 1)), bits).numpy(), atol=1e-6)
+        entry = parse_frame(frame).header["tensors"][0]
+        assert entry["bits"] == bits and entry["shape"] == [1, 6, 14, 14]
+        assert len(frame) == PREFIX.size + PREFIX.unpack(frame[:PREFIX.size])[5] + len(parse_frame(frame).payload)
+    with pytest.raises(ValueError):
+        code_grid(1)
 
 
 def test_pca_init_reconstructs_with_every_component(effnet, calib_images):
@@ -244,3 +240,37 @@ def test_export_with_bottleneck_matches_pytorch_and_names_it(tiny_run, effnet, c
     assert [r["run"] for r in pt["rows"]] == ["pytorch fp32, float code", "pytorch fp32, 4-bit code"]
     assert pt["rows"][1]["bytes_mean"] == pytest.approx(fp["bytes_mean"], rel=0.01)
     assert pt["rows"][1]["agreement"] == fp["agreement"]
+
+
+def test_bottleneck_bundle_with_nbit_wire_in_rate(tiny_run, effnet, effnet_bundle, calib_images, verify_images,
+                                                  imagenet_source, tmp_path):
+    """export --bottleneck --wire-bits 4: the code goes on the wire as bit-packed 4-bit codes; `eetool rate`
+    measures it (and other bit depths) against the images, scored by the original model's bundle, and refuses
+    to score images with a bottleneck model."""
+    from runtime.bundle import Bundle
+    from toolkit.bottleneck_export import with_bottleneck
+    from toolkit.calibrate import WireCodec
+    from toolkit.export import ExportOptions, export_bundle
+    from toolkit.rate import run_rate
+
+    out, _ = tiny_run
+    src, splits, section = with_bottleneck(effnet, out, ["blocks.3"])
+    bdir = tmp_path / "bn-4bit"
+    export_bundle(src, ExportOptions(split=splits, out=bdir, progress=False, layer_profile_graph=False,
+                                     bottleneck=section, wire=WireCodec(4, False, "minmax")), calib_images, verify_images)
+    q = Bundle.load(bdir).manifest.tensors["encoder"].quant
+    assert (q.dtype, q.bits, q.axis) == ("uint8", 4, None)
+    # the code is clamped to [0, 1] and reaches both ends: minmax gives the 4-bit grid the decoder was trained on
+    assert q.zero_point == 0 and q.scale == pytest.approx(1 / 15, rel=1e-3)
+    with pytest.raises(ValueError, match="original model"):
+        run_rate([str(bdir)], imagenet_source, jpeg=[], webp=[], limit=4)
+    plain = str(effnet_bundle[0])
+    report = run_rate([str(bdir), plain], imagenet_source, jpeg=[50], webp=[], wire=[WireCodec(2, False, "minmax")],
+                      limit=4)
+    assert report["float"]["graphs"].startswith(effnet_bundle[0].name)
+    rows = {p["info"]["bits"]: p for p in report["points"] if p["kind"] == "split" and p["info"]["bundle"] == str(bdir)}
+    assert sorted(rows) == [2, 4] and all(r["samples"] == 4 for r in rows.values())
+    assert rows[4]["payload_mean"] <= 8 * 196 * 4 // 8 < rows[4]["bytes_mean"]
+    assert rows[2]["payload_mean"] < rows[4]["payload_mean"]
+    alone = run_rate([plain], imagenet_source, jpeg=[50], webp=[], limit=4)
+    assert alone["float"]["top1"] == report["float"]["top1"]

@@ -1,12 +1,11 @@
 """``eetool bottleneck eval``: top-1 and bytes per sample of a bottleneck operating point on labelled images,
 for the PyTorch model (a ``bottleneck train`` folder) or a bundle's graphs (float and int8, ONNX and TFLite).
 
-What goes on the wire is estimated offline until the runtime's n-bit codec exists: the code (values in
-[0, 1]) is quantised to ``bits`` bits (``q = rint(z * (2**bits - 1))``, the grid the training simulated),
-bit-packed (MSB first), zstd-compressed (level 3) and framed as a REQUEST of today's protocol
-(:func:`runtime.protocol.encode_frame`: 28-byte prefix, a JSON header with the tensor's entry plus the
-n-bit parameters a decoder needs, payload). The frame's full length is counted. The server side dequantises
-(``q / (2**bits - 1)``) and runs the decoder and tail.
+What goes on the wire is what the runtime sends: the code (values in [0, 1]) is quantised on the grid the
+training simulated (:func:`code_grid`: ``bits``-bit uint8 codes, scale ``1 / (2**bits - 1)``, zero point 0,
+per tensor), bit-packed and entropy coded by :func:`runtime.protocol.encode_request` (the device's REQUEST
+frame), decoded by :func:`runtime.protocol.decode_request` as the edge server does, and dequantised before
+the decoder and tail. The frame's full length (prefix, JSON header, payload) is counted.
 """
 from __future__ import annotations
 
@@ -16,53 +15,30 @@ import numpy as np
 import torch
 
 from calibration.readers import Dataset
-from runtime.protocol import REQUEST, encode_frame
+from runtime import protocol
+from runtime.quant import QuantParams
 
 Fn = Callable[[np.ndarray], np.ndarray]
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Bit-pack unsigned ``bits``-bit codes (any shape, values < 2**bits) MSB first into uint8 ``(ceil(n *
-    bits / 8),)``."""
-    flat = np.asarray(codes, np.uint8).reshape(-1, 1)
-    if flat.size and int(flat.max()) >> bits:
-        raise ValueError(f"codes exceed {bits} bits")
-    return np.packbits(np.unpackbits(flat, axis=1)[:, 8 - bits:].reshape(-1))
+def code_grid(bits: int) -> QuantParams:
+    """The wire quantisation the bottleneck was trained for: ``bits``-bit (2..8) uint8 codes over [0, 1],
+    ``q = rint(clip(z, 0, 1) * (2**bits - 1))``, per tensor. Raises QuantError for bits outside 2..8."""
+    return QuantParams("uint8", 1.0 / ((1 << bits) - 1), 0, None, bits)
 
 
-def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: uint8 ``(count,)`` codes."""
-    b = np.unpackbits(np.asarray(packed, np.uint8))[: count * bits].reshape(count, bits)
-    return np.packbits(np.concatenate([np.zeros((count, 8 - bits), np.uint8), b], axis=1), axis=1).reshape(-1)
-
-
-def quantize_code(z: np.ndarray, bits: int) -> np.ndarray:
-    """Codes ``rint(clip(z, 0, 1) * (2**bits - 1))`` as uint8, same shape as ``z``."""
-    levels = (1 << bits) - 1
-    return np.rint(np.clip(z, 0.0, 1.0) * levels).astype(np.uint8)
-
-
-def wire_frame(code: np.ndarray, bits: int, name: str, level: int = 3) -> bytes:
-    """The REQUEST frame (bytes) carrying one sample's code ``(1, C, h, w)`` in [0, 1] at ``bits`` bits: the
-    header is one tensor entry as today's protocol writes it, with the n-bit fields (``bits``, the code's
-    shape, ``scale`` and ``zero_point`` of the grid) a decoder needs; the payload the zstd-compressed packed
-    codes (or the packed codes themselves when zstd does not shrink them, as the protocol does)."""
-    import zstandard
-
-    q = quantize_code(code, bits)
-    packed = pack_codes(q, bits).tobytes()
-    comp = zstandard.ZstdCompressor(level=level).compress(packed)
-    codec, payload = ("zstd", comp) if len(comp) < len(packed) else ("none", packed)
-    entry = {"name": name, "dtype": "uint8", "bits": bits, "shape": list(code.shape), "layout": "NCHW",
-             "scale": 1.0 / ((1 << bits) - 1), "zero_point": 0, "codec": codec, "nbytes": len(packed),
-             "wire_nbytes": len(payload), "offset": 0}
-    return encode_frame(REQUEST, 0, {"tensors": [entry]}, payload)
+def wire_round_trip(code: np.ndarray, bits: int, name: str, codec: str = "zstd") -> tuple[bytes, np.ndarray]:
+    """(REQUEST frame, float32 code the server decodes from it) for one sample's code ``(1, C, h, w)``
+    NCHW float32 in [0, 1] on :func:`code_grid` ``(bits)``."""
+    grid = code_grid(bits)
+    frame = protocol.encode_request(0, {name: grid.quantize(code)}, {name: grid.to_json()}, codec=codec)
+    return frame, protocol.decode_request(frame).dequantized()[name]
 
 
 def measure(device: Fn, server: Fn, data: Dataset, bits: int | None, name: str, reference: np.ndarray | None = None,
             batch: int = 16) -> dict:
     """Run ``device`` (float32 NCHW images -> code (N, C, h, w)) and ``server`` (code -> logits) over ``data``;
-    with ``bits`` the code is quantised as on the wire in between and each sample's frame is measured.
+    with ``bits`` each sample's code goes through :func:`wire_round_trip` in between and its frame is measured.
 
     Returns ``{"samples", "top1" (with labels), "agreement" (top-1 agreement with ``reference`` logits),
     "bytes_mean", "bytes_p90" (framed, with ``bits``), "logits"}``."""
@@ -70,8 +46,9 @@ def measure(device: Fn, server: Fn, data: Dataset, bits: int | None, name: str, 
     for i in range(0, len(data), batch):
         code = device(data.x[i:i + batch])
         if bits is not None:
-            sizes += [len(wire_frame(code[j:j + 1], bits, name)) for j in range(len(code))]
-            code = (quantize_code(code, bits) / np.float32((1 << bits) - 1)).astype(np.float32)
+            trips = [wire_round_trip(code[j:j + 1], bits, name) for j in range(len(code))]
+            sizes += [len(frame) for frame, _ in trips]
+            code = np.concatenate([z for _, z in trips])
         logits.append(server(code))
     logits = np.concatenate(logits)
     out: dict = {"samples": len(data), "logits": logits}
@@ -119,5 +96,5 @@ def reference_logits(model: torch.nn.Module, data: Dataset, batch: int = 16) -> 
                                for i in range(0, len(data), batch)])
 
 
-__all__ = ["pack_codes", "unpack_codes", "quantize_code", "wire_frame", "measure", "torch_fns", "bundle_fns",
+__all__ = ["code_grid", "wire_round_trip", "measure", "torch_fns", "bundle_fns",
            "reference_logits"]

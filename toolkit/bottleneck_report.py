@@ -13,8 +13,8 @@ from . import bottleneck as B
 from .bottleneck_eval import bundle_fns, measure, reference_logits, torch_fns
 from .sources import resolve
 
-BYTES_NOTE = ("bytes per sample: offline estimate (codes bit-packed, zstd level 3, in a REQUEST frame of today's "
-              "protocol, prefix and JSON header included)")
+BYTES_NOTE = ("bytes per sample: the runtime's REQUEST frame (n-bit codes on the trained grid, bit-packed, zstd; "
+              "prefix and JSON header included)")
 
 
 def _default_eval_data(preprocess) -> str:

@@ -557,8 +557,11 @@ def rate(bundles, data, limit, jpeg, webp, wire_bits, wire_per_channel, wire_ran
     first = Bundle.load(bundles[0])
     source = data or default_data(first.manifest.preprocess)
     say = None if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
-    report = run_rate(list(bundles), source, _int_list(jpeg, "--jpeg"), _int_list(webp, "--webp"), wire, coders,
-                      precision, limit, say)
+    try:
+        report = run_rate(list(bundles), source, _int_list(jpeg, "--jpeg"), _int_list(webp, "--webp"), wire, coders,
+                          precision, limit, say)
+    except ValueError as e:  # bundles that cannot be compared (different models, no float reference)
+        raise click.UsageError(str(e))
     plot(report, plot_path)
     report["plot"] = str(plot_path)
     json_path = Path(plot_path).with_suffix(".json")
@@ -746,7 +749,7 @@ def bottleneck():
                                      "S at the bottleneck's resolution)")
 @click.option("--tune-from", help="also fine-tune the original layers between this cut and S (device side)")
 @click.option("--stride", default=2, show_default=True, help="encoder stride s")
-@click.option("--bits", default=4, show_default=True, help="wire quantisation the training simulates (bits per value)")
+@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="wire quantisation the training simulates (bits per value)")
 @click.option("--refine", default=0, show_default=True, help="residual blocks in the decoder (server side)")
 @click.option("--data", "data", multiple=True,
               help="image folder(s), DIR or DIR:fold=K/N (default: the ImageNet samples' fold 0/2, else 'samples')")
@@ -801,13 +804,14 @@ def bottleneck_train(model, weights, input_shape, preprocess, split, channels, t
 @click.option("--data", help="labelled images never used for training or calibration (default: the ImageNet "
                              "samples' fold 1/2, else 'samples')")
 @click.option("--limit", type=int, help="evaluate at most this many samples")
-@click.option("--bits", type=int, help="wire bits (default: the bits the bottleneck was trained for)")
+@click.option("--bits", type=click.IntRange(2, 8), help="wire bits (default: the bits the bottleneck was trained for)")
 @click.option("--json", "as_json", is_flag=True)
 def bottleneck_eval(target, model_name, weights, input_shape, preprocess, data, limit, bits, as_json):
     """Top-1 (against labels and against the original model) and framed bytes per sample of TARGET: a
     'bottleneck train' folder (PyTorch) or a bundle exported with --bottleneck (every format and precision,
-    int8 device graphs also with the float server graphs). Bytes are an offline estimate (n-bit codes,
-    bit-packed, zstd, in today's REQUEST frame)."""
+    int8 device graphs also with the float server graphs). Bytes are the runtime's REQUEST frames (the code on
+    the grid the training simulated, bit-packed, zstd), decoded as the edge server does. For the bundle's own
+    wire codec and other --wire-bits against JPEG / WebP, use 'eetool rate'."""
     from .bottleneck_report import evaluate_target, render
 
     result = evaluate_target(Path(target), data, limit, bits, model_name, weights, input_shape, preprocess)

@@ -290,10 +290,18 @@ def run_rate(bundles: list[str], data: str, jpeg: list[int], webp: list[int], wi
              progress=None) -> dict:
     """Measure every operating point on ``data`` (image files; labels make top-1) and return the JSON-ready report
     ``{"points": [...], "float": {...}, "dominance": [...], "frontier": [...], "notes": [...]}``. ``wire``: extra
-    wire codecs per bundle, calibrated on its representative data. Raises DataError / ValueError with the reason."""
+    wire codecs per bundle, calibrated on its representative data. The float model and the image rows use the
+    first bundle without a bottleneck (one is required). Raises DataError / ValueError with the reason."""
     say = progress or (lambda msg: None)
     loaded = [Bundle.load(b) for b in bundles]
-    ref = loaded[0]
+    # The float reference (and the model the images go through) is the original model: a bundle with a
+    # bottleneck holds a different, distilled model, so the first bundle without one is the reference.
+    plain = [b for b in loaded if b.manifest.bottleneck is None]
+    if not plain:
+        raise ValueError(f"every bundle given has a bottleneck: add a bundle of the original model (e.g. 'eetool "
+                         f"export {loaded[0].manifest.model.source} --split S') as the float reference the images "
+                         f"are scored with")
+    ref = plain[0]
     models = {b.manifest.model.source for b in loaded}
     if len(models) > 1:
         raise ValueError(f"the bundles hold different models ({sorted(map(str, models))}): compare one model's bundles")
