@@ -144,6 +144,13 @@ CONFLICTS = [
      "--weights, --preprocess: apply to a MODEL; a bundle carries its own graphs"),
     (["exits", "predictor", "train", "fashion-cnn", "--pair", "onnx/int8"],
      "--pair: applies to a bundle TARGET (its graphs); drop it for a MODEL"),
+    ([*EXPORT, "--bottleneck", "DIR", "--exits", "DIR"], "--exits: exit branches are not exported with a bottleneck"),
+    ([*EXPORT, "--bottleneck", "DIR", "--int8", "--qat"], "--qat: fine-tunes the original model, not the model with"),
+    (["export", "ONNX", "--split", "x", "--bottleneck", "DIR", "-o", "OUT"],
+     "--bottleneck: a bottleneck is inserted into the PyTorch model it was trained on"),
+    (["bottleneck", "train", *EFF, "--split", "blocks.3", "--channels", "8", "--bits", "1", "-o", "OUT"],
+     "1 is not in the range 2<=x<=8"),
+    (["bottleneck", "eval", "BUNDLE"], "the bundle has no bottleneck (export it with --bottleneck DIR)"),
     (["plan", *EFF, "--plot", "a.png", "--no-plot"], "--plot: --no-plot writes no plot"),
     (["plan", *EFF, "--export-onnx", "OUT.onnx", "--bandwidth", "5mbit", "--json"],
      "--bandwidth, --json: --export-onnx only writes the model"),
@@ -154,7 +161,7 @@ CONFLICTS = [
 
 @pytest.mark.parametrize("args,message", CONFLICTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CONFLICTS])
 def test_conflicting_option_is_refused_with_the_reason(args, message, tmp_path, tiny_onnx, arrays, effnet_bundle):
-    subst = {"ONNX": tiny_onnx, "NPY": arrays, "BUNDLE": effnet_bundle[0], "OUT": tmp_path / "out",
+    subst = {"ONNX": tiny_onnx, "NPY": arrays, "BUNDLE": effnet_bundle[0], "OUT": tmp_path / "out", "DIR": tmp_path,
              "OUT.onnx": tmp_path / "out.onnx"}
     res = run(*[subst.get(a, a) for a in args])
     assert res.exit_code == 2, res.output

@@ -42,6 +42,9 @@ import click
 @click.option("--wire-per-channel", is_flag=True, help="with --wire-bits: per-channel scales / zero points")
 @click.option("--wire-range", type=click.Choice(["tail-kl", "minmax", "mse"]), default="tail-kl", show_default=True,
               help="with --wire-bits: range method (tail-kl runs the model once per cut and candidate range)")
+@click.option("--bottleneck", "bottleneck_dir", type=click.Path(exists=True, file_okay=False),
+              help="plan MODEL with this trained bottleneck ('eetool bottleneck train' folder) inserted: the split "
+                   "candidate is its encoder output (head + encoder on the device), as export --bottleneck slices it")
 @click.option("--hmac", is_flag=True, help="count the 32-byte HMAC tag of an authenticated link")
 @click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1), help="candidate cuts after modules up to this nesting depth")
 @click.option("--candidates", help="only these split points (comma-separated), e.g. blocks.2,blocks.5")
@@ -62,8 +65,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @click.pass_context
 def plan(ctx, model, weights, input_shape, preprocess, board, bandwidth, downlink, rtt, server_profile, measurements,
-         data, samples, codec, wire_bits, wire_per_channel, wire_range, hmac, depth, candidates, runs, warmup, threads,
-         exit_rates, exits_from, save_measurements, export_onnx, plot_path, no_plot, as_json):
+         data, samples, codec, wire_bits, wire_per_channel, wire_range, bottleneck_dir, hmac, depth, candidates, runs,
+         warmup, threads, exit_rates, exits_from, save_measurements, export_onnx, plot_path, no_plot, as_json):
     """Choose where to split MODEL between --board and the edge server, Neurosurgeon-style (Kang et al.,
     ASPLOS 2017): for every single-tensor split point, "local only" and "full offload (JPEG)", end-to-end
     latency (ms) = device ms + encode ms + bytes*8/bandwidth + rtt + server ms, with bytes measured on real
@@ -98,6 +101,15 @@ def plan(ctx, model, weights, input_shape, preprocess, board, bandwidth, downlin
     except ValueError as e:
         raise click.BadParameter(str(e))
     src = resolve(model, weights, input_shape, preprocess)
+    if bottleneck_dir:
+        from . import bottleneck as B
+        from .bottleneck_export import with_bottleneck
+
+        if export_onnx or candidates:
+            refuse(given(ctx, "export_onnx", "candidates"), "--bottleneck plans its own cut (the encoder output); "
+                                                            "drop {it}")
+        src, cuts, _ = with_bottleneck(src, Path(bottleneck_dir), [B.read_config(Path(bottleneck_dir))["split"]])
+        candidates = ",".join(cuts)
     if export_onnx:
         from .layer_latency import export_whole_onnx
 
