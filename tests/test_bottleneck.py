@@ -274,3 +274,24 @@ def test_bottleneck_bundle_with_nbit_wire_in_rate(tiny_run, effnet, effnet_bundl
     assert rows[2]["payload_mean"] < rows[4]["payload_mean"]
     alone = run_rate([plain], imagenet_source, jpeg=[50], webp=[], limit=4)
     assert alone["float"]["top1"] == report["float"]["top1"]
+
+
+def test_plan_with_bottleneck_plans_the_encoder_cut(tiny_run, imagenet_source):
+    """eetool plan --bottleneck: one split option, the encoder output, with the device side's MFLOPs and the
+    n-bit code's real frame bytes (8 x 14 x 14 values at 4 bits, bit-packed: at most 392 B of payload)."""
+    from click.testing import CliRunner
+
+    from toolkit.cli_plan import plan
+
+    out, cfg = tiny_run
+    res = CliRunner().invoke(plan, ["efficientnet-lite0", "--bottleneck", str(out), "--board", "rpi4", "--server-profile",
+                                    "rpi5", "--wire-bits", "4", "--wire-range", "minmax", "--samples", "2", "--data",
+                                    imagenet_source, "--bandwidth", "1,100mbit", "--no-plot", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    split = [o for o in report["options"] if o["kind"] == "split"]
+    assert [o["name"] for o in split] == ["encoder"]
+    assert split[0]["info"]["head_mflops"] == pytest.approx(cfg["device_mflops"], rel=1e-3)
+    assert 28 < split[0]["request_bytes"] < 28 + 1000 + 8 * 196 * 4 // 8
+    refused = CliRunner().invoke(plan, ["efficientnet-lite0", "--bottleneck", str(out), "--candidates", "blocks.5"])
+    assert refused.exit_code == 2 and "--candidates: --bottleneck plans its own cut" in refused.output
