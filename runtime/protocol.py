@@ -144,8 +144,9 @@ class TensorSpec:
     ``offset`` its position in the payload (bytes). ``scale`` / ``zero_point`` are set for
     affinely quantized int8/uint8 tensors and None otherwise.
 
-    n-bit codes (``bits`` 2..8, dtype uint8) are bit-packed before compression, so ``nbytes`` is
-    ``ceil(prod(shape) * bits / 8)``; their ``scale`` / ``zero_point`` are tuples (one value per slice
+    n-bit codes (``bits`` 2..8, dtype uint8) are bit-packed (:mod:`runtime.nbit`): densely when ``codec`` is
+    ``none`` (``nbytes = ceil(prod(shape) * bits / 8)``), byte-aligned under an entropy coder (``8 // bits``
+    codes per byte, ``nbytes = ceil(prod(shape) / (8 // bits))``); their ``scale`` / ``zero_point`` are tuples (one value per slice
     along ``axis``) when per channel. ``bits`` and ``axis`` are None for whole-byte tensors.
     """
 
@@ -472,15 +473,19 @@ def _encode_tensors(tensors: Mapping[str, np.ndarray], quant: Optional[Mapping[s
             lay = layout.get(name)
         else:
             lay = layout if (layout is not None and len(layout) == arr.ndim) else None
+        # n-bit codes go byte-aligned into an entropy coder (it then models whole codes), densely when sent as is
+        coded = codec_name != "none" and arr.size > 0
         if nq is not None:
-            raw = _nbit.pack_bits(arr, nq.bits)
+            raw = _nbit.pack_bits(arr, nq.bits, aligned=coded)
         else:
             raw = arr.astype(_le(arr.dtype), copy=False).tobytes()
         used = codec_name
         wire = raw
-        if codec_name != "none" and raw:
+        if coded:
             wire = _codec.compress(raw, codec_name, level)
-            if len(wire) >= len(raw):  # incompressible: send as is
+            dense = _nbit.packed_nbytes(arr.size, nq.bits) if nq is not None else len(raw)
+            if len(wire) >= dense:  # incompressible: send as is
+                raw = _nbit.pack_bits(arr, nq.bits) if nq is not None else raw
                 wire, used = raw, "none"
         elif codec_name != "none":
             used = "none"
@@ -583,9 +588,11 @@ def parse_tensor_specs(header: Mapping[str, Any], payload_len: int, request_id: 
         for d in shape:
             count *= d
         if bits is not None:
-            if _nbit.packed_nbytes(count, bits) != nbytes:
-                raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: %d codes of %d bits pack into %d bytes, not nbytes %d"
-                                    % (name, count, bits, _nbit.packed_nbytes(count, bits), nbytes), rid)
+            want = _nbit.packed_nbytes(count, bits, aligned=cname != "none")
+            if want != nbytes:
+                raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: %d codes of %d bits pack into %d bytes (%s), not "
+                                    "nbytes %d" % (name, count, bits, want, "densely" if cname == "none" else
+                                                   "byte-aligned under codec %s" % cname, nbytes), rid)
         elif count * itemsize != nbytes:
             raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: shape %s x %d bytes != nbytes %d"
                                 % (name, shape, itemsize, nbytes), rid)
@@ -679,7 +686,7 @@ def decode_tensors(payload: bytes, specs: List[TensorSpec], request_id: Optional
         if spec.bits is not None:
             count = int(np.prod(spec.shape, dtype=np.int64))
             try:
-                out[spec.name] = _nbit.unpack_bits(raw, spec.bits, count).reshape(spec.shape)
+                out[spec.name] = _nbit.unpack_bits(raw, spec.bits, count, aligned=spec.codec != "none").reshape(spec.shape)
             except _nbit.NBitError as exc:
                 raise ProtocolError(PAYLOAD_MISMATCH, "tensor %r: %s" % (spec.name, exc), request_id)
             continue

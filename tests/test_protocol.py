@@ -358,7 +358,9 @@ def test_nbit_request_round_trip_is_exact(bits, per_channel, name):
     buf = P.encode_request(3, {"feat": codes}, quant, codec=name)
     frame = P.parse_frame(buf)
     t = frame.header["tensors"][0]
-    assert t["bits"] == bits and t["dtype"] == "uint8" and t["nbytes"] == -(-codes.size * bits // 8)
+    # dense with codec none, byte-aligned (8 // bits codes per byte) under an entropy coder
+    packed = -(-codes.size * bits // 8) if t["codec"] == "none" else -(-codes.size // (8 // bits))
+    assert t["bits"] == bits and t["dtype"] == "uint8" and t["nbytes"] == packed
     assert t.get("axis") == (1 if per_channel else None)
     assert t["scale"] == q.to_json()["scale"] and t["zero_point"] == q.to_json()["zero_point"]
     msg = P.decode_request(frame)
@@ -374,6 +376,44 @@ def test_nbit_payload_is_the_packed_codes():
     frame = P.parse_frame(P.encode_request(1, {"feat": codes}, quant, codec="none"))
     assert frame.payload == nbit.pack_bits(codes, 3)
     assert len(frame.payload) == -(-150 * 3 // 8)
+
+
+def test_nbit_codes_go_byte_aligned_into_an_entropy_coder():
+    codes, q, quant = _nbit_request(3, True, n=4, relu=True)  # mostly one code: zstd shrinks it
+    frame = P.parse_frame(P.encode_request(1, {"feat": codes}, quant, codec="zstd"))
+    t = frame.header["tensors"][0]
+    assert t["codec"] == "zstd" and t["nbytes"] == codes.size // 2
+    assert codec.decompress(frame.payload, "zstd", t["nbytes"]) == nbit.pack_bits(codes, 3, aligned=True)
+    assert P.decode_request(frame).tensors["feat"].tobytes() == codes.tobytes()
+
+
+def test_incompressible_nbit_codes_fall_back_to_dense_packing():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 8, (1, 6, 5, 5)).astype(np.uint8)  # uniform: nothing to gain over 3 bits a code
+    q = QuantParams("uint8", 0.5, 4, bits=3)
+    frame = P.parse_frame(P.encode_request(1, {"feat": codes}, {"feat": q.to_json()}, codec="zstd"))
+    t = frame.header["tensors"][0]
+    assert t["codec"] == "none" and frame.payload == nbit.pack_bits(codes, 3)
+    assert P.decode_request(frame).tensors["feat"].tobytes() == codes.tobytes()
+
+
+def test_byte_aligned_payload_errors_get_error_replies():
+    codes, q, quant = _nbit_request(3, True, n=4, relu=True)
+    frame = P.parse_frame(P.encode_request(1, {"feat": codes}, quant, codec="zstd"))
+    t = dict(frame.header["tensors"][0])
+    aligned = nbit.pack_bits(codes, 3, aligned=True)
+    # the dense size under an entropy coder is not the packed size
+    dense_n = nbit.packed_nbytes(codes.size, 3)
+    wire = codec.compress(nbit.pack_bits(codes, 3), "zstd")
+    bad = {**t, "nbytes": dense_n, "wire_nbytes": len(wire)}
+    err = pytest.raises(ProtocolError, P.decode_request, _raw_frame({"tensors": [bad]}, wire)).value
+    assert err.code == P.PAYLOAD_MISMATCH and "byte-aligned" in str(err) and not err.fatal
+    # set unused low bits of a code byte
+    dirty = bytes([aligned[0] | 0x01]) + aligned[1:]
+    wire = codec.compress(dirty, "zstd")
+    bad = {**t, "wire_nbytes": len(wire)}
+    err = pytest.raises(ProtocolError, P.decode_request, _raw_frame({"tensors": [bad]}, wire)).value
+    assert err.code == P.PAYLOAD_MISMATCH and "unused low bits" in str(err) and not err.fatal
 
 
 def test_nbit_encode_side_validation():
