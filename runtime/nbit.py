@@ -17,7 +17,7 @@ one byte: ``8 // bits`` codes per byte, MSB first, the unused low bits zero. For
 dense packing; 3-bit codes go two to a byte (``[1, 2, 3]`` packs to ``0b00101000 0b01100000``), 5..7-bit
 codes one to a byte. It sends more raw bytes, but a byte-oriented entropy coder (zstd's Huffman literals,
 brotli) then models whole codes and pairs of neighbouring codes instead of bit fields that straddle byte
-boundaries: on EfficientNet-Lite0's blocks.5 feature, 3-bit codes + zstd shrink from 5.25 kB to 4.74 kB
+boundaries: on EfficientNet-Lite0's blocks.5 feature, 3-bit codes + zstd shrink from 5.25 kB to 4.61 kB per feature
 (README, "The feature codec").
 
 numpy only (Python 3.8 compatible): this runs on the board.
