@@ -248,3 +248,26 @@ def test_fixed_batch_graph_runs_a_larger_batch_as_a_loop_and_serve_names_it(expo
     np.testing.assert_array_equal(whole, parts)
     chain = SimpleNamespace(segments=[(SimpleNamespace(name="seg0"), s)])
     assert fixed_batch_graphs(chain) == ["seg0"]
+
+
+def test_int8_pooling_matmuls_follow_their_input(tmp_path):
+    """An exit's adaptive pooling exported as two constant matmuls (PoolAsMatmul; square input, so the
+    converter shares one constant between a BATCH_MATMUL and a FULLY_CONNECTED) quantises to a graph
+    that loads and whose output tracks the float one. With the quantizer's default per-channel constant
+    for BATCH_MATMUL the graph was refused at load ("quantized_dimension != 0")."""
+    from calibration.fashion_mnist import PREPROCESS
+    from calibration.readers import read_dataset
+    from toolkit.exits_bundle import PoolAsMatmul
+
+    x = read_dataset("fashion-mnist:test", PREPROCESS, limit=64).x  # (64, 1, 28, 28) real images
+    torch.manual_seed(0)
+    m = nn.Sequential(PoolAsMatmul(28, 28, 3), nn.Flatten(), nn.Linear(9, 4)).eval()
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    f = export_float(m, (torch.from_numpy(x[:1]),), str(tmp_path / "pool.fp32.tflite"), ["input"], ["out"])
+    quantize_int8(f["file"], str(tmp_path / "pool.int8.tflite"), {"input": x}, name_map=f["name_map"])  # ranges of these inputs: no clipping
+    s = LiteRTSession(tmp_path / "pool.int8.tflite", name_map=f["name_map"])
+    got = np.concatenate([s.run({"input": x[i:i + 1]})["out"] for i in range(len(x))])
+    spread = want.max() - want.min()
+    assert np.abs(got - want).max() < 0.05 * spread, (np.abs(got - want).max(), spread)
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99

@@ -339,7 +339,7 @@ def _recipe_rules(recipe: str) -> Tuple[List[Dict[str, Any]], str]:
     ``;``: anchor a full name as ``^name;$`` (``name$`` never matches).
     """
     from ai_edge_quantizer import recipe_manager
-    from ai_edge_quantizer.qtyping import TFLOperationName
+    from ai_edge_quantizer.qtyping import QuantGranularity, TFLOperationName
 
     parts = re.split(r"\+(?=(?:a16|float):)", recipe)
     base = parts[0]
@@ -347,8 +347,14 @@ def _recipe_rules(recipe: str) -> Tuple[List[Dict[str, Any]], str]:
         raise ValueError(f"unknown recipe {base!r}; known: {RECIPES} with optional +a16:<regex> / +float:<regex>")
     agg = "minmax" if base.endswith("_minmax") else "moving_average"
     rm = recipe_manager.RecipeManager()
+    a_bits = 16 if base == "static_wi8_ai16" else 8
     rm.add_static_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED,
-                         activation_num_bits=16 if base == "static_wi8_ai16" else 8, weight_num_bits=8)
+                         activation_num_bits=a_bits, weight_num_bits=8)
+    # TFLite's int8 BATCH_MATMUL takes one scale per operand. With the quantizer's default (per-channel
+    # constants) an exit's pooling matmuls either broke a FULLY_CONNECTED sharing the constant (refused at
+    # load: "quantized_dimension != 0") or, with both as BATCH_MATMUL, saturated every output to -128
+    rm.add_static_config(regex=".*", operation_name=TFLOperationName.BATCH_MATMUL, activation_num_bits=a_bits,
+                         weight_num_bits=8, weight_granularity=QuantGranularity.TENSORWISE)
     for p in parts[1:]:
         kind, _, regex = p.partition(":")
         if kind == "a16":
