@@ -68,6 +68,35 @@ def test_exit_graphs_match_pytorch_branches(bundle_dir, trained):
         assert np.abs(got[spec.name] - want).max() < 1e-4
 
 
+def test_export_verifies_each_exit_graph_against_the_source_branch(bundle_dir, trained):
+    """report.json compares every chain's exit outputs with the source's exit modules by value; an exit graph
+    that computes something else (here: references negated) fails verification, not only 'loads'."""
+    import json
+
+    from toolkit import verify
+    from toolkit.export import _torch_exit_logits
+    from toolkit.slicing import order_cuts, slice_model
+    from toolkit.graph import TracedModel
+
+    out, specs = bundle_dir
+    backbone, _ = trained
+    chains = json.loads((out / "report.json").read_text())["verification"]["chains"]
+    for spec in specs:
+        fp32 = chains["onnx/fp32"]["exits"][spec.name]["vs_source"]
+        assert fp32["rel_diff"] < verify.FP32_REL_TOL and fp32["top1_agreement"] == 1.0
+        assert chains["onnx/int8"]["exits"][spec.name]["vs_source"]["top1_agreement"] >= 0.9
+    data = read_dataset("fashion-mnist:test", PREPROCESS, limit=32)
+    bundle = Bundle.load(out)
+    traced = TracedModel(backbone, torch.from_numpy(data.x[:1]))
+    segments = slice_model(traced, order_cuts(traced, list(bundle.manifest.cuts)))
+    refs = _torch_exit_logits(segments, bundle.manifest, specs, data.x)
+    assert verify.failures(verify.verify_bundle(out, backbone, data, refs)) == []
+    bad = verify.verify_bundle(out, backbone, data, {k: -v for k, v in refs.items()})
+    msgs = verify.failures(bad)
+    assert any(f"onnx/fp32 exit {specs[0].name}" in m for m in msgs)
+    assert any(f"exit {specs[0].name}" in w for w in verify.warnings(bad))  # int8 exits flagged too
+
+
 def test_calibrated_thresholds_and_runtime_match_prediction(bundle_dir):
     out, _ = bundle_dir
     val = read_dataset("fashion-mnist:train", PREPROCESS, offset=55000, limit=2000)

@@ -294,6 +294,15 @@ def _print_export_summary(out: Path, report: dict) -> None:
     for e in manifest.exits:
         click.echo(f"  {e.name:6s} exit   at {e.at}  {e.mflops or 0.0:.2f} MFLOPs  {e.rule} threshold "
                    + ("off" if e.threshold is None else f"{e.threshold:.3f}"))
+        checked = {pair: c["exits"][e.name]["vs_source"] for pair, c in ver["chains"].items()
+                   if "vs_source" in c.get("exits", {}).get(e.name, {})}
+        if checked:
+            click.echo("         vs the source's exit branch: " + ", ".join(
+                f"{pair} {v['top1_agreement']:.1%} (max |diff| {v['max_abs_diff']:.1e})" for pair, v in checked.items()))
+    from .verify import warnings
+
+    for w in warnings(report):
+        click.echo(f"warning: {w}; check the representative data (--calib) or keep this graph float", err=True)
     p = manifest.predictor
     if p is not None:
         click.echo(f"  {p.name} Exit Predictor on {p.input} for {', '.join(p.exits)}  {p.mflops or 0.0:.4f} MFLOPs  "

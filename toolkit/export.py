@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calibration.readers import Dataset
@@ -159,13 +160,32 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
                                                     "float32", manifest.input.layout)
     (out / "report.json").write_text("{}\n")  # placeholder so the checksum list is complete; rewritten below
     write_manifest(out, manifest)
-    report.update(verify.verify_bundle(out, reference, verify_data))
+    exit_refs = _torch_exit_logits(segments, manifest, opts.exits, verify_data.x) if opts.exits else None
+    report.update(verify.verify_bundle(out, reference, verify_data, exit_refs))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_manifest(out, manifest)  # report.json changed: refresh its checksum
     failures = verify.failures(report)
     if failures:
         raise ExportError("verification failed: " + "; ".join(failures) + f" (details in {out / 'report.json'})")
     return report
+
+
+def _torch_exit_logits(segments: list, manifest: Manifest, exits: list[ExitSpec], x: np.ndarray,
+                       batch: int = 16) -> dict:
+    """The source's own exit logits on ``x`` (float32 NCHW): the float PyTorch segments up to each exit's
+    input tensor, then its exit module. Returns exit name -> float32 ``(N, C)``, the reference each exported
+    exit graph is verified against."""
+    by_name = {e.name: e for e in manifest.exits}
+    out: dict = {e.name: [] for e in exits}
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            values = {INPUT_NAME: torch.from_numpy(x[i:i + batch])}
+            for seg in segments:
+                res = seg.module(*(values[n] for n in seg.inputs))
+                values.update(zip(seg.outputs, res if isinstance(res, tuple) else (res,)))
+            for e in exits:
+                out[e.name].append(e.module.eval()(values[by_name[e.name].input]).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _torch_graphs(source: ModelSource, opts: ExportOptions, out: Path, x) -> tuple[Manifest, list, dict]:

@@ -2,8 +2,12 @@
 on the board): every chain (format x precision) on real inputs at batch 1 and batch N, outputs bound by
 name and compared by value.
 
-Tolerances (fp32 graphs): max |diff| <= 1e-4 x (output range) and 100 % top-1 agreement. int8 chains are
-measured (agreement, cosine similarity, accuracy) and flagged below 95 % agreement, not failed.
+Exit branches are checked the same way against the source model's own exit modules (PyTorch, on the same
+inputs), not only against the final output: an exit graph that loads but computes something else fails.
+
+Tolerances (fp32 graphs, final output and every exit): max |diff| <= 1e-4 x (output range) and 100 % top-1
+agreement. int8 chains and exits are measured (agreement, cosine similarity, accuracy) and flagged below 95 %
+agreement (:func:`warnings`), not failed.
 """
 from __future__ import annotations
 
@@ -59,10 +63,14 @@ def onnx_reference(path) -> "callable":
     return lambda x: sess.run({sess.input_names[0]: x})[sess.output_names[0]]
 
 
-def verify_bundle(path, model, data: Dataset) -> dict:
+def verify_bundle(path, model, data: Dataset, exit_refs: dict | None = None) -> dict:
     """Run every chain of the bundle at ``path`` on ``data`` and compare with ``model`` (a PyTorch module
     in eval mode, or for ONNX sources a function from a float32 batch to the output, see
-    :func:`onnx_reference`); returns the ``verification`` section of report.json."""
+    :func:`onnx_reference`); returns the ``verification`` section of report.json.
+
+    ``exit_refs`` maps exit name -> the source's float32 ``(N, C)`` exit logits on ``data.x``; each chain's
+    exit outputs are compared with them by value (``vs_source``). Without it exits are only compared with
+    the final output."""
     bundle = Bundle.load(path)
     if isinstance(model, torch.nn.Module):
         ref = _torch_logits(model.eval(), data.x)
@@ -82,7 +90,8 @@ def verify_bundle(path, model, data: Dataset) -> dict:
             entry["top1"] = float((got_n.argmax(1) == data.y).mean())
         if exits:
             entry["exits"] = {k: {"top1_agreement_with_final": float((v.argmax(1) == ref.argmax(1)).mean()),
-                                  **({"top1": float((v.argmax(1) == data.y).mean())} if data.y is not None else {})}
+                                  **({"top1": float((v.argmax(1) == data.y).mean())} if data.y is not None else {}),
+                                  **({"vs_source": compare(exit_refs[k], v)} if exit_refs and k in exit_refs else {})}
                               for k, v in exits.items()}
         result["chains"][pair] = entry
     return {"verification": result}
@@ -97,4 +106,25 @@ def failures(report: dict) -> list[str]:
             if pair.endswith("fp32") and (c["rel_diff"] > FP32_REL_TOL or c["top1_agreement"] < 1.0):
                 bad.append(f"{pair} {batch}: rel diff {c['rel_diff']:.2e} (tol {FP32_REL_TOL:g}), "
                            f"top-1 agreement {c['top1_agreement']:.1%}")
+        for name, e in entry.get("exits", {}).items():
+            c = e.get("vs_source")
+            if c and pair.endswith("fp32") and (c["rel_diff"] > FP32_REL_TOL or c["top1_agreement"] < 1.0):
+                bad.append(f"{pair} exit {name}: rel diff {c['rel_diff']:.2e} (tol {FP32_REL_TOL:g}), "
+                           f"top-1 agreement {c['top1_agreement']:.1%} with the source's exit branch")
     return bad
+
+
+def warnings(report: dict) -> list[str]:
+    """int8 chains and exits whose top-1 agreement with the source is below ``INT8_MIN_AGREEMENT`` (a lossy
+    graph is allowed, a broken one should be noticed: e.g. an exit whose every output saturates)."""
+    low = []
+    for pair, entry in report.get("verification", {}).get("chains", {}).items():
+        if pair.endswith("fp32"):
+            continue
+        checks = [("", entry["batch_n"])] + [(f" exit {k}", e["vs_source"]) for k, e in entry.get("exits", {}).items()
+                                              if "vs_source" in e]
+        for what, c in checks:
+            if c["top1_agreement"] < INT8_MIN_AGREEMENT:
+                low.append(f"{pair}{what}: top-1 agreement with the source {c['top1_agreement']:.1%} "
+                           f"(< {INT8_MIN_AGREEMENT:.0%})")
+    return low
