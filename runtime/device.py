@@ -200,7 +200,8 @@ class DeviceRunner:
         return est if est is not None else float(self.adaptation["bandwidth_range_mbps"][0])
 
     def probe(self) -> None:
-        """An empty ping and one padded to the estimator's ``probe_bytes``, back to back (round trip and rate,
+        """The estimator's ``probe_pings`` empty pings and as many padded to its ``probe_bytes``, alternating
+        (the quickest of each size give the round trip and the rate, robust to scheduling delays:
         :meth:`runtime.bandwidth.BandwidthEstimator.observe_probe`); failures are ignored (the request that
         follows reports the server's state)."""
         from .client import EdgeClientError
@@ -208,9 +209,11 @@ class DeviceRunner:
         try:
             if not self.estimator.observations:
                 self.client.ping()  # connect first: the connection's set-up is no part of the round trip
-            small_ms = self.client.ping()
-            small = self.client.last_ping_bytes
-            big_ms = self.client.ping(self.estimator.probe_bytes)
+            small_ms = big_ms = float("inf")
+            for _ in range(self.estimator.probe_pings):
+                small_ms = min(small_ms, self.client.ping())
+                small = self.client.last_ping_bytes
+                big_ms = min(big_ms, self.client.ping(self.estimator.probe_bytes))
             self.estimator.observe_probe(small, small_ms, self.client.last_ping_bytes, big_ms)
         except EdgeClientError:
             pass
