@@ -26,9 +26,10 @@ least delayed, as congestion control does with the same kind of noise:
   characteristics", SIGCOMM 1999), which cancels the delays as long as one ping of each size went through
   undelayed. (A rate read low here would make the round trip too short, the one error a minimum keeps.)
   It is capped at 90 % of the quickest exchange in the window (no exchange is faster than the round
-  trip). When the newest probe is older than ``rtt_window_s / 2``,
-  :meth:`needs_probe` asks for another, so the window holds at least two (BBR's PROBE_RTT refreshes its
-  minimum every 10 s);
+  trip). :meth:`needs_probe` asks for another probe when the newest is older than ``rtt_window_s / 2``,
+  so the window holds at least two (BBR's PROBE_RTT refreshes its minimum every 10 s), and when an
+  exchange of the window was quicker than the round trip (the probes were all delayed), at most once per
+  ``idle_s``;
 * rate: a windowed **maximum** over the last ``window`` observations (default 8) at most ``max_age_s``
   old (default 10 s) of each exchange's own rate ``bits_i / (ms_i - rtt)`` — BBR's
   ``bottleneck_bandwidth = windowed_max(delivered / elapsed, 10 round trips)``. An exchange delayed by
@@ -141,11 +142,17 @@ class BandwidthEstimator:
         return self._estimate
 
     def needs_probe(self) -> bool:
-        """True when no observation is younger than ``idle_s`` or no probe younger than ``rtt_window_s / 2``:
-        the runner should probe (:meth:`observe_probe`)."""
+        """True when the runner should probe (:meth:`observe_probe`): no observation younger than ``idle_s``,
+        no probe younger than ``rtt_window_s / 2``, or an exchange quicker than the round trip (probes
+        delayed) and no probe younger than ``idle_s``."""
         now = self.clock()
-        return (not self._obs or now - self._obs[-1][0] > self.idle_s
-                or not self._rtts or now - self._rtts[-1][0] > self.rtt_window_s / 2)
+        if not self._obs or now - self._obs[-1][0] > self.idle_s or not self._rtts:
+            return True
+        age = now - self._rtts[-1][0]
+        if age > self.rtt_window_s / 2:
+            return True
+        obs = self._recent(self._obs, now)
+        return age > self.idle_s and bool(obs) and min(ms for _, _, ms in obs) < self.rtt_ms
 
     def to_json(self) -> Dict[str, object]:
         est = self.estimate_mbps()

@@ -111,6 +111,21 @@ def test_round_trip_is_a_windowed_minimum_and_expires():
     assert est.rtt_ms > 30.0 and est.needs_probe()  # only the delayed one is left: time to probe again
 
 
+def test_an_exchange_quicker_than_the_round_trip_asks_for_a_probe():
+    clock = Clock()
+    est = BandwidthEstimator(window=4, idle_s=1.0, clock=clock)
+    est.observe_probe(60, exchange_ms(60, 8.0, 2.0) + 15.0, 2108, exchange_ms(2108, 8.0, 2.0) + 15.0)
+    clock.t += 0.5
+    est.observe(1000, exchange_ms(1000, 8.0, 2.0))  # 3 ms against a probed 17 ms: the probe was delayed
+    assert not est.needs_probe()  # ... but one probe per idle_s at most
+    clock.t += 0.6
+    est.observe(1000, exchange_ms(1000, 8.0, 2.0))
+    assert est.needs_probe()
+    est.observe_probe(60, exchange_ms(60, 8.0, 2.0), 2108, exchange_ms(2108, 8.0, 2.0))
+    assert not est.needs_probe() and est.rtt_ms == pytest.approx(2.0, abs=0.01)
+    assert est.estimate_mbps() == pytest.approx(8.0, rel=1e-3)
+
+
 def test_estimate_without_pings_is_a_lower_bound():
     est = BandwidthEstimator(clock=Clock())
     est.observe(1000, exchange_ms(1000, 8.0, 2.0))
