@@ -18,8 +18,9 @@ least delayed, as congestion control does with the same kind of noise:
 
 * round trip: a windowed **minimum** over the probes of the last ``rtt_window_s`` seconds (default 10 s) —
   BBR's ``min_rtt = windowed_min(rtt, 10 seconds)`` (Cardwell et al., "BBR: Congestion-Based Congestion
-  Control", ACM Queue 2016; Linux ``tcp_bbr.c``) and LEDBAT's base delay, the minimum of the observed
-  delays over a history (RFC 6817, sec. 2.4.1-2.4.2). Each probe contributes the quickest of its empty
+  Control", ACM Queue 2016; Linux ``tcp_bbr.c``) and LEDBAT's base delay, the minimum of the delays
+  observed over a history, with the current delay itself the minimum of the last few samples (Shalunov et
+  al., RFC 6817). Each probe contributes the quickest of its empty
   pings less that ping's own serialisation, at the rate of the probe's two sizes: ``(bits_padded -
   bits_empty) / (ms_padded - ms_empty)`` over the quickest ping of each size — the minimum per packet
   size of pathchar (V. Jacobson, 1997; A. Downey, "Using pathchar to estimate Internet link
@@ -34,7 +35,8 @@ least delayed, as congestion control does with the same kind of noise:
   old (default 10 s) of each exchange's own rate ``bits_i / (ms_i - rtt)`` — BBR's
   ``bottleneck_bandwidth = windowed_max(delivered / elapsed, 10 round trips)``. An exchange delayed by
   ``d`` ms reads ``bits / (bits / B + d)`` < ``B``, so the maximum is the least delayed exchange's rate:
-  exact as soon as one exchange of the window went through undelayed, whatever the others suffered.
+  exact (given the round trip) as soon as one exchange of the window went through undelayed, whatever the
+  others suffered.
 
 Following a change of link (documented window): a faster link shows on the first undelayed exchange at the
 new rate; a slower one once the faster exchanges have left the window, i.e. after at most ``window``
