@@ -600,5 +600,6 @@ def adaptive_link(bundle: Bundle, server: str, fmt: str, precision: str, schedul
     client.close()
     est = runner.estimator
     return {"pair": pair, "budget_ms": la.budget_ms, "rtt_ms": la.rtt_ms, "phases": summary,
-            "estimator": "window of the last %d transfers within %g s, probes when idle for %g s" % (
-                est.window, est.max_age_s, est.idle_s), "trace": trace}
+            "estimator": "rate: max over the last %d transfers within %g s; round trip: min over the probes of the "
+                         "last %g s; probes when idle for %g s" % (est.window, est.max_age_s, est.rtt_window_s,
+                                                                    est.idle_s), "trace": trace}
