@@ -197,3 +197,30 @@ def test_fashion_model_reads_its_own_png_samples(tmp_path):
     want = (pixels[:, None].astype(np.float32) / 255.0 - PREPROCESS["mean"][0]) / PREPROCESS["std"][0]
     assert ds.x.shape == (3, 1, 28, 28)
     np.testing.assert_allclose(ds.x, want, atol=1e-6)
+
+
+def test_export_never_deletes_a_folder_that_is_not_a_bundle(tmp_path, monkeypatch):
+    """-o replaces an old bundle, but a non-empty folder that is no bundle, the current folder, or a folder
+    holding the inputs is refused before any work, and every file in it survives."""
+    keep = tmp_path / "thesis"
+    (keep / "sub").mkdir(parents=True)
+    (keep / "notes.txt").write_text("mine")
+    (keep / "sub" / "y.txt").write_text("mine too")
+    r = run("export", "fashion-cnn", "--split", "stage2", "-o", keep)
+    assert r.exit_code == 2 and "not empty and holds no eetool bundle" in r.output
+    assert (keep / "notes.txt").read_text() == "mine" and (keep / "sub" / "y.txt").is_file()
+
+    monkeypatch.chdir(keep)
+    r = run("export", "fashion-cnn", "--split", "stage2", "-o", ".")
+    assert r.exit_code == 2 and "current folder" in r.output
+    assert (keep / "notes.txt").is_file()
+
+    monkeypatch.chdir(tmp_path.parent)
+    data = tmp_path / "photos"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")  # even a bundle-looking folder is kept when it holds the data
+    (data / "graphs").mkdir()
+    for out in (tmp_path, data):
+        r = run("export", "fashion-cnn", "--split", "stage2", "--calib", data, "-o", out)
+        assert r.exit_code == 2 and "holds the input" in r.output
+    assert (data / "manifest.json").is_file()

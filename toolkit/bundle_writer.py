@@ -15,6 +15,38 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+def check_output_dir(out: Path, inputs: tuple = ()) -> None:
+    """Refuse ``out`` as a bundle folder unless writing it loses nothing: it must not exist, be empty, or
+    hold an eetool bundle (a ``manifest.json`` beside ``graphs/``), which is replaced. It must not be the
+    current folder or one above it, nor contain or equal any of ``inputs`` (model, data, exits paths).
+    Raises ExportError naming the folder and what to do."""
+    from .onnx_export import ExportError
+
+    out = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ExportError(f"-o {out}: the bundle folder is replaced on export and this is the current folder "
+                          "(or above it); give a new folder, e.g. -o out/bundle")
+    for p in inputs:
+        p = Path(str(p).split(":")[0]).resolve() if p else None
+        if p is not None and p.exists() and (p == out or out in p.parents):
+            raise ExportError(f"-o {out} holds the input {p}, and the bundle folder is replaced on export; "
+                              "give a new folder for the bundle")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"-o {out} is a file; give a folder for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "manifest.json").is_file() and (out / "graphs").is_dir()):
+        raise ExportError(f"-o {out} is not empty and holds no eetool bundle; exporting would delete what is "
+                          "there. Give a new or empty folder, or delete it yourself first")
+
+
+def fresh_bundle_dir(out: Path) -> None:
+    """Replace ``out`` (after :func:`check_output_dir`) by an empty bundle folder with ``graphs/``."""
+    check_output_dir(out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "graphs").mkdir(parents=True)
+
+
 def copy_support_files(out: Path, sample_files: list[Path]) -> None:
     """Copy the runtime package, boards/, the bundle Makefile, requirements and sample inputs into ``out``."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")

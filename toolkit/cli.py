@@ -188,6 +188,9 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
                                         "--bottleneck, or drop {it}")
         refuse(given(ctx, "qat", "qat_epochs"), "fine-tune{s} the original model, not the model with a bottleneck; "
                                                 "drop {it}")
+    from .bundle_writer import check_output_dir
+
+    check_output_dir(Path(out), (model, weights, calib, verify_data, exits_dir, bottleneck_dir))
     src = resolve(model, weights, input_shape, preprocess)
     if src.kind == "onnx":
         refuse(given(ctx, "exits_dir"), "exit branches are trained on a PyTorch model ('eetool exits train'); an "

@@ -24,7 +24,7 @@ from runtime.manifest import (Bottleneck, Calibration, ExitBranch, GraphEntry, M
 from runtime.targets import DEFAULT_TARGETS
 
 from . import calibrate
-from .bundle_writer import copy_support_files, write_array_samples, write_manifest
+from .bundle_writer import copy_support_files, fresh_bundle_dir, write_array_samples, write_manifest
 from .flops import module_flops, param_count
 from .graph import SplitError, TracedModel
 from .onnx_export import ExportError, export_onnx
@@ -198,9 +198,7 @@ def _torch_graphs(source: ModelSource, opts: ExportOptions, out: Path, x) -> tup
     cuts, boundary = _device_boundary(traced, list(opts.split), opts.exits)
     segments = slice_model(traced, cuts)
 
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "graphs").mkdir(parents=True)
+    fresh_bundle_dir(out)
 
     manifest = Manifest(
         created_by=f"eetool {VERSION}",

@@ -5,7 +5,6 @@ consumed after it cross the cut, exactly as for PyTorch models (:mod:`toolkit.gr
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import onnx
 from runtime import __version__
 from runtime.manifest import GraphEntry, Manifest, ModelInfo, Preprocess, Segment, TensorSpec, WireTensor
 
+from .bundle_writer import fresh_bundle_dir
 from .graph import SplitError
 from .onnx_graph import Order, extract_segment, node_flops, node_inputs, tensor_infos, value_dtype, value_shape
 
@@ -111,9 +111,7 @@ def slice_onnx(source, split: list[str], out: Path, calib: np.ndarray) -> tuple[
         return {"name": name, "shape": [None, *shape[1:]], "dtype": value_dtype(infos[name]),
                 "layout": "NCHW" if len(shape) == 4 else None}
 
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "graphs").mkdir(parents=True)
+    fresh_bundle_dir(out)
     inp, outp = spec(order.inputs[0]), spec(model.graph.output[0].name)
     manifest = Manifest(created_by=f"eetool {__version__}", model=ModelInfo.from_json(source.describe(), "manifest.model"),
                         input=TensorSpec.from_json({**inp, "shape": [None, *source.input_shape[1:]]}, "manifest.input"),
