@@ -123,9 +123,15 @@ def read_images(files: list[Path], preprocess: Preprocess | dict, source: str, l
 
     it = bar(files, "reading images", "img", enabled=progress)
     try:
-        x = np.stack([load_image(f, preprocess) for f in it])
+        arrays = [load_image(f, preprocess) for f in it]
     except PreprocessError as e:
         raise DataError(str(e)) from e
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:  # 'array' preprocessing does not resize: photos of several sizes cannot form a batch
+        raise DataError(f"{source}: images of {len(shapes)} different shapes after {preprocess.kind!r} preprocessing "
+                        f"(e.g. {shapes[0]} and {shapes[-1]}), which does not resize; give images of the model's "
+                        "input size, or data in the model's format (e.g. fashion-mnist:train for fashion-cnn)")
+    x = np.stack(arrays)
     return Dataset(x, labels, [f.name for f in files], source, list(files))
 
 
@@ -166,6 +172,9 @@ def read_dataset(data: str, preprocess: Preprocess | dict, limit: int | None = N
                             "data the model takes, or --preprocess fashion-mnist for a Fashion-MNIST model")
 
         split = data.split(":", 1)[1] if ":" in data else "test"
+        if split not in ("train", "test"):
+            raise DataError(f"{data}: Fashion-MNIST has the splits 'train' and 'test'; write fashion-mnist:train "
+                            "or fashion-mnist:test")
         images, labels = load_fashion_mnist(split)
         names = [f"{split}[{i}]" for i in range(len(images))]
         sel = _select(names, offset, limit, spread, exclude, data)

@@ -224,3 +224,20 @@ def test_export_never_deletes_a_folder_that_is_not_a_bundle(tmp_path, monkeypatc
         r = run("export", "fashion-cnn", "--split", "stage2", "--calib", data, "-o", out)
         assert r.exit_code == 2 and "holds the input" in r.output
     assert (data / "manifest.json").is_file()
+
+
+def test_a_value_the_library_refuses_is_one_error_line_and_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    """ValueErrors raised below the CLI (here: an exit point that does not exist) give 'error: ...' and exit
+    code 2; EETOOL_DEBUG=1 lets the exception through for a bug report."""
+    from toolkit.models.small_cnn import SmallCNN
+
+    weights = tmp_path / "backbone.pt"
+    torch.save(SmallCNN().state_dict(), weights)
+    args = ("exits", "train", "fashion-cnn", "--weights", weights, "--exits", "stage9", "--data", "fashion-mnist:train",
+            "--limit", "64", "-o", tmp_path / "exits")
+    r = run(*args)
+    assert r.exit_code == 2 and "unknown exit point 'stage9'" in r.output and "stage2" in r.output
+    assert "Traceback" not in r.output
+    monkeypatch.setenv("EETOOL_DEBUG", "1")
+    r = run(*args)
+    assert isinstance(r.exception, ValueError) and "stage9" in str(r.exception)

@@ -61,6 +61,18 @@ def test_wrong_channel_count_is_refused(tmp_path):
         check_channels(ds, (1, 3, 224, 224))
 
 
+def test_photos_of_several_sizes_for_a_model_that_does_not_resize_are_refused(tmp_path):
+    """'array' preprocessing keeps each image's size: mixed sizes are a DataError naming two of the shapes."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, size in enumerate(((28, 28), (40, 30))):
+        Image.fromarray(np.full(size, 100 + i, np.uint8)).save(mixed / f"{i}.png")
+    with pytest.raises(DataError, match=r"2 different shapes .*\(1, 28, 28\) and \(1, 40, 30\)"):
+        read_dataset(str(mixed), FASHION)
+    with pytest.raises(DataError, match="fashion-mnist:train or fashion-mnist:test"):
+        read_dataset("fashion-mnist:foo", FASHION)
+
+
 def test_fewer_samples_than_asked_warns_with_count():
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

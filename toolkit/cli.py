@@ -39,6 +39,13 @@ class _Group(click.Group):
         except USER_ERRORS as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except ValueError as e:
+            # a value the library refused (thresholds, exit points, predictor inputs ...): the message says
+            # what is wrong; EETOOL_DEBUG=1 keeps the traceback for a bug report
+            if os.environ.get("EETOOL_DEBUG"):
+                raise
+            click.echo(f"error: {e} (EETOOL_DEBUG=1 shows where)", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)
