@@ -280,7 +280,10 @@ def main(argv=None) -> int:
         return args.fn(args)
     except (BundleError, ValueError, OSError, RuntimeError) as e:
         hint = ""
-        if isinstance(e, RuntimeError) and "server unavailable" in str(e):
+        if isinstance(e, RuntimeError) and ("auth_required" in str(e) or "bad_hmac" in str(e)):
+            # the server is up: the frames' HMAC secrets differ (one side has none, or another one)
+            hint = " (the server answered: give this device the edge server's --secret, the same on both sides)"
+        elif isinstance(e, RuntimeError) and "server unavailable" in str(e):
             hint = " (start 'python -m runtime serve' on the edge server, or pass --local-tail)"
         print("error: %s%s" % (e, hint), file=sys.stderr)
         return 2

@@ -446,3 +446,24 @@ def test_client_resends_once_after_replica_lost():
         th.join(5)
     finally:
         lst.close()
+
+
+@pytest.mark.parametrize("code, hint", [("auth_required", "--secret"), ("bad_hmac", "--secret"),
+                                        ("refused", "start 'python -m runtime serve'")])
+def test_run_error_hint_names_the_secret_when_the_server_answered(code, hint, monkeypatch, capsys):
+    """A server that answers auth_required / bad_hmac is up: the hint is the shared secret, not 'start it'."""
+    import argparse
+
+    import runtime.__main__ as cli
+
+    def fail(args):
+        raise RuntimeError("server unavailable (BadReply: bad reply %s: ...) and the bundle has no exit" % code)
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(fn=fail)
+
+    monkeypatch.setattr(cli, "build_parser", lambda: Parser())
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert hint in err and (hint == "--secret") == ("start 'python" not in err)
