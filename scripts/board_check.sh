@@ -267,11 +267,11 @@ PORT=$("$HOST_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0))
   > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 600); do
-  (echo > /dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break
+  (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break
   kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; die "edge server exited"; }
   sleep 0.2
 done
-(echo > /dev/tcp/127.0.0.1/"$PORT") 2>/dev/null || { cat "$WORK/server.log" >&2; die "edge server did not listen on $PORT"; }
+(exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null || { cat "$WORK/server.log" >&2; die "edge server did not listen on $PORT"; }
 log "    edge server on the host at 127.0.0.1:$PORT"
 
 (cd "$BUNDLE" && "$HOST_PY" -m runtime run . --server 127.0.0.1:"$PORT" --board "$BOARD" --json "${SAMPLES[@]}") \

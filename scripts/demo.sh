@@ -27,7 +27,7 @@ echo "== 4. edge server (tail) and device (head) as two processes over loopback"
 (cd "$BUNDLE" && exec "$ROOT/$BIN/python" -m runtime serve . --port "$PORT") &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.2; done
 (cd "$BUNDLE" && "$ROOT/$BIN/python" -m runtime run . --server 127.0.0.1:"$PORT" --board "$BOARD" samples/*)
 
 echo "== 5. measurement report: latency per stage, bytes, energy, latency vs bandwidth"

@@ -157,3 +157,18 @@ def test_cli_refuses_bad_wire_options(effnet_bundle):
     assert r.exit_code == 2 and "comma-separated integers" in r.output
     r = CliRunner().invoke(main, ["rate", str(effnet_bundle[0]), "--codecs", "gzip"])
     assert r.exit_code == 2 and "unknown codec 'gzip'" in r.output
+
+
+def test_the_second_generation_note_counts_the_lossy_inputs(tmp_path):
+    """All JPEG: 'the inputs are'; one JPEG among PNGs: '1 of the 2 inputs are'; all PNG: no note."""
+    from PIL import Image
+
+    from toolkit.rate import inputs_already_compressed
+
+    img = Image.fromarray(np.full((16, 16, 3), 120, np.uint8))
+    img.save(tmp_path / "a.jpg")
+    img.save(tmp_path / "b.png")
+    img.save(tmp_path / "c.jpg")
+    assert inputs_already_compressed([tmp_path / "a.jpg", tmp_path / "c.jpg"]).startswith("the inputs are already JPEG")
+    assert inputs_already_compressed([tmp_path / "a.jpg", tmp_path / "b.png"]).startswith("1 of the 2 inputs are")
+    assert inputs_already_compressed([tmp_path / "b.png"]) is None

@@ -164,14 +164,16 @@ def inputs_already_compressed(files: list[Path]) -> str | None:
     favours split computing in this comparison. None for lossless inputs."""
     from PIL import Image
 
-    formats = set()
+    formats = []
     for f in files:
         with Image.open(f) as im:
-            formats.add(im.format)
-    lossy = sorted(formats & {"JPEG", "WEBP", "MPO"})
+            formats.append(im.format)
+    lossy = sorted(set(formats) & {"JPEG", "WEBP", "MPO"})
     if not lossy:
         return None
-    return (f"the inputs are already {'/'.join(lossy)}-compressed files: the JPEG / WebP rows re-encode decoded "
+    n = sum(f in lossy for f in formats)
+    which = "the inputs are" if n == len(formats) else f"{n} of the {len(formats)} inputs are"
+    return (f"{which} already {'/'.join(lossy)}-compressed files: the JPEG / WebP rows re-encode decoded "
             f"images (second-generation encodes), which costs them accuracy a first encode of the sensor's "
             f"pixels would not lose; this favours split computing in the comparison")
 
