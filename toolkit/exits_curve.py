@@ -174,7 +174,7 @@ def targets(curve: dict) -> dict:
 
 
 def latency_curve(bundle: Bundle, test: Dataset, pair: str, bandwidths, runtime: bool = True, progress=print) -> dict:
-    """Part 2 of the module docstring. Needs ``manifest["latency_adaptation"]["models"][pair]``; raises
+    """Part 2 of the module docstring. Needs the manifest's ``latency_adaptation.models[pair]``; raises
     ValueError naming the command that writes it otherwise."""
     from runtime.adaptive import thresholds_for
 
