@@ -180,6 +180,23 @@ def predictor_latency_model(bundle: Bundle, board: dict, server: dict, rtt_ms: f
                         bytes_per_sample=float(est["bytes_per_sample"]), rtt_ms=float(rtt_ms), source=source)
 
 
+
+def _store_thresholds(exits, pair: str, rule: str, chosen: dict, conf) -> list[str]:
+    """Write the chosen thresholds and expected exit rates of ``pair`` into the manifest's exit branches;
+    return the names of exits whose threshold their confidences ``conf[k]`` never reach (each warned)."""
+    unreachable = []
+    for k, e in enumerate(exits):
+        th = chosen["thresholds"][k]
+        reach = conf[k].max() if rule == "max_softmax" else conf[k].min()
+        if th is not None and ((rule == "max_softmax" and th > reach) or (rule != "max_softmax" and th < reach)):
+            unreachable.append(e.name)
+            warnings.warn(f"{pair}: threshold {th:.4f} of {e.name} is never reached by its confidences "
+                          f"(best seen {reach:.4f}); the exit never fires")
+        e.thresholds[pair] = None if th is None else float(th)
+        e.expected_exit_rate[pair] = float(chosen["exit_rates"][k])
+        e.rule = rule
+    return unreachable
+
 def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: str = "max_softmax",
                          pairs: list[str] | None = None, latency: dict | None = None,
                          budget_mflops: float | None = None, use_predictor: bool = True) -> dict:
@@ -216,18 +233,7 @@ def calibrate_thresholds(bundle_dir, data: Dataset, delta: float = 0.005, rule: 
                 model["server_ms"], latency.get("rtt_ms", 0.0), latency.get("budget_ms"), delta, rule)
             chosen["final_accuracy"] = float(profile.correct[-1].mean())
             chosen["mflops_ratio"] = chosen["expected_mflops"] / profile.backbone_mflops
-        unreachable = []
-        for k, e in enumerate(manifest.exits):
-            th = chosen["thresholds"][k]
-            conf = profile.conf[rule][k]
-            reach = conf.max() if rule == "max_softmax" else conf.min()
-            if th is not None and ((rule == "max_softmax" and th > reach) or (rule != "max_softmax" and th < reach)):
-                unreachable.append(e.name)
-                warnings.warn(f"{pair}: threshold {th:.4f} of {e.name} is never reached by its confidences "
-                              f"(best seen {reach:.4f}); the exit never fires")
-            e.thresholds[pair] = None if th is None else float(th)
-            e.expected_exit_rate[pair] = float(chosen["exit_rates"][k])
-            e.rule = rule
+        unreachable = _store_thresholds(manifest.exits, pair, rule, chosen, profile.conf[rule])
         results[pair] = {"accuracy": chosen["accuracy"], "final_accuracy": chosen["final_accuracy"],
                          "exit_rates": chosen["exit_rates"], "expected_mflops": chosen["expected_mflops"],
                          "mflops_ratio": chosen["mflops_ratio"], "thresholds": chosen["thresholds"],
@@ -295,18 +301,7 @@ def calibrate_jointly(bundle: Bundle, data: Dataset, delta: float = 0.005, rule:
             budget = latency.get("budget_ms")
             chosen = PT.choose(prof, rule, use, budget=budget, delta=None if budget is not None else delta,
                                latency=(model, latency["bandwidth_mbps"]))
-        unreachable = []
-        for k, e in enumerate(manifest.exits):
-            th = chosen["thresholds"][k]
-            conf = prof.exits.conf[rule][k]
-            reach = conf.max() if rule == "max_softmax" else conf.min()
-            if th is not None and ((rule == "max_softmax" and th > reach) or (rule != "max_softmax" and th < reach)):
-                unreachable.append(e.name)
-                warnings.warn(f"{pair}: threshold {th:.4f} of {e.name} is never reached by its confidences "
-                              f"(best seen {reach:.4f}); the exit never fires")
-            e.thresholds[pair] = None if th is None else float(th)
-            e.expected_exit_rate[pair] = float(chosen["exit_rates"][k])
-            e.rule = rule
+        unreachable = _store_thresholds(manifest.exits, pair, rule, chosen, prof.exits.conf[rule])
         if bundle.predictor is not None:
             gates = chosen["gates"]
             bundle.predictor.thresholds[pair] = (None if gates is None else
