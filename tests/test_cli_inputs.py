@@ -241,3 +241,14 @@ def test_a_value_the_library_refuses_is_one_error_line_and_debug_keeps_the_trace
     monkeypatch.setenv("EETOOL_DEBUG", "1")
     r = run(*args)
     assert isinstance(r.exception, ValueError) and "stage9" in str(r.exception)
+
+
+def test_a_bad_split_name_is_refused_before_any_data_is_read(tmp_path):
+    """The split names are checked on the traced model first: with a missing --calib folder too, the error
+    is the split's (with the nearest valid names), not the data's."""
+    from toolkit.models.small_cnn import SmallCNN
+
+    torch.save(SmallCNN().state_dict(), tmp_path / "backbone.pt")
+    r = run("export", "fashion-cnn", "--weights", tmp_path / "backbone.pt", "--split", "stage9",
+            "--calib", tmp_path / "missing", "-o", tmp_path / "b")
+    assert r.exit_code == 2 and "unknown split point 'stage9'" in r.output and "stage2" in r.output

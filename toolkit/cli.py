@@ -210,6 +210,14 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         from .onnx_slice import check_split
 
         check_split(src.onnx_path, [s for s in split.split(",") if s])  # names first, before any data is read
+    elif not bottleneck_dir:  # (a bottleneck's split is checked against its folder below)
+        import torch
+
+        from .graph import TracedModel
+
+        traced = TracedModel(src.model, torch.zeros(src.input_shape))  # names first, before any data is read
+        for s in (s for s in split.split(",") if s):
+            traced.cut(s)
     data_name = calib or default_data(src.preprocess)
     calib_ds = read_dataset(data_name, src.preprocess, limit=calib_samples, progress=True, spread=True)
     check_channels(calib_ds, src.input_shape)
