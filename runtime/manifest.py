@@ -85,6 +85,21 @@ class _Node(object):
         """Cross-field rules (overridden); raise ManifestError naming the field."""
 
 
+class _OneInOneOut(object):
+    """For graph owners with one ``input`` and one ``output`` tensor name (exit branches, the Exit Predictor):
+    the list views :attr:`Segment.inputs` / :attr:`Segment.outputs` give, for code that handles any owner."""
+
+    @property
+    def inputs(self) -> List[str]:
+        """``[input]``."""
+        return [self.input]  # type: ignore[attr-defined]
+
+    @property
+    def outputs(self) -> List[str]:
+        """``[output]``."""
+        return [self.output]  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------------------------- the schema
 @dataclass
 class ModelInfo(_Node):
@@ -153,7 +168,7 @@ class Segment(_Node):
 
 
 @dataclass
-class ExitBranch(_Node):
+class ExitBranch(_OneInOneOut, _Node):
     """An early-exit branch: a small classifier on a cut's tensor, run on the device right after the segment
     that produces it; the sample stops there when the branch's confidence passes its threshold."""
 
@@ -175,16 +190,6 @@ class ExitBranch(_Node):
         "fraction of all samples expected to stop at this exit, per graph format, measured at calibration",
         factory=dict)
     graphs: Dict[str, str] = doc("`<format>/<precision>` -> key in `graphs`", factory=dict, required=True)
-
-    @property
-    def inputs(self) -> List[str]:
-        """``[input]``: the same view as :attr:`Segment.inputs`, for code that handles any graph owner."""
-        return [self.input]
-
-    @property
-    def outputs(self) -> List[str]:
-        """``[output]``, as :attr:`Segment.outputs`."""
-        return [self.output]
 
     def threshold_for(self, pair: str) -> Optional[float]:
         """The threshold for graphs ``pair`` (``onnx/int8``): calibrated for that format, else the default."""
@@ -209,7 +214,7 @@ class ExitBranch(_Node):
 
 
 @dataclass
-class ExitPredictor(_Node):
+class ExitPredictor(_OneInOneOut, _Node):
     """The Exit Predictor (Dong, Mao & Zhang, "Resource-Constrained Edge AI with Early Exit Prediction", 2022):
     a small network run on the device before the first exit; for every exit it scores the probability that
     the exit's confidence passes its threshold, and an exit whose score is below its prediction threshold is
@@ -233,14 +238,6 @@ class ExitPredictor(_Node):
         "exit's branch runs only when its score >= the value (null entry: not gated); null or absent: the "
         "predictor does not run with that format", factory=dict)
     graphs: Dict[str, str] = doc("`<format>/<precision>` -> key in `graphs`", factory=dict, required=True)
-
-    @property
-    def inputs(self) -> List[str]:
-        return [self.input]
-
-    @property
-    def outputs(self) -> List[str]:
-        return [self.output]
 
     def gates_for(self, pair: str) -> Optional[Dict[str, Optional[float]]]:
         """``{exit name: prediction threshold or None}`` for graphs ``pair``; None: not used with them."""

@@ -26,6 +26,8 @@ from torch.nn import functional as F
 
 from calibration.thresholds import passes
 
+from .exits import json_default, pooled_classifier
+
 PREDICTOR_SCHEMA = "eetool.exit-predictor/1"
 
 
@@ -56,13 +58,7 @@ class ExitPredictor(nn.Module):
         if conv_channels:
             layers += [nn.Conv2d(c, conv_channels, 1, bias=False), nn.BatchNorm2d(conv_channels), nn.ReLU(inplace=True)]
             c = conv_channels
-        layers += [nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
-        feat = c * pool * pool
-        if hidden:
-            layers += [nn.Linear(feat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_exits)]
-        else:
-            layers += [nn.Linear(feat, num_exits)]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *pooled_classifier(c, pool, hidden, num_exits))
         self.config = {"in_channels": in_channels, "num_exits": num_exits, "pool": pool, "hidden": hidden,
                        "conv_channels": conv_channels}
 
@@ -194,7 +190,7 @@ def save_predictor(path_dir, model: ExitPredictor, meta: dict) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, d / "predictor.pt")
     (d / "predictor.json").write_text(json.dumps({"schema": PREDICTOR_SCHEMA, "architecture": model.config, **meta},
-                                                 indent=2, default=_json_default) + "\n")
+                                                 indent=2, default=json_default) + "\n")
     return d
 
 
@@ -210,10 +206,3 @@ def load_predictor(path_dir) -> tuple[ExitPredictor, dict]:
     model.eval()
     return model, meta
 
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -25,6 +25,7 @@ from runtime.chain import Chain
 from runtime.confidence import confidence, sigmoid
 
 from . import exit_predictor as EP
+from .exits import json_default
 from .onnx_export import ExportError, export_onnx
 
 NAME = "predictor"
@@ -208,7 +209,7 @@ def add_to_bundle(bundle_dir, model: EP.ExitPredictor, report: dict, calib: np.n
     rep_path = out / "report.json"
     rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
     rep["predictor"] = {**{k: v for k, v in report.items() if k not in ("architecture",)}, "verification": check}
-    rep_path.write_text(json.dumps(rep, indent=2, default=EP._json_default) + "\n")
+    rep_path.write_text(json.dumps(rep, indent=2, default=json_default) + "\n")
     write_manifest(out, manifest)
     bad = [f"{p}: rel diff {c['rel_diff']:.2e}, decision agreement {c['decision_agreement']:.2%}"
            for p, c in check.items() if p.endswith("fp32") and (c["rel_diff"] > FP32_REL_TOL or c["decision_agreement"] < 1)]

@@ -31,6 +31,16 @@ from torch.nn import functional as F
 EXITS_SCHEMA = "eetool.exits/1"
 
 
+
+def pooled_classifier(channels: int, pool: int, hidden: int | None, outputs: int) -> list[nn.Module]:
+    """Adaptive average pool to ``pool`` x ``pool``, flatten, then one linear layer, or two with a ReLU
+    between when ``hidden`` is set: float32 ``(N, channels, H, W)`` -> ``(N, outputs)``. The layers are
+    returned as a list so that callers keep their ``nn.Sequential`` indices (state-dict keys) unchanged."""
+    feat = channels * pool * pool
+    fc = [nn.Linear(feat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs)] if hidden else \
+        [nn.Linear(feat, outputs)]
+    return [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), *fc]
+
 class ExitBranch(nn.Module):
     """Cheap exit classifier for an NCHW feature map.
 
@@ -64,13 +74,7 @@ class ExitBranch(nn.Module):
             layers += [nn.Conv2d(c, cc, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cc),
                        nn.ReLU(inplace=True)]
             c = cc
-        layers += [nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
-        feat = c * pool * pool
-        if hidden:
-            layers += [nn.Linear(feat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
-        else:
-            layers += [nn.Linear(feat, num_classes)]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *pooled_classifier(c, pool, hidden, num_classes))
         self.config = {"in_channels": in_channels, "num_classes": num_classes, "hidden": hidden or 0,
                        "conv": bool(conv), "pool": pool, "conv_channels": conv_channels, "kernel": kernel}
 
@@ -368,11 +372,12 @@ def save_exits(path_dir: str | Path, exits: Mapping[str, nn.Module] | EarlyExitM
     meta = {"schema": EXITS_SCHEMA, "num_classes": num_classes.pop() if len(num_classes) == 1 else None,
             "exits": entries, "training": config or {}}
     torch.save(state, d / "exits.pt")
-    (d / "exits.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    (d / "exits.json").write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     return d
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars and arrays (saved metadata, curves)."""
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

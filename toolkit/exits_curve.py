@@ -31,6 +31,7 @@ from calibration.readers import Dataset
 from runtime.bundle import Bundle
 
 from .exit_predictor_bundle import bundle_profile
+from .exits import json_default
 from .exits_bundle import manifest_gates, measure_early_exit
 
 #: top-1 drops (fractions) the operating points are chosen for on validation data
@@ -271,15 +272,9 @@ def plot(curve: dict, out: Path) -> list[str]:
         bb = c["backbone"].get("runtime") or c["backbone"]["simulation"]
         ax.scatter([bb["mflops_per_sample"] / c["backbone_mflops"]], [100 * bb["accuracy"]], marker="*", s=140,
                    color="k", zorder=3, label="backbone alone")
-        ax.set_xlabel("device MFLOPs per sample / backbone")
-        ax.set_ylabel("top-1 (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(f"accuracy vs device compute ({c['pair']}, {c['test']['samples']} test samples)")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_mflops.png", dpi=110)
-        plt.close(fig)
-        written.append("accuracy_vs_mflops.png")
+        written.append(_finish(plt, fig, ax, "device MFLOPs per sample / backbone",
+                               f"accuracy vs device compute ({c['pair']}, {c['test']['samples']} test samples)",
+                               out / "accuracy_vs_mflops.png"))
     if curve.get("latency"):
         lt = curve["latency"]
         fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -288,16 +283,23 @@ def plot(curve: dict, out: Path) -> list[str]:
             ax.plot(bws, [100 * (r[kind].get("runtime") or r[kind]["simulation"])["accuracy"] for r in lt["rows"]],
                     marker="o", label=f"{kind} thresholds")
         ax.set_xscale("log")
-        ax.set_xlabel("uplink bandwidth (Mbit/s)")
-        ax.set_ylabel("top-1 (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(f"accuracy under a {lt['budget_ms']:g} ms budget ({lt['board']}, {lt['pair']})")
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_bandwidth.png", dpi=110)
-        plt.close(fig)
-        written.append("accuracy_vs_bandwidth.png")
+        written.append(_finish(plt, fig, ax, "uplink bandwidth (Mbit/s)",
+                               f"accuracy under a {lt['budget_ms']:g} ms budget ({lt['board']}, {lt['pair']})",
+                               out / "accuracy_vs_bandwidth.png"))
     return written
+
+
+def _finish(plt, fig, ax, xlabel: str, title: str, path: Path) -> str:
+    """Top-1 (%) y axis, grid, legend and title; save ``path`` (PNG) and close; returns its file name."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def write(curve: dict, out: Path) -> None:
@@ -306,13 +308,6 @@ def write(curve: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     curve["plots"] = plot(curve, out)
-    (out / "curve.json").write_text(json.dumps(curve, indent=1, default=_json) + "\n")
+    (out / "curve.json").write_text(json.dumps(curve, indent=1, default=json_default) + "\n")
     (out / "curve.md").write_text(curve_markdown(curve), encoding="utf-8")
 
-
-def _json(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from calibration import thresholds as T
 from calibration.fashion_mnist import PREPROCESS, load_fashion_mnist, to_input
-from toolkit.exits import (_json_default, EarlyExitModel, build_exits, collect_logits, cut_shapes, exit_flops,
+from toolkit.exits import (json_default, EarlyExitModel, build_exits, collect_logits, cut_shapes, exit_flops,
                            save_exits, train_exits)
 from toolkit.models.small_cnn import STAGES, SmallCNN, stage_mflops
 
@@ -283,7 +283,7 @@ def _strip_curves(res: dict) -> dict:
 
 
 def _json(o):
-    return str(o) if isinstance(o, Path) else _json_default(o)
+    return str(o) if isinstance(o, Path) else json_default(o)
 
 
 if __name__ == "__main__":
