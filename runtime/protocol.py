@@ -365,18 +365,22 @@ def parse_frame(buf: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     return _finish(buf[:PREFIX_SIZE], body, version, msg_type, flags, rid, hlen, plen, key)
 
 
-def _recv_into(sock: socket.socket, view: memoryview, deadline: float, started: bool, request_id: Optional[int]) -> None:
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float, started: bool, request_id: Optional[int],
+               before: int = 0, total: Optional[int] = None) -> None:
+    """Fill ``view`` from ``sock``. ``before``: bytes of this frame already read; ``total``: the frame's size
+    when known (else the bytes read so far plus ``len(view)``), so that errors count the whole frame."""
     got = 0
     n = len(view)
+    total = before + n if total is None else total
     while got < n:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ProtocolError(TIMEOUT, "frame incomplete after deadline (%d of %d bytes)" % (got, n), request_id)
+            raise ProtocolError(TIMEOUT, "frame incomplete after deadline (%d of %d bytes)" % (before + got, total), request_id)
         sock.settimeout(remaining)
         try:
             k = sock.recv_into(view[got:], n - got)
         except socket.timeout:
-            raise ProtocolError(TIMEOUT, "timed out waiting for data (%d of %d bytes)" % (got, n), request_id)
+            raise ProtocolError(TIMEOUT, "timed out waiting for data (%d of %d bytes)" % (before + got, total), request_id)
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
             if not started and got == 0:
                 raise ProtocolError(CLOSED, "connection reset before a frame: %s" % exc, request_id)
@@ -384,7 +388,7 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float, started: 
         if k == 0:
             if not started and got == 0:
                 raise ProtocolError(CLOSED, "peer closed the connection", request_id)
-            raise ProtocolError(TRUNCATED, "peer closed mid-frame (%d of %d bytes)" % (got, n), request_id)
+            raise ProtocolError(TRUNCATED, "peer closed mid-frame (%d of %d bytes)" % (before + got, total), request_id)
         got += k
 
 
@@ -419,11 +423,11 @@ def read_frame(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYT
         # First byte: idle wait. Then the rest of the frame within `timeout`.
         _recv_into(sock, view[:1], time.monotonic() + first_wait, False, None)
         deadline = time.monotonic() + timeout
-        _recv_into(sock, view[1:], deadline, True, None)
+        _recv_into(sock, view[1:], deadline, True, None, before=1)
         version, msg_type, flags, rid, hlen, plen = _check_prefix(bytes(prefix), max_frame_bytes)
         body = bytearray(hlen + plen + (TAG_SIZE if flags & FLAG_HMAC else 0))
         if body:
-            _recv_into(sock, memoryview(body), deadline, True, rid)
+            _recv_into(sock, memoryview(body), deadline, True, rid, before=PREFIX_SIZE, total=PREFIX_SIZE + len(body))
         return _finish(bytes(prefix), bytes(body), version, msg_type, flags, rid, hlen, plen, key)
     finally:
         try:

@@ -279,6 +279,10 @@ def test_read_frame_truncated_or_closed(cut):
         err = pytest.raises(ProtocolError, P.read_frame, b, 1 << 20, 5.0).value
         assert err.code == (P.CLOSED if cut == 0 else P.TRUNCATED)
         assert err.fatal
+        if cut != 0:  # the count is of the whole frame, the first (idle-wait) byte included
+            sent = cut if cut >= 0 else len(data) - 1
+            total = len(data) if sent >= P.PREFIX_SIZE else P.PREFIX_SIZE
+            assert f"({sent} of {total} bytes)" in str(err)
     finally:
         a.close()
         b.close()
