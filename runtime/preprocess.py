@@ -15,6 +15,14 @@ import numpy as np
 
 from .manifest import ManifestError, Preprocess
 
+#: ImageNet preprocessing of the zoo models (torchvision's: shorter side 256, center crop 224, mean / std
+#: normalisation), as a manifest ``preprocess`` entry (see :class:`runtime.manifest.Preprocess`).
+IMAGENET_PREPROCESS = {
+    "kind": "image", "channels": "RGB", "resize_shorter": 256, "interpolation": "bilinear",
+    "crop": [224, 224], "scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    "layout": "NCHW",
+}
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -24,7 +32,7 @@ class PreprocessError(ValueError):
 
 def as_preprocess(spec: Union[Preprocess, Dict[str, Any]]) -> Preprocess:
     """The manifest's :class:`runtime.manifest.Preprocess`, from itself or its JSON form (a dict such as
-    ``toolkit.sources.IMAGENET_PREPROCESS``). Raises PreprocessError naming a bad field."""
+    :data:`IMAGENET_PREPROCESS`). Raises PreprocessError naming a bad field."""
     if isinstance(spec, Preprocess):
         return spec
     try:

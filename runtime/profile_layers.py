@@ -55,15 +55,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .bundle import sha256_file
+from .preprocess import IMAGENET_PREPROCESS  # image inputs when no bundle is given
 
 SCHEMA = "eetool.layer_profile/1"
 
-#: ImageNet preprocessing (same as the toolkit's zoo models) for image inputs when no bundle is given.
-IMAGENET_PREPROCESS = {
-    "kind": "image", "channels": "RGB", "resize_shorter": 256, "interpolation": "bilinear",
-    "crop": [224, 224], "scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-    "layout": "NCHW",
-}
 
 
 class ProfileError(ValueError):

@@ -16,11 +16,7 @@ from pathlib import Path
 
 import torch
 
-IMAGENET_PREPROCESS = {
-    "kind": "image", "channels": "RGB", "resize_shorter": 256, "interpolation": "bilinear",
-    "crop": [224, 224], "scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-    "layout": "NCHW",
-}
+from runtime.preprocess import IMAGENET_PREPROCESS
 
 
 class ModelSourceError(ValueError):
