@@ -118,7 +118,8 @@ def read_images(files: list[Path], preprocess: Preprocess | dict, source: str, l
     if preprocess.kind not in ("image", "array"):
         raise DataError(f"{source}: image files given but the model's preprocessing is {preprocess.kind!r}, "
                         "which takes inputs already preprocessed: pass .npy/.npz arrays in the model's layout, "
-                        "or --preprocess imagenet / fashion-mnist for images")
+                        "or, for images, a model given --preprocess imagenet / fashion-mnist (a bundle keeps the "
+                        "preprocessing it was exported with)")
     from runtime.progress import progress as bar
 
     it = bar(files, "reading images", "img", enabled=progress)
@@ -169,7 +170,8 @@ def read_dataset(data: str, preprocess: Preprocess | dict, limit: int | None = N
         if spec.kind != PREPROCESS["kind"] or list(spec.mean or []) != PREPROCESS["mean"]:
             raise DataError(f"{data}: Fashion-MNIST is read with its own preprocessing (1 x 28 x 28, "
                             f"--preprocess fashion-mnist) but the model's is {spec.kind!r}: give "
-                            "data the model takes, or --preprocess fashion-mnist for a Fashion-MNIST model")
+                            "data the model takes, or a Fashion-MNIST model (--preprocess fashion-mnist; a bundle keeps "
+                            "the preprocessing it was exported with)")
 
         split = data.split(":", 1)[1] if ":" in data else "test"
         if split not in ("train", "test"):
@@ -287,7 +289,8 @@ def check_channels(ds: Dataset, input_shape, options: str = "--calib / --verify-
     if len(got) != len(want) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
         shown = tuple(w if isinstance(w, int) else "?" for w in want)
         raise DataError(f"{ds.source}: samples have shape {got}, the model expects {shown} (C, H, W); pass real "
-                        f"inputs of that shape with {options}, or check --preprocess / --input-shape")
+                        f"inputs of that shape with {options}, or check the model's --preprocess / --input-shape "
+                        "(a bundle keeps those it was exported with)")
 
 
 __all__ = ["Dataset", "DataError", "default_data", "read_dataset", "parse_fold", "image_files", "read_images",

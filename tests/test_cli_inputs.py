@@ -132,7 +132,9 @@ CONFLICTS = [
     ([*EXPORT, "--preprocess", "none", "--calib", "samples"], "which takes inputs already preprocessed: pass .npy/.npz"),
     ([*EXPORT, "--calib", "samples", "--verify-data", "NPY"], "pass real inputs of that shape with --verify-data"),
     (["eval", "BUNDLE", "--data", "NPY"], "samples have shape (3, 32, 32), the model expects (3, 224, 224)"),
+    (["eval", "BUNDLE", "--data", "NPY"], "a bundle keeps those it was exported with"),  # eval has no --preprocess
     (["eval", "BUNDLE", "--data", "fashion-mnist"], "Fashion-MNIST is read with its own preprocessing"),
+    (["eval", "BUNDLE", "--data", "fashion-mnist"], "a bundle keeps the preprocessing it was exported with"),
     (["exits", "calibrate", "BUNDLE", "--data", "samples"], "the bundle has no exit branches to calibrate"),
     (["exits", "calibrate", "BUNDLE", "--bandwidth", "5mbit", "--rtt", "20ms"],
      "--bandwidth, --rtt: describe the latency objective, which --board DEVICE_BOARD selects"),
@@ -142,6 +144,7 @@ CONFLICTS = [
       "-o", "OUT"], "joint training needs 2 non-negative ones"),
     (["exits", "predictor", "train", "BUNDLE", "--weights", "w.pt", "--preprocess", "none"],
      "--weights, --preprocess: apply to a MODEL; a bundle carries its own graphs"),
+    (["exits", "predictor", "train", "/nonexistent"], "unknown MODEL '/nonexistent'"),  # before asking for --exits
     (["exits", "predictor", "train", "fashion-cnn", "--pair", "onnx/int8"],
      "--pair: applies to a bundle TARGET (its graphs); drop it for a MODEL"),
     ([*EXPORT, "--bottleneck", "DIR", "--exits", "DIR"], "--exits: exit branches are not exported with a bottleneck"),

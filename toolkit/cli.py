@@ -671,9 +671,9 @@ def exits_predictor_train(ctx, target, weights, input_shape, preprocess, exits_d
         from .exit_predictor import save_predictor
         from .exit_predictor_model import train_on_model
 
+        src = resolve(target, weights, input_shape, preprocess)  # first: a wrong MODEL is named as such
         if not exits_dir:
             raise click.BadParameter("a MODEL needs --exits DIR (its trained exit branches)", param_hint="--exits")
-        src = resolve(target, weights, input_shape, preprocess)
         if src.model is None:
             raise ModelSourceError("the Exit Predictor is trained on a PyTorch model or a bundle, not an .onnx file")
         ds = read_dataset(data or default_data(src.preprocess).replace(":test", ":train"), src.preprocess,
