@@ -746,16 +746,24 @@ def schema_version(data: Any, where: str = "manifest") -> int:
     return int(m.group(1))
 
 
+def _inside_a_bundle() -> bool:
+    """Whether this runtime/ package is the copy inside a bundle (a manifest.json beside it)."""
+    return (Path(__file__).resolve().parent.parent / "manifest.json").is_file()
+
+
 def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
     """Validate parsed ``manifest.json`` ``data``, migrating older schema versions, and return the
-    :class:`Manifest`. Raises ManifestError naming the first bad field; a newer schema is refused (use the
-    runtime inside that bundle); one older than any migration is refused with "re-export with eetool >= X"."""
+    :class:`Manifest`. Raises ManifestError naming the first bad field; a newer schema is refused (the message says
+    which runtime reads it); one older than any migration is refused with "re-export with eetool >= X"."""
     if not isinstance(data, dict):
         raise ManifestError(where, "must be a JSON object")
     version = schema_version(data, where)
     if version > SCHEMA_VERSION:
-        raise ManifestError(where + ".schema", "%s is newer than this runtime reads (%s, from %s): run the runtime/ "
-                            "copied inside that bundle, or update eetool" % (data["schema"], SCHEMA, data.get("created_by")))
+        # a bundle's own runtime/ reading a newer manifest: "run the bundle's runtime" would point at itself
+        fix = ("copy the runtime/ of the eetool that wrote it next to it, or re-export the bundle with this one"
+               if _inside_a_bundle() else "run the runtime/ copied inside that bundle, or update eetool")
+        raise ManifestError(where + ".schema", "%s is newer than this runtime reads (%s, from %s): %s"
+                            % (data["schema"], SCHEMA, data.get("created_by"), fix))
     first = min(MIGRATIONS) if MIGRATIONS else SCHEMA_VERSION
     if version < first:
         raise ManifestError(where + ".schema", "%s is too old to read; re-export with eetool >= %s"

@@ -4,6 +4,8 @@ import copy
 import dataclasses
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +142,24 @@ def test_unreadable_schema_versions_are_refused(schema, words):
         d["schema"] = schema
     e = _error(d)
     assert e.path == "manifest.schema" and words in str(e)
+
+
+def test_a_bundles_own_runtime_does_not_send_the_user_to_itself(tmp_path):
+    """The runtime/ copied into a bundle that meets a newer manifest advises another runtime, not itself."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "runtime", tmp_path / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "manifest.json").write_text("{}")
+    code = ("from runtime.manifest import parse_manifest, ManifestError\n"
+            "try:\n    parse_manifest({'schema': 'eetool.bundle/%d'})\n"
+            "except ManifestError as e:\n    print(e)" % (SCHEMA_VERSION + 1))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "newer than this runtime reads" in out and "re-export the bundle with this one" in out
+    assert "copied inside that bundle" not in out
+    e = _error({**_manifest(), "schema": "eetool.bundle/%d" % (SCHEMA_VERSION + 1)})  # the toolkit's runtime
+    assert "run the runtime/ copied inside that bundle" in str(e)
 
 
 def test_every_field_is_documented():
