@@ -199,8 +199,9 @@ def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path)
 
 
 def test_export_with_bottleneck_matches_pytorch_and_names_it(tiny_run, effnet, calib_images, verify_images, tmp_path):
-    """Head + encoder on the device, decoder + tail on the server, float and int8 ONNX; the float chain equals
-    the PyTorch model with the bottleneck by value; the manifest says which bottleneck (sha256 included)."""
+    """Head + encoder on the device, decoder + tail on the server, float and int8, ONNX and TFLite; the float
+    chains equal the PyTorch model with the bottleneck by value; the manifest says which bottleneck (sha256
+    included)."""
     from runtime.bundle import Bundle
     from toolkit.bottleneck_export import with_bottleneck
     from toolkit.bottleneck_report import evaluate_target
@@ -213,10 +214,12 @@ def test_export_with_bottleneck_matches_pytorch_and_names_it(tiny_run, effnet, c
     assert splits == ["encoder"] and src.model is not effnet.model
     bundle_dir = tmp_path / "bundle"
     report = export_bundle(src, ExportOptions(split=splits, out=bundle_dir, int8=True, progress=False,
-                                              layer_profile_graph=False, bottleneck=section),
+                                              formats=("onnx", "tflite"), layer_profile_graph=False,
+                                              bottleneck=section),
                            calib_images, verify_images)
-    fp32 = report["verification"]["chains"]["onnx/fp32"]["batch_n"]
-    assert fp32["rel_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0
+    for pair in ("onnx/fp32", "tflite/fp32"):
+        fp32 = report["verification"]["chains"][pair]["batch_n"]
+        assert fp32["rel_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0, pair
     b = Bundle.load(bundle_dir)
     m = b.manifest
     assert m.split == "encoder" and m.tensors["encoder"].shape == [None, 8, 14, 14]
@@ -232,8 +235,11 @@ def test_export_with_bottleneck_matches_pytorch_and_names_it(tiny_run, effnet, c
     assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
     result = evaluate_target(bundle_dir, "samples", None, None, None)
     runs = [r["run"] for r in result["rows"]]
-    assert runs == ["onnx/fp32 device + onnx/fp32 server", "onnx/int8 device + onnx/int8 server",
-                    "onnx/int8 device + onnx/fp32 server"]
+    assert runs == [f"{f}/{p} device + {f}/{s} server" for f in ("onnx", "tflite")
+                    for p, s in (("fp32", "fp32"), ("int8", "int8"), ("int8", "fp32"))]
+    tfl = result["rows"][3]  # TFLite float chain: the same codes, the same predictions as ONNX's
+    assert tfl["bytes_mean"] == pytest.approx(result["rows"][0]["bytes_mean"], rel=0.01)
+    assert abs(tfl["agreement"] - result["rows"][0]["agreement"]) <= 1 / tfl["samples"] + 1e-9
     fp = result["rows"][0]
     assert fp["samples"] == len(image_files("samples")) and 300 < fp["bytes_mean"] < 28 + 300 + 8 * 196 * 4 // 8
     pt = evaluate_target(out, "samples", None, None, None)
