@@ -144,7 +144,7 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
               help="quantisation-aware fine-tuning before int8: the int8 graphs come from a copy of the model "
                    "distilled from the float model through the int8 simulation on the --calib images (toolkit/qat.py; "
                    "minutes on a CPU); the float graphs stay the original's")
-@click.option("--qat-epochs", default=4, show_default=True, help="fine-tuning passes over the --calib samples")
+@click.option("--qat-epochs", default=6, show_default=True, help="fine-tuning passes over the --calib samples")
 @click.option("--verify-data", help="real inputs for verification (default: the calibration source, after "
                                     "the calibration samples)")
 @click.option("--verify-samples", default=32, show_default=True, type=click.IntRange(min=1))

@@ -58,9 +58,11 @@ class QATConfig:
     seed: shuffling and augmentation seed. threads: torch intra-op threads.
     """
 
-    epochs: int = 4
+    # 6 epochs at lr 1e-6: the best of the README's sweep on EfficientNet-Lite0 (larger steps fit the
+    # 400 calibration images and lost agreement on held-out ones)
+    epochs: int = 6
     batch_size: int = 16
-    lr: float = 3e-5
+    lr: float = 1e-6
     temperature: float = 1.0
     reduce_range: bool = False
     crop_scale: float = 0.5
