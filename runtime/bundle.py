@@ -55,7 +55,7 @@ class Bundle:
         except ValueError as e:
             raise BundleError(f"{mf}: not valid JSON ({e}); re-copy the bundle")
         try:
-            parsed = parse_manifest(manifest)
+            parsed = parse_manifest(manifest, folder=root)
         except ManifestError as e:
             raise BundleError(f"{mf}: {e}")
         bundle = cls(root, parsed, int8_target)

@@ -746,22 +746,26 @@ def schema_version(data: Any, where: str = "manifest") -> int:
     return int(m.group(1))
 
 
-def _inside_a_bundle() -> bool:
-    """Whether this runtime/ package is the copy inside a bundle (a manifest.json beside it)."""
-    return (Path(__file__).resolve().parent.parent / "manifest.json").is_file()
+def _is_this_runtimes_bundle(folder: Optional[Path]) -> bool:
+    """Whether ``folder`` is the bundle this runtime/ package was copied into."""
+    if folder is None:
+        return False
+    here = Path(__file__).resolve().parent.parent
+    return (here / "manifest.json").is_file() and Path(folder).resolve() == here
 
 
-def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
+def parse_manifest(data: Any, where: str = "manifest", folder: Optional[Path] = None) -> Manifest:
     """Validate parsed ``manifest.json`` ``data``, migrating older schema versions, and return the
     :class:`Manifest`. Raises ManifestError naming the first bad field; a newer schema is refused (the message says
-    which runtime reads it); one older than any migration is refused with "re-export with eetool >= X"."""
+    which runtime reads it; ``folder``: the bundle the manifest belongs to, if known); one older than any migration is refused with "re-export with eetool >= X"."""
     if not isinstance(data, dict):
         raise ManifestError(where, "must be a JSON object")
     version = schema_version(data, where)
     if version > SCHEMA_VERSION:
-        # a bundle's own runtime/ reading a newer manifest: "run the bundle's runtime" would point at itself
-        fix = ("copy the runtime/ of the eetool that wrote it next to it, or re-export the bundle with this one"
-               if _inside_a_bundle() else "run the runtime/ copied inside that bundle, or update eetool")
+        # a bundle's own runtime/ reading that bundle: "run the bundle's runtime" would point at itself
+        fix = ("replace this bundle's runtime/ with the one of the eetool that wrote the manifest, or re-export "
+               "the bundle with this one" if _is_this_runtimes_bundle(folder)
+               else "run the runtime/ copied inside that bundle, or update eetool")
         raise ManifestError(where + ".schema", "%s is newer than this runtime reads (%s, from %s): %s"
                             % (data["schema"], SCHEMA, data.get("created_by"), fix))
     first = min(MIGRATIONS) if MIGRATIONS else SCHEMA_VERSION
@@ -788,7 +792,7 @@ def load_manifest(path) -> Manifest:
         data = json.loads(text)
     except ValueError as e:
         raise ManifestError(str(p), "not valid JSON (%s)" % e)
-    return parse_manifest(data)
+    return parse_manifest(data, folder=p.parent)
 
 
 def manifest_json(manifest: Manifest) -> str:

@@ -145,20 +145,29 @@ def test_unreadable_schema_versions_are_refused(schema, words):
 
 
 def test_a_bundles_own_runtime_does_not_send_the_user_to_itself(tmp_path):
-    """The runtime/ copied into a bundle that meets a newer manifest advises another runtime, not itself."""
+    """The runtime/ copied into bundle A that reads A's newer manifest advises replacing it (or a
+    re-export), not running itself; reading another bundle B it sends the user to B's runtime/."""
     import shutil
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    shutil.copytree(root / "runtime", tmp_path / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "manifest.json").write_text("{}")
-    code = ("from runtime.manifest import parse_manifest, ManifestError\n"
-            "try:\n    parse_manifest({'schema': 'eetool.bundle/%d'})\n"
-            "except ManifestError as e:\n    print(e)" % (SCHEMA_VERSION + 1))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert "newer than this runtime reads" in out and "re-export the bundle with this one" in out
-    assert "copied inside that bundle" not in out
-    e = _error({**_manifest(), "schema": "eetool.bundle/%d" % (SCHEMA_VERSION + 1)})  # the toolkit's runtime
+    newer = {"schema": "eetool.bundle/%d" % (SCHEMA_VERSION + 1), "created_by": "eetool 9.0"}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(newer))
+    shutil.copytree(root / "runtime", tmp_path / "a" / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys\nfrom runtime.manifest import load_manifest, ManifestError\n"
+            "try:\n    load_manifest(sys.argv[1])\nexcept ManifestError as e:\n    print(e)")
+
+    def advice(bundle):
+        return subprocess.run([sys.executable, "-c", code, str(bundle)], cwd=tmp_path / "a", capture_output=True,
+                              text=True, check=True).stdout
+
+    own, other = advice(tmp_path / "a"), advice(tmp_path / "b")
+    assert "newer than this runtime reads" in own and "eetool 9.0" in own
+    assert "replace this bundle's runtime/" in own and "copied inside that bundle" not in own
+    assert "run the runtime/ copied inside that bundle" in other
+    e = _error({**_manifest(), **newer})  # the toolkit's runtime, no folder known
     assert "run the runtime/ copied inside that bundle" in str(e)
 
 
