@@ -226,7 +226,7 @@ def test_quantisation_aware_fine_tuning_goes_through_the_same_int8_path(trained,
     out = tmp_path / "qat"
     specs = exit_specs(exits_dir, backbone, torch.from_numpy(calib.x[:1]))
     report = export_bundle(src, ExportOptions(split=["stage2"], out=out, exits=specs, int8=True, progress=False,
-                                              qat=QATConfig(epochs=1, batch_size=32)), calib, verify)
+                                              qat=QATConfig(epochs=1, batch_size=32, lr=3e-5)), calib, verify)
     assert len(report["qat"]["loss"]) == 1 and np.isfinite(report["qat"]["loss"][0])
     chains = report["verification"]["chains"]
     assert chains["onnx/fp32"]["batch_n"]["rel_diff"] < 1e-4  # float graphs: the original model, exactly
