@@ -756,8 +756,10 @@ def _is_this_runtimes_bundle(folder: Optional[Path]) -> bool:
 
 def parse_manifest(data: Any, where: str = "manifest", folder: Optional[Path] = None) -> Manifest:
     """Validate parsed ``manifest.json`` ``data``, migrating older schema versions, and return the
-    :class:`Manifest`. Raises ManifestError naming the first bad field; a newer schema is refused (the message says
-    which runtime reads it; ``folder``: the bundle the manifest belongs to, if known); one older than any migration is refused with "re-export with eetool >= X"."""
+    :class:`Manifest`. Raises ManifestError naming the first bad field; a newer schema is refused with advice
+    on which runtime reads it (``folder``: the bundle the manifest belongs to, when known, so that a bundle's
+    own runtime/ does not send the user to itself); one older than any migration is refused with
+    "re-export with eetool >= X"."""
     if not isinstance(data, dict):
         raise ManifestError(where, "must be a JSON object")
     version = schema_version(data, where)
