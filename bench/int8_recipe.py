@@ -238,7 +238,8 @@ def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.nd
 
 
 def qat_state(model_name: str, model, calib_x: np.ndarray, reduce_range: bool, cache: Path, epochs: int, lr: float):
-    """Fine-tuned (toolkit.qat) copy of ``model``, cached in ``cache`` by settings."""
+    """Fine-tuned (toolkit.qat) copy of ``model`` on the float32 NCHW inputs ``calib_x``, cached in ``cache``
+    by settings."""
     import torch
 
     from toolkit import qat
@@ -273,6 +274,10 @@ def main(argv=None) -> None:
     ap.add_argument("--qat-epochs", type=int, default=6)
     ap.add_argument("--qat-lr", type=float, default=1e-6)
     ap.add_argument("--qat-cache", default="out/qat-cache")
+    ap.add_argument("--qat-photos", nargs="*", default=[], metavar="DIR",
+                    help="folders of large unlabelled photos whose random crops are added to the QAT fine-tuning "
+                         "inputs (not to calibration), e.g. /usr/share/backgrounds/mate/nature")
+    ap.add_argument("--qat-photo-crops", type=int, default=32, help="random crops per --qat-photos image")
     ap.add_argument("--sensitivity", help="variant whose per-tensor SQNR (qdq_loss_debug) is reported")
     ap.add_argument("--out", default="bench/results/int8_recipe")
     ap.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of earlier runs' rows")
@@ -313,12 +318,24 @@ def main(argv=None) -> None:
         pairs = {"float": (head, tail, float_mid)}
         students: dict = {}
 
+        def qat_inputs() -> np.ndarray:
+            """The calibration images plus --qat-photos crops (calibration.photos.LARGE_PHOTO_VIEWS)."""
+            if not args.qat_photos:
+                return cal.x
+            from calibration.photos import LARGE_PHOTO_VIEWS, iter_views
+            from calibration.readers import image_files
+
+            files = [f for d in args.qat_photos for f in image_files(d)]
+            crops = [x for _, x in iter_views(files, args.qat_photo_crops, src.preprocess, 0, LARGE_PHOTO_VIEWS)]
+            print(f"QAT inputs: {len(cal)} calibration images + {len(crops)} crops of {len(files)} photos", flush=True)
+            return np.concatenate([cal.x, np.stack(crops)])
+
         def student(rr: bool):
             """The fine-tuned model's float ONNX pair, its calibration features and fx modules."""
             tag = f"qat-{int(rr)}"
             if tag not in pairs:
-                st, students[tag] = qat_state(args.model, src.model, cal.x, rr, Path(args.qat_cache), args.qat_epochs,
-                                              args.qat_lr)
+                st, students[tag] = qat_state(args.model, src.model, qat_inputs(), rr, Path(args.qat_cache),
+                                              args.qat_epochs, args.qat_lr)
                 qh, qt, _, _ = export_pair(st, cal.x[:1], args.split, tmp, tag, mods)
                 pairs[tag] = (qh, qt, run(qh, in_name, cal.x))
             return tag
