@@ -237,15 +237,17 @@ def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.nd
     return hf, h8, tf, t8, {"head": hq, "tail": tq}
 
 
-def qat_state(model_name: str, model, calib_x: np.ndarray, reduce_range: bool, cache: Path, epochs: int, lr: float):
+def qat_state(model_name: str, model, calib_x: np.ndarray, reduce_range: bool, cache: Path, epochs: int, lr: float,
+              data_tag: str = ""):
     """Fine-tuned (toolkit.qat) copy of ``model`` on the float32 NCHW inputs ``calib_x``, cached in ``cache``
-    by settings."""
+    by settings (``data_tag`` names inputs beyond the calibration images)."""
     import torch
 
     from toolkit import qat
 
     cfg = qat.QATConfig(reduce_range=reduce_range, epochs=epochs, lr=lr)
-    key = cache / f"{model_name}-{'rr' if reduce_range else '8'}-e{cfg.epochs}-lr{cfg.lr:g}-n{len(calib_x)}.pt"
+    key = cache / (f"{model_name}-{'rr' if reduce_range else '8'}-e{cfg.epochs}-lr{cfg.lr:g}-n{len(calib_x)}"
+                   f"{data_tag}.pt")
     student = qat.fold_batchnorm(model)
     if key.is_file():
         student.load_state_dict(torch.load(key, weights_only=True))
@@ -298,6 +300,15 @@ def main(argv=None) -> None:
     args.eval = args.eval or f"{data}:fold=1/2"
     cal = read_dataset(args.calib, src.preprocess, limit=args.n_calib, spread=True, progress=True)
     ev = read_dataset(args.eval, src.preprocess, limit=args.n_eval, spread=True, progress=True)
+    qat_x, qat_tag = cal.x, ""  # QAT inputs: the calibration images plus --qat-photos crops, read once
+    if args.qat_photos:
+        from calibration.photos import LARGE_PHOTO_VIEWS, iter_views
+        from calibration.readers import image_files
+
+        files = [f for d in args.qat_photos for f in image_files(d)]
+        crops = [x for _, x in iter_views(files, args.qat_photo_crops, src.preprocess, 0, LARGE_PHOTO_VIEWS)]
+        print(f"QAT inputs: {len(cal)} calibration images + {len(crops)} crops of {len(files)} photos", flush=True)
+        qat_x, qat_tag = np.concatenate([cal.x, np.stack(crops)]), f"-photos{len(files)}x{args.qat_photo_crops}"
     if args.bn_stats:  # on the calibration images only: the evaluation fold stays unseen
         from toolkit.batchnorm_stats import center_logits, recompute_batchnorm_stats
 
@@ -318,24 +329,12 @@ def main(argv=None) -> None:
         pairs = {"float": (head, tail, float_mid)}
         students: dict = {}
 
-        def qat_inputs() -> np.ndarray:
-            """The calibration images plus --qat-photos crops (calibration.photos.LARGE_PHOTO_VIEWS)."""
-            if not args.qat_photos:
-                return cal.x
-            from calibration.photos import LARGE_PHOTO_VIEWS, iter_views
-            from calibration.readers import image_files
-
-            files = [f for d in args.qat_photos for f in image_files(d)]
-            crops = [x for _, x in iter_views(files, args.qat_photo_crops, src.preprocess, 0, LARGE_PHOTO_VIEWS)]
-            print(f"QAT inputs: {len(cal)} calibration images + {len(crops)} crops of {len(files)} photos", flush=True)
-            return np.concatenate([cal.x, np.stack(crops)])
-
         def student(rr: bool):
             """The fine-tuned model's float ONNX pair, its calibration features and fx modules."""
             tag = f"qat-{int(rr)}"
             if tag not in pairs:
-                st, students[tag] = qat_state(args.model, src.model, qat_inputs(), rr, Path(args.qat_cache),
-                                              args.qat_epochs, args.qat_lr)
+                st, students[tag] = qat_state(args.model, src.model, qat_x, rr, Path(args.qat_cache),
+                                              args.qat_epochs, args.qat_lr, qat_tag)
                 qh, qt, _, _ = export_pair(st, cal.x[:1], args.split, tmp, tag, mods)
                 pairs[tag] = (qh, qt, run(qh, in_name, cal.x))
             return tag
