@@ -173,6 +173,36 @@ def test_same_seed_same_weights_and_resume(tiny_run, effnet, photos_data, tmp_pa
         train_bottleneck(effnet, other, photos_data, TINY, tmp_path / "resumed", cache=out / "cache")
 
 
+def test_warm_start_continues_from_a_trained_bottleneck(tiny_run, effnet, photos_data, tmp_path):
+    """--init-from: epoch 0 of the new run is the trained bottleneck itself (same validation loss, same
+    tensors when no epoch beats it), more epochs go on lowering the training loss, a 3-bit run may start
+    from the 4-bit one, and another layout is refused with the differing field named."""
+    from toolkit.bottleneck_train import warm_start_from
+
+    out, cfg = tiny_run
+    spec = B.spec_of(cfg)
+    hist = cfg["training"]["history"]
+    best = hist["val_loss"][cfg["training"]["best_epoch"]]
+    zero = DistillConfig(**{**TINY.__dict__, "epochs": 0})
+    same = train_bottleneck(effnet, spec, photos_data, zero, tmp_path / "w0", cache=out / "cache", init_from=out)
+    assert same["training"]["init"]["from"] == str(out)
+    assert same["training"]["history"]["val_loss"][0] == pytest.approx(best, rel=1e-5)
+    assert same["weights"]["sha256"] == cfg["weights"]["sha256"]
+
+    more = train_bottleneck(effnet, spec, photos_data, TINY, tmp_path / "w3", cache=out / "cache", init_from=out)
+    h = more["training"]["history"]
+    assert h["train_loss"][1] < hist["train_loss"][1]  # it does not start over from the PCA initialisation
+    assert h["val_loss"][more["training"]["best_epoch"]] <= h["val_loss"][0]
+
+    three = B.BottleneckSpec(**{**spec.__dict__, "bits": 3})
+    state, desc = warm_start_from(out, effnet, three)
+    assert desc["bits"] == 4 and set(state) == set(torch.load(out / B.WEIGHTS, weights_only=True))
+    wider = B.BottleneckSpec(**{**spec.__dict__, "channels": 12})
+    with pytest.raises(B.BottleneckError, match=r"channels 8 \(asked: 12\)"):
+        train_bottleneck(effnet, wider, photos_data, TINY, tmp_path / "w12", cache=out / "cache", init_from=out)
+    assert not (tmp_path / "w12").exists()  # refused before anything is written
+
+
 def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path):
     out, cfg = tiny_run
     state = torch.load(out / B.WEIGHTS, weights_only=True)

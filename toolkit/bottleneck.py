@@ -353,6 +353,16 @@ def load(path: Path, model: nn.Module, sample: torch.Tensor, model_name: str | N
     (``weights_only=True``), after checking the sha256 recorded in ``bottleneck.json``.
 
     Raises BottleneckError for a missing or corrupt file, another model, or tensors that do not fit."""
+    state, cfg = read_state(path, model_name)
+    built = build(model, sample, spec_of(cfg))
+    load_trainable(built.model, state, str(Path(path) / cfg["weights"]["file"]))
+    return built, cfg
+
+
+def read_state(path: Path, model_name: str | None = None) -> tuple[dict, dict]:
+    """(trainable tensors, ``bottleneck.json``) of the directory ``path``, loaded with ``weights_only=True``
+    after checking the recorded sha256. Raises BottleneckError for a missing or corrupt file or another
+    model."""
     cfg = read_config(path)
     if model_name and cfg.get("model", {}).get("source") not in (None, model_name):
         raise BottleneckError(f"{path} was trained for model {cfg['model']['source']!r}, not {model_name!r}")
@@ -362,10 +372,7 @@ def load(path: Path, model: nn.Module, sample: torch.Tensor, model_name: str | N
     data = wfile.read_bytes()
     if sha256_bytes(data) != cfg["weights"]["sha256"]:
         raise BottleneckError(f"{wfile}: sha256 differs from {CONFIG} (corrupt or replaced file)")
-    built = build(model, sample, spec_of(cfg))
-    state = torch.load(wfile, map_location="cpu", weights_only=True)
-    load_trainable(built.model, state, str(wfile))
-    return built, cfg
+    return torch.load(wfile, map_location="cpu", weights_only=True), cfg
 
 
 def load_trainable(bm: BottleneckModel, state: dict, where: str = "state") -> None:

@@ -6,7 +6,7 @@ The data are unlabelled photos (labels, when the folder has them, are never read
 - ``data``: image folders (``DIR`` or ``DIR:fold=K/N``; see :mod:`calibration.readers`); each image gives
   ``views`` views (its center crop and random resized crops, :data:`calibration.photos.IMAGENET_VIEWS`),
   except every ``val_every``-th image, held out for validation (center crop only);
-- ``photos``: folders of large photographs (e.g. Debian's wallpaper packages), each cut into
+- ``photos``: large photographs, files or folders (e.g. Debian's wallpaper packages), each cut into
   ``photo_crops`` random crops (:data:`calibration.photos.LARGE_PHOTO_VIEWS`).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class TrainData:
                             f"validation; give more images or a smaller --val-every")
         photos = []
         for d in self.photos:
-            found = list_images(Path(d))
+            found = [Path(d)] if Path(d).is_file() else list_images(Path(d))
             if not found:
                 raise DataError(f"{d}: no image files found for --photos")
             photos += found
@@ -67,13 +67,32 @@ def _describe_files(files: list[Path]) -> list[list]:
     return [[str(f), f.stat().st_size] for f in files]
 
 
+def warm_start_from(path: Path, source: ModelSource, spec: B.BottleneckSpec) -> tuple[dict, dict]:
+    """(trainable tensors, description) of the trained bottleneck in ``path``, to continue training it
+    (e.g. on more photos, or on a coarser wire grid: only ``bits`` may differ from ``spec``). Raises
+    BottleneckError for a corrupt folder, another model or another layout, naming the differing fields."""
+    state, cfg = B.read_state(path, source.describe().get("source"))
+    theirs = asdict(B.spec_of(cfg))
+    ours = asdict(spec)
+    diff = {k: (theirs[k], ours[k]) for k in ours if k != "bits" and theirs[k] != ours[k]}
+    if diff:
+        raise B.BottleneckError(f"--init-from {path}: trained with another layout "
+                                + ", ".join(f"{k} {a!r} (asked: {b!r})" for k, (a, b) in diff.items())
+                                + "; give the same --split/--target-layer/--channels/--stride/--tune-from/--refine")
+    return state, {"from": str(path), "sha256": cfg["weights"]["sha256"], "bits": cfg["bits"],
+                   "epochs": cfg.get("training", {}).get("config", {}).get("epochs"),
+                   "validation_agreement": cfg.get("validation_agreement")}
+
+
 def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainData, cfg: DistillConfig,
-                     out: Path, cache: Path | None = None, command: str = "") -> dict:
+                     out: Path, cache: Path | None = None, command: str = "", init_from: Path | None = None) -> dict:
     """Build, initialise and distil a bottleneck for ``source`` and write it to ``out``; returns the
     ``bottleneck.json`` dict. ``cache`` (default ``out/cache``) holds the teacher features; runs that share
     model, split, target, tune_from, data, views and seed can share it (it does not depend on channels or
-    bits). Raises DataError / BottleneckError / SplitError for bad inputs."""
+    bits). ``init_from``: start from that trained bottleneck instead of the PCA initialisation (see
+    :func:`warm_start_from`). Raises DataError / BottleneckError / SplitError for bad inputs."""
     out = Path(out)
+    warm = warm_start_from(Path(init_from), source, spec) if init_from else None
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     train_files, val_files, photos = data.split_files()
@@ -100,10 +119,10 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     prepare_cache(train_cache, parts, tuple(cfg.match))
     prepare_cache(val_cache, parts, tuple(dict.fromkeys((*cfg.match, "logits"))))
     run_key = fingerprint({"spec": asdict(spec), "cfg": {k: v for k, v in asdict(cfg).items() if k != "threads"},
-                           "train": train_key, "val": val_key})
+                           "train": train_key, "val": val_key, "init": warm[1]["sha256"] if warm else "pca"})
     t0 = time.time()
     obj = Objective(built.model, parts, tuple(cfg.match), spec.bits, cfg.rec_weight)
-    result = train(built, obj, train_cache, val_cache, cfg, out, run_key)
+    result = train(built, obj, train_cache, val_cache, cfg, out, run_key, warm)
     hist = result["history"]
     bm = built.model
     total = module_flops(source.model, sample) / 1e6
@@ -136,4 +155,4 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     return config
 
 
-__all__ = ["TrainData", "train_bottleneck"]
+__all__ = ["TrainData", "train_bottleneck", "warm_start_from"]

@@ -780,8 +780,8 @@ def bottleneck():
 @click.option("--refine", default=0, show_default=True, help="residual blocks in the decoder (server side)")
 @click.option("--data", "data", multiple=True,
               help="image folder(s), DIR or DIR:fold=K/N (default: the ImageNet samples' fold 0/2, else 'samples')")
-@click.option("--photos", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="folder(s) of large photos cut into random crops (e.g. /usr/share/backgrounds/mate/nature)")
+@click.option("--photos", multiple=True, type=click.Path(exists=True),
+              help="large photos (files or folders) cut into random crops (e.g. /usr/share/backgrounds/mate/nature)")
 @click.option("--views", default=16, show_default=True, help="augmented views per --data image (the first: center crop)")
 @click.option("--photo-crops", default=32, show_default=True, help="random crops per --photos image")
 @click.option("--val-every", default=8, show_default=True, help="hold out every N-th --data image for validation")
@@ -795,10 +795,13 @@ def bottleneck():
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads")
 @click.option("--cache", type=click.Path(file_okay=False),
               help="teacher feature cache (default: OUT/cache); share it between runs that differ only in C or bits")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False),
+              help="start from this trained bottleneck (same layout; --bits may differ) instead of the PCA "
+                   "initialisation: continue training on more photos or epochs")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
 def bottleneck_train(model, weights, input_shape, preprocess, split, channels, target_layer, tune_from, stride, bits,
                      refine, data, photos, views, photo_crops, val_every, epochs, batch, lr, rec_weight, match, seed, threads,
-                     cache, out):
+                     cache, init_from, out):
     """Insert a bottleneck into MODEL after --split and train it by head network distillation: the student's
     output at --target-layer must reproduce the frozen original's. Writes bottleneck.pt (tensors only),
     bottleneck.json, curves.png and a resumable checkpoint.pt to --out."""
@@ -821,7 +824,7 @@ def bottleneck_train(model, weights, input_shape, preprocess, split, channels, t
                         match=tuple(m for m in match.split(",") if m))
     command = "eetool bottleneck train " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else ""
     train_bottleneck(src, spec, TrainData(list(data), list(photos), views, photo_crops, val_every), cfg, Path(out),
-                     Path(cache) if cache else None, command=command)
+                     Path(cache) if cache else None, command=command, init_from=init_from)
 
 
 @bottleneck.command(name="eval")

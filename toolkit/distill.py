@@ -271,11 +271,12 @@ def fingerprint(parts: dict) -> str:
 
 
 def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: FeatureCache, cfg: DistillConfig,
-          out: Path, run_key: str) -> dict:
-    """PCA-initialise and then distil ``built.model``'s trainable parts on the cached views; checkpoint to
+          out: Path, run_key: str, warm_start: tuple[dict, dict] | None = None) -> dict:
+    """PCA-initialise (or, with ``warm_start`` = (trainable tensors, description), start from a trained
+    bottleneck) and then distil ``built.model``'s trainable parts on the cached views; checkpoint to
     ``out/checkpoint.pt`` after every epoch and resume from it when ``run_key`` matches. Returns
     ``{"history", "best_epoch", "init", "seconds"}``; the model holds the best epoch's weights (lowest
-    validation loss; epoch 0 is the PCA initialisation)."""
+    validation loss; epoch 0 is the initialisation, so a warm start never ends worse than it began)."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     bm = built.model.eval()  # BN statistics stay frozen (small batches, few images); weights train
@@ -301,19 +302,26 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
         if state.get("key") != run_key:
             raise BottleneckError(f"{ckpt_file} belongs to a run with other arguments; delete it or pick another -o")
     if state is None:
-        n_pca = min(len(train_cache), cfg.pca_samples)
-        idx = np.linspace(0, len(train_cache) - 1, n_pca).round().astype(int)
-        with torch.no_grad():
-            feats = torch.cat([bm.head[1](_cl(train_cache.get("inputs", idx[i:i + 64])))
-                               for i in range(0, n_pca, 64)])
-        init = pca_init(bm.encoder, bm.decoder, feats)
+        if warm_start is not None:
+            load_trainable(bm, warm_start[0], str(warm_start[1].get("from")))
+            init = dict(warm_start[1])
+        else:
+            n_pca = min(len(train_cache), cfg.pca_samples)
+            idx = np.linspace(0, len(train_cache) - 1, n_pca).round().astype(int)
+            with torch.no_grad():
+                feats = torch.cat([bm.head[1](_cl(train_cache.get("inputs", idx[i:i + 64])))
+                                   for i in range(0, n_pca, 64)])
+            init = pca_init(bm.encoder, bm.decoder, feats)
         v = validate(obj, val_cache)
         history = {"epoch": [0], "train_loss": [None], "val_loss": [v["loss"]],
                    "val_agreement": [v["agreement"]], "seconds": [0.0], "lr": [cfg.lr]}
         best = {"epoch": 0, "val_loss": v["loss"], "state": bm.trainable_state()}
         start_epoch, elapsed = 1, 0.0
-        say(f"PCA init: {init['explained_variance']:.1%} of patch variance kept, relative MSE "
-            f"{init['relative_mse']:.3f}; validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}")
+        if warm_start is not None:
+            say(f"warm start from {init['from']}: validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}")
+        else:
+            say(f"PCA init: {init['explained_variance']:.1%} of patch variance kept, relative MSE "
+                f"{init['relative_mse']:.3f}; validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}")
     else:
         load_trainable(bm, state["state"], str(ckpt_file))
         opt.load_state_dict(state["optim"])
