@@ -181,13 +181,12 @@ def runtime_overhead(bundle: Bundle, xs, threads, repeat: int, warmup: int = 1, 
     1 beyond the IQR means the measurement is unfair, and the report says so."""
     import onnxruntime as ort
 
-    from .backends import session_options
+    from .backends import ort_session, session_options
     from .chain import Chain
 
     chain = Chain(bundle, "all", "onnx", "fp32", threads, with_exits=False, allow_spinning=allow_spinning)
-    bare = [(s.inputs, ort.InferenceSession(str(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))),
-                                            session_options(threads, allow_spinning),
-                                            providers=["CPUExecutionProvider"])) for s in bundle.segments]
+    bare = [(s.inputs, ort_session(Path(bundle.graph_path(bundle.graph_key(s, "onnx", "fp32"))),
+                                   session_options(threads, allow_spinning))) for s in bundle.segments]
     name = bundle.manifest.input.name
 
     def run_chain(x):

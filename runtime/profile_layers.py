@@ -171,14 +171,14 @@ def parse_profile(events: List[Dict[str, Any]], warmup: int) -> Dict[str, Any]:
 
 def _session(ort, path: Path, threads: Optional[int], level, profile_prefix: Optional[str] = None,
              allow_spinning: Optional[bool] = None):
-    from .backends import session_options
+    from .backends import ort_session, session_options
 
     opts = session_options(threads, allow_spinning)  # as the runtime's own sessions
     opts.graph_optimization_level = level
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return ort_session(Path(path), opts)
 
 
 def profile_onnx(model_path, inputs: Sequence[np.ndarray], runs: int = 20, warmup: int = 3,
