@@ -133,6 +133,58 @@ def test_sensitive_tensors_kept_16bit(head_fp32, images, tmp_path):
     assert cos.min() > 0.98
 
 
+def test_named_nodes_stay_float(head_fp32, images, tmp_path):
+    """float_nodes: the named Conv reads a float weight (no DequantizeLinear feeds it), every other Conv
+    stays int8; a name the graph does not have is refused with the name."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(head_fp32), str(pre))
+    convs = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"]
+    keep = convs[3]
+    out = tmp_path / "f.onnx"
+    info = quantize_graph(head_fp32, out, {"input": images[:N_CALIB]}, QuantConfig(float_nodes=(keep,)), progress=False)
+    assert keep in info["float_nodes"]
+    model = onnx.load(str(out))
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    weight_src = {n.name: made_by.get(n.input[1]) for n in model.graph.node if n.op_type == "Conv"}
+    assert weight_src[keep] is None  # an initializer: float weights
+    assert all(v == "DequantizeLinear" for k, v in weight_src.items() if k != keep) and len(weight_src) == len(convs)
+    with pytest.raises(ValueError, match="no nodes .'nope'."):
+        quantize_graph(head_fp32, tmp_path / "g.onnx", {"input": images[:N_CALIB]}, QuantConfig(float_nodes=("nope",)),
+                       progress=False)
+
+
+def test_runtime_sessions_keep_float_nodes_float(head_fp32, images, tmp_path):
+    """A QDQ graph with its stem conv kept float runs in the runtime's session as its QDQ semantics say
+    (onnxruntime with every graph optimisation off); onnxruntime's default session quantises that conv's
+    float weights itself (the WeightBiasQuantization transformer) and lands measurably further away."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from runtime.backends import OrtSession
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(head_fp32), str(pre))
+    stem = next(n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv")
+    out = tmp_path / "stem-float.onnx"
+    quantize_graph(head_fp32, out, {"input": images[:N_CALIB]}, QuantConfig(float_nodes=(stem,)), progress=False)
+    x = images[N_CALIB:]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    exact = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ours = OrtSession(out).run({"input": x})["blocks.2"]
+    default = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = _run(head_fp32, x)
+
+    def rel(a):
+        return float(np.linalg.norm(a - exact) / np.linalg.norm(exact))
+
+    assert rel(ours) < 1e-2, rel(ours)  # integer kernels vs float-simulated QDQ: rounding only
+    assert rel(default) > 5 * rel(ours), (rel(default), rel(ours))
+    err = lambda a: float(np.linalg.norm(a - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert err(ours) < err(default)
+
+
 # ------------------------------------------------------------------ calibration methods (issue 12, item 4)
 def _activation_ranges(path: Path) -> dict[str, tuple[float, float]]:
     """Real range [lo, hi] of every per-tensor 8-bit QuantizeLinear in a QDQ graph, by tensor name."""

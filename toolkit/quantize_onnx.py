@@ -81,6 +81,8 @@ class QuantConfig:
     bias_correction_samples: calibration samples used for it.
     float_first_convs: keep the first N Conv nodes (graph order) in float: for the graph that reads the
         image, whose 3-channel stem conv is sensitive and gains little from int8 kernels.
+    float_nodes: names of nodes (as in the graph after ``preprocess``) kept in float
+        (``nodes_to_exclude``), e.g. the layers whose quantisation costs the most agreement.
     extra_options: passed through to ``quantize_static(extra_options=...)`` (ours win on conflicts only
         for ``TensorQuantOverrides`` of widened tensors).
     """
@@ -101,6 +103,7 @@ class QuantConfig:
     bias_correction: bool = False
     bias_correction_samples: int = 128
     float_first_convs: int = 0
+    float_nodes: tuple = ()
     extra_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -517,6 +520,10 @@ def quantize_graph(
         src_nodes = onnx.load(str(src), load_external_data=False).graph.node
         keep_float = [nd.name for nd in src_nodes if set(nd.output) & set(float_outputs)]
         keep_float += [nd.name for nd in src_nodes if nd.op_type == "Conv"][: config.float_first_convs]
+        unknown = set(config.float_nodes) - {nd.name for nd in src_nodes}
+        if unknown:
+            raise ValueError(f"QuantConfig.float_nodes: no nodes {sorted(unknown)} in {fp32_path.name}")
+        keep_float += [n for n in config.float_nodes if n not in keep_float]
 
         clipped: set[str] = set()
 
