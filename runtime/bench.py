@@ -179,8 +179,6 @@ def runtime_overhead(bundle: Bundle, xs, threads, repeat: int, warmup: int = 1, 
     (:func:`interleaved_pairs`). The ratio chain / bare is taken per pair and summarised by its median and
     IQR (:func:`ratio_summary`); the chain does everything the bare sessions do and more, so a ratio below
     1 beyond the IQR means the measurement is unfair, and the report says so."""
-    import onnxruntime as ort
-
     from .backends import ort_session, session_options
     from .chain import Chain
 
