@@ -11,9 +11,13 @@ classifier's logits there (toolkit.batchnorm_stats): a randomly initialised ResN
 nearly the same logits for every photo and predicts a handful of classes, which makes agreement trivially
 high.
 
+As in ``eetool export --int8``, the tail's logits stay float (ONNX: ``quantize_graph(float_outputs=...)``,
+TFLite: ``float_outputs_recipe``); the variants named "(int8 logits)" quantise them too, for comparison.
+
 Columns: top-1 on --eval (when labelled), top-1 agreement with the float chain, top-5 agreement (the float
-chain's top-1 class among the int8 chain's five highest logits), distinct classes the float chain
-predicts, int8 head+tail bytes,
+chain's top-1 class among the int8 chain's five highest logits), agreement with only the head int8 (float
+tail) and with only the tail int8 (float head), distinct classes the float chain predicts, int8 head+tail
+bytes,
 host latency of the int8 head and tail as a ratio to fp32 (batch 1, interleaved ABAB with the same
 threads and warm-up, medians), and the target the variant's kernels suit (see toolkit/int8_targets.py).
 
@@ -61,8 +65,11 @@ VARIANTS = {
     "u8s8 entropy": ("ort", replace(U8S8, method="entropy"),
                      "arm64, x86-vnni"),
     "u8s8 +stem float": ("ort", replace(U8S8, float_first_convs=1), "arm64, x86-vnni"),
+    "u8s8 +stem float +BC": ("ort", replace(U8S8, float_first_convs=1, bias_correction=True), "arm64, x86-vnni"),
+    "u8s8 reduce_range +stem float +BC": ("ort", replace(RR, float_first_convs=1, bias_correction=True), "x86-avx2"),
     "u8s8 +4 sensitive 16-bit": ("ort", replace(U8S8, sensitive_float=4), "arm64, x86-vnni"),
     "u8s8 +BC": ("ort", replace(U8S8, bias_correction=True), "arm64, x86-vnni"),
+    "u8s8 +BC (int8 logits)": ("ort", replace(U8S8, bias_correction=True), "arm64, x86-vnni"),
     "u8s8 reduce_range +BC": ("ort", replace(RR, bias_correction=True), "x86-avx2"),
     "u8s8 CLE": ("cle", U8S8, "arm64, x86-vnni"),
     "u8s8 CLE +BC": ("cle", replace(U8S8, bias_correction=True), "arm64, x86-vnni"),
@@ -78,6 +85,8 @@ VARIANTS = {
     "TFLite int8 +BC": ("tflite", {"first_float": 0, "qat": False, "bc": True}, "any (XNNPACK)"),
     "TFLite int8 first 2 convs float +BC": ("tflite", {"first_float": 2, "qat": False, "bc": True}, "any (XNNPACK)"),
     "TFLite int8 first 2 convs float": ("tflite", {"first_float": 2, "qat": False}, "any (XNNPACK)"),
+    "TFLite int8 first 2 convs float +BC (int8 logits)": ("tflite", {"first_float": 2, "qat": False, "bc": True},
+                                                          "any (XNNPACK)"),
     "TFLite QAT int8": ("tflite", {"first_float": 0, "qat": True}, "any (XNNPACK)"),
     "TFLite QAT int8 first 2 convs float": ("tflite", {"first_float": 2, "qat": True}, "any (XNNPACK)"),
 }
@@ -159,9 +168,16 @@ def latency_ratio(fp32, int8, name: str, x1: np.ndarray, threads: int, reps: int
 
 
 # ---------------------------------------------------------------------------------------- quantisers
-def quantize_ort(fp32: Path, int8: Path, calib: dict, cfg: QuantConfig, first: bool) -> dict:
+def quantize_ort(fp32: Path, int8: Path, calib: dict, cfg: QuantConfig, first: bool, float_logits: bool = True
+                 ) -> dict:
+    """As ``eetool export --int8`` quantises: the tail's logits (its graph outputs) stay float unless
+    ``float_logits`` is False (the variants named "(int8 logits)")."""
+    import onnx
+
     cfg = cfg if first else replace(cfg, float_first_convs=0)
-    return quantize_graph(fp32, int8, calib, cfg, progress=False)
+    logits = () if first or not float_logits else tuple(
+        o.name for o in onnx.load(str(fp32), load_external_data=False).graph.output)
+    return quantize_graph(fp32, int8, calib, cfg, progress=False, float_outputs=logits)
 
 
 def equalize(fp32: Path, out: Path) -> Path:
@@ -215,11 +231,12 @@ def quantize_adaround(fp32: Path, int8: Path, calib: dict, opts: dict) -> dict:
     return {"adaround": opts}
 
 
-def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.ndarray, first_float: int):
+def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.ndarray, first_float: int,
+                float_logits: bool = True):
     """Float and int8 TFLite head and tail from the fx modules in ``mods`` (toolkit.export_tflite, as
     eetool export writes them: head calibrated on images, tail on the float head's outputs, the tail's
     input encoding pinned to the head's output encoding)."""
-    from toolkit.export_tflite import export_float, first_convs_float_recipe, quantize_int8
+    from toolkit.export_tflite import export_float, first_convs_float_recipe, float_outputs_recipe, quantize_int8
 
     head, tail, x, mid = mods
     out = {}
@@ -228,6 +245,8 @@ def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.nd
         fp = tmp / f"{tag}.{seg.name}.fp32.tflite"
         entry = export_float(seg.module, (arg,), fp, seg.inputs, seg.outputs)
         recipe = first_convs_float_recipe(fp, first_float) if (first_float and seg is head) else "static_wi8_ai8_minmax"
+        if seg is tail and float_logits:  # as eetool export: the logits' FULLY_CONNECTED stays float
+            recipe = float_outputs_recipe(fp, seg.outputs, entry["name_map"], recipe)
         q8 = tmp / f"{tag}.{seg.name}.int8.tflite"
         q = quantize_int8(fp, q8, {seg.inputs[0]: calib}, recipe, name_map=entry["name_map"], fixed_io=fixed)
         if seg is head:
@@ -346,6 +365,7 @@ def main(argv=None) -> None:
             fh, ft, mid = pairs["float"]
             ref_head, ref_tail = head, tail  # latency reference: the float graphs of the same format
             info: dict = {}
+            float_logits = not name.endswith("(int8 logits)")
             if kind == "qat":
                 tag = student(bool(opts.reduce_range))
                 info["qat"] = students[tag]
@@ -357,7 +377,7 @@ def main(argv=None) -> None:
                 fh, ft, mid = pairs["cle"]
             if kind in ("ort", "qat", "cle"):
                 info["head"] = quantize_ort(fh, h8, {in_name: cal.x}, opts, first=True)
-                info["tail"] = quantize_ort(ft, t8, {mid_name: mid}, opts, first=False)
+                info["tail"] = quantize_ort(ft, t8, {mid_name: mid}, opts, first=False, float_logits=float_logits)
             elif kind == "nncf":
                 info["head"] = quantize_nncf(fh, h8, {in_name: cal.x}, opts)
                 info["tail"] = quantize_nncf(ft, t8, {mid_name: mid}, opts)
@@ -376,20 +396,26 @@ def main(argv=None) -> None:
                     tag = "bc"
                 cmid = pairs[tag][2]
                 ref_head, h8, ref_tail, t8, info = tflite_pair(mods[tag], tmp, f"{len(rows)}", cal.x, cmid,
-                                                               opts["first_float"])
+                                                               opts["first_float"], float_logits)
                 if opts["qat"]:  # latency against the original model's float TFLite graphs
                     ref_head, _, ref_tail, _, _ = tflite_pair(mods["float"], tmp, f"{len(rows)}f", cal.x[:8],
                                                               float_mid[:8], 0)
             quant_s = time.time() - t0
             h8, t8 = as_graph(h8), as_graph(t8)
-            logits = run(t8, mid_name, run(h8, in_name, ev.x))
+            mid8 = run(h8, in_name, ev.x)
+            logits = run(t8, mid_name, mid8)
             pred = logits.argmax(1)
+            # where the loss is: one graph int8, the other the original float ONNX graph
+            only_head = run(tail, mid_name, mid8).argmax(1)
+            only_tail = run(t8, mid_name, run(head, in_name, ev.x)).argmax(1)
             row = {
                 "variant": name, "target": target, "model": args.model, "split": args.split,
                 "calib": cal.source, "eval": ev.source, "n_eval": len(ev),
                 "float_top1": float_top1, "top1": None if ev.y is None else float((pred == ev.y).mean()),
                 "agreement": float((pred == ref).mean()),
                 "agreement_top5": top5_agreement(ref, logits),
+                "agreement_int8_head_only": float((only_head == ref).mean()),
+                "agreement_int8_tail_only": float((only_tail == ref).mean()),
                 "bn_stats": cal.source if args.bn_stats else None,
                 "float_classes": int(len(np.unique(ref))),  # distinct float predictions: agreement is not trivial
                 "bytes": h8.path.stat().st_size + t8.path.stat().st_size,
@@ -436,15 +462,17 @@ def markdown(rows: list[dict]) -> str:
              + (f"; BatchNorm statistics and logit means recomputed on {r0['bn_stats']}" if r0.get("bn_stats") else "")
              + (f"; the float chain predicts {r0['float_classes']} distinct classes" if "float_classes" in r0 else "")
              + f"; latency at {r0['threads']} thread(s), batch 1, int8/fp32 medians interleaved ABAB", "",
-             "| variant | kernels suit | top-1 | Δ vs float | agreement | top-5 agreement | int8 bytes (head+tail) "
-             "| head int8/fp32 | tail int8/fp32 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | kernels suit | top-1 | Δ vs float | agreement | top-5 agreement | agreement, int8 head / "
+             "int8 tail only | int8 bytes (head+tail) | head int8/fp32 | tail int8/fp32 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         top1 = "n/a" if r["top1"] is None else f"{100 * r['top1']:.2f} %"
         delta = "n/a" if r["top1"] is None else f"{100 * (r['top1'] - r['float_top1']):+.2f} pt"
         top5 = f"{100 * r['agreement_top5']:.2f} %" if "agreement_top5" in r else "n/a"
+        split = (f"{100 * r['agreement_int8_head_only']:.2f} / {100 * r['agreement_int8_tail_only']:.2f} %"
+                 if "agreement_int8_head_only" in r else "n/a")
         lines.append(f"| {r['variant']} | {r['target']} | {top1} | {delta} | {100 * r['agreement']:.2f} % | {top5} | "
-                     f"{r['bytes']:,} | {r['head_latency']['ratio']:.2f} | {r['tail_latency']['ratio']:.2f} |")
+                     f"{split} | {r['bytes']:,} | {r['head_latency']['ratio']:.2f} | {r['tail_latency']['ratio']:.2f} |")
     return "\n".join(lines)
 
 
