@@ -232,6 +232,41 @@ def test_first_convolutions_stay_float_in_the_image_graph(exported, images, tmp_
     assert cos > 0.98
 
 
+def test_classifier_logits_stay_float_in_an_int8_graph(images, tmp_path):
+    """float_outputs_recipe: the op computing the logits (and nothing else) stays float, its output is a
+    float32 graph output, and the int8 graph's logits track the float graph's; an unknown output name is
+    refused with the graph's real outputs listed."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolkit.export_tflite import float_outputs_recipe
+    from toolkit.models.efficientnet_lite import efficientnet_lite0
+
+    m = efficientnet_lite0().eval()
+    clf = nn.Sequential(m.head, m.pool, m.classifier).eval()
+    calib, check = images
+    with torch.no_grad():  # real inputs: the backbone's features of the photos
+        feats = m.blocks(m.stem(torch.from_numpy(np.concatenate([calib, check])))).numpy()
+    e = export_float(clf, (torch.from_numpy(feats[:2]),), str(tmp_path / "clf.tflite"), ["features"], ["logits"])
+    recipe = float_outputs_recipe(e["file"], ["logits"], e["name_map"])
+    assert recipe.startswith("static_wi8_ai8_minmax+float:^(?:") and recipe.count("+float:") == 1
+    out = tmp_path / "clf.int8.tflite"
+    q = quantize_int8(e["file"], str(out), {"features": feats[:16]}, recipe, name_map=e["name_map"])
+    assert q["io"]["logits"]["dtype"] == "float32" and q["io"]["features"]["dtype"] == "int8"
+    assert q["scheme"] == "mixed"
+    it = Interpreter(model_path=str(out))
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    fc = [op for op in ops if op["op_name"] == "FULLY_CONNECTED"]
+    conv = [op for op in ops if op["op_name"] == "CONV_2D"]
+    assert len(fc) == 1 and dtypes[fc[0]["outputs"][0]] == np.float32 and dtypes[fc[0]["inputs"][0]] == np.float32
+    assert conv and all(dtypes[c["inputs"][0]] == np.int8 for c in conv)  # the 1280-channel conv: int8
+    ref = LiteRTSession(e["file"], name_map=e["name_map"]).run({"features": feats[16:]})["logits"]
+    got = LiteRTSession(str(out), name_map=e["name_map"]).run({"features": feats[16:]})["logits"]
+    assert _cos(ref, got).min() > 0.98
+    with pytest.raises(ValueError, match="signature outputs"):
+        float_outputs_recipe(e["file"], ["logitz"], e["name_map"])
+
+
 def test_fixed_batch_graph_runs_a_larger_batch_as_a_loop_and_serve_names_it(exported, images):
     """serve's batches reach a TFLite graph exported at a fixed batch as a loop over slices; serving lists it."""
     from types import SimpleNamespace

@@ -401,6 +401,43 @@ def first_convs_float_recipe(float_path: Union[str, os.PathLike], n: int = 2,
     return base + "+float:^(?:" + "|".join(re.escape(nm) for nm in names) + ");$"
 
 
+_LAYOUT_OPS = ("TRANSPOSE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
+
+
+def float_outputs_recipe(float_path: Union[str, os.PathLike], outputs: Iterable[str],
+                         name_map: Optional[Dict[str, str]] = None, base: str = "static_wi8_ai8_minmax") -> str:
+    """``base`` plus a ``+float:`` rule for the ops that compute the graph outputs ``outputs`` (our names):
+    the producing op and the layout ops (transpose / reshape) between it and the output.
+
+    For classifier logits, as ``toolkit.quantize_onnx.quantize_graph(float_outputs=...)`` does for ONNX: the
+    int8 input of the final FULLY_CONNECTED is dequantised before it, and it computes in float (under 1 % of
+    the FLOPs, but its weights stay float: +3.8 MB for EfficientNet-Lite0's 1280x1000 classifier). eetool
+    export does not use it: on EfficientNet-Lite0 split after blocks.5 the int8 chain agreed as often either
+    way (96.0 %, bench/int8_recipe.py); the bench's "(float logits)" variant does.
+    Raises ValueError for an output the graph does not have."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(float_path))
+    tensors = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    producer = {i: op for op in ops for i in op["outputs"]}
+    sig_out = it.get_signature_runner(SIGNATURE).get_output_details()
+    names = []
+    for ours in outputs:
+        sig = (name_map or {}).get(ours) or (ours if ours in sig_out else tflite_name(ours))
+        if sig not in sig_out:
+            raise ValueError(f"{float_path}: no output {ours!r} (signature outputs: {sorted(sig_out)})")
+        op = producer.get(int(sig_out[sig]["index"]))
+        while op is not None:
+            names.append(";".join(tensors[i] for i in op["outputs"]))
+            if op["op_name"] not in _LAYOUT_OPS:
+                break
+            op = producer.get(int(op["inputs"][0]))
+    if not names:
+        return base
+    return base + "+float:^(?:" + "|".join(re.escape(nm) for nm in names) + ");$"  # rules add up
+
+
 def quantize_int8(
     float_path: Union[str, os.PathLike],
     int8_path: Union[str, os.PathLike],
