@@ -26,6 +26,7 @@ threads and warm-up, medians), and the target the variant's kernels suit (see to
     python bench/int8_recipe.py --variants u8s8 "u8s8 +BC"          # some
     python bench/int8_recipe.py --model resnet18 --split layer2 --bn-stats --variants "u8s8 +BC" --n-calib 64 --n-eval 200
     python bench/int8_recipe.py --sensitivity "u8s8 +BC"          # per-tensor SQNR of one variant
+    python bench/int8_recipe.py --ablate head                     # agreement with each head layer float in turn
     python bench/int8_recipe.py --table a.jsonl b.jsonl           # one table from several runs
 
 Results: a markdown table on stdout and in ``--out``.md, one JSON line per variant in ``--out``.jsonl.
@@ -301,6 +302,11 @@ def main(argv=None) -> None:
                          "inputs (not to calibration), e.g. /usr/share/backgrounds/mate/nature")
     ap.add_argument("--qat-photo-crops", type=int, default=32, help="random crops per --qat-photos image")
     ap.add_argument("--sensitivity", help="variant whose per-tensor SQNR (qdq_loss_debug) is reported")
+    ap.add_argument("--ablate", choices=("head", "tail"),
+                    help="one-layer-float ablation of that graph (u8s8 +BC, the other graph float): agreement on "
+                         "the calibration and the evaluation images with each Conv/Gemm kept float in turn")
+    ap.add_argument("--ablate-nodes", default=".*",
+                    help="regex over node names (after quant_pre_process) limiting --ablate, e.g. '^/Conv(_[0-9]+)?$'")
     ap.add_argument("--out", default="bench/results/int8_recipe")
     ap.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of earlier runs' rows")
     args = ap.parse_args(argv)
@@ -346,6 +352,9 @@ def main(argv=None) -> None:
         float_top1 = None if ev.y is None else float((ref == ev.y).mean())
         print(f"{args.model} split after {args.split}: float top-1 {float_top1} on {len(ev)} images of {ev.source}; "
               f"calibration on {len(cal)} images of {cal.source}", flush=True)
+        if args.ablate:
+            ablate(args.ablate, args.ablate_nodes, head, tail, in_name, mid_name, cal.x, ev.x, tmp, out)
+            return
         pairs = {"float": (head, tail, float_mid)}
         students: dict = {}
 
@@ -441,6 +450,44 @@ def main(argv=None) -> None:
     table = markdown(rows)
     print(table)
     out.with_suffix(".md").write_text(table + "\n")
+
+
+def ablate(which: str, pattern: str, head, tail, in_name: str, mid_name: str, cal_x: np.ndarray, ev_x: np.ndarray,
+           tmp: Path, out: Path) -> list[dict]:
+    """One-layer-float sensitivity: quantise ``which`` graph (``u8s8 +BC``, as exported) once with nothing
+    and once with each Conv/Gemm whose name matches ``pattern`` kept float (``QuantConfig.float_nodes``),
+    the other graph float, and report the chain's top-1 agreement with the float chain on the calibration
+    images (to rank on) and on the evaluation images. Writes ``out``-ablate-<which>.jsonl."""
+    import re
+
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    graph, name = (head, in_name) if which == "head" else (tail, mid_name)
+    cal_mid, ev_mid = run(head, in_name, cal_x), run(head, in_name, ev_x)
+    feeds = {"cal": cal_x if which == "head" else cal_mid, "ev": ev_x if which == "head" else ev_mid}
+    ref = {"cal": run(tail, mid_name, cal_mid).argmax(1), "ev": run(tail, mid_name, ev_mid).argmax(1)}
+    pre = tmp / f"ablate-{which}.pre.onnx"
+    quant_pre_process(str(graph), str(pre))
+    nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "Gemm")]
+    rows = []
+    for keep in [None] + [n for n in nodes if re.search(pattern, n)]:
+        t0 = time.time()
+        q = tmp / f"ablate-{which}.int8.onnx"
+        cfg = replace(U8S8, bias_correction=True, float_nodes=(keep,) if keep else ())
+        quantize_ort(graph, q, {name: feeds["cal"]}, cfg, first=which == "head")
+        agree = {}
+        for k in ("cal", "ev"):
+            mid = run(q, in_name, feeds[k]) if which == "head" else ev_mid if k == "ev" else cal_mid
+            logits = run(tail, mid_name, mid) if which == "head" else run(q, mid_name, feeds[k])
+            agree[k] = float((logits.argmax(1) == ref[k]).mean())
+        row = {"graph": which, "float_node": keep, "agreement_calib": agree["cal"], "agreement_eval": agree["ev"],
+               "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with Path(f"{out}-ablate-{which}.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return rows
 
 
 def top5_agreement(ref: np.ndarray, logits: np.ndarray) -> float:
