@@ -13,7 +13,8 @@ high.
 
 As in ``eetool export --int8``, ONNX tails keep their logits float (``quantize_graph(float_outputs=...)``) and
 TFLite tails quantise them; the variants named "(int8 logits)" / "(float logits)" do the other, for comparison
-(TFLite: ``toolkit.export_tflite.float_outputs_recipe``).
+(TFLite: ``toolkit.export_tflite.float_outputs_recipe``). The NNCF and AdaRound variants quantise with those
+tools' own rules, logits included.
 
 Columns: top-1 on --eval (when labelled), top-1 agreement with the float chain, top-5 agreement (the float
 chain's top-1 class among the int8 chain's five highest logits), agreement with only the head int8 (float
@@ -303,7 +304,8 @@ def main(argv=None) -> None:
     ap.add_argument("--qat-photo-crops", type=int, default=32, help="random crops per --qat-photos image")
     ap.add_argument("--sensitivity", help="variant whose per-tensor SQNR (qdq_loss_debug) is reported")
     ap.add_argument("--ablate", choices=("head", "tail"),
-                    help="one-layer-float ablation of that graph (u8s8 +BC, the other graph float): agreement on "
+                    help="one-layer-float ablation of that graph (u8s8 +BC with every layer int8, the other graph "
+                         "float): agreement on "
                          "the calibration and the evaluation images with each Conv/Gemm kept float in turn")
     ap.add_argument("--ablate-nodes", default=".*",
                     help="regex over node names (after quant_pre_process) limiting --ablate, e.g. '^/Conv(_[0-9]+)?$'")
@@ -454,7 +456,8 @@ def main(argv=None) -> None:
 
 def ablate(which: str, pattern: str, head, tail, in_name: str, mid_name: str, cal_x: np.ndarray, ev_x: np.ndarray,
            tmp: Path, out: Path) -> list[dict]:
-    """One-layer-float sensitivity: quantise ``which`` graph (``u8s8 +BC``, as exported) once with nothing
+    """One-layer-float sensitivity: quantise ``which`` graph (``u8s8 +BC``, all layers int8: for the head
+    that is the recipe before ``IMAGE_GRAPH_RECIPE``, which this ablation chose) once with nothing
     and once with each Conv/Gemm whose name matches ``pattern`` kept float (``QuantConfig.float_nodes``),
     the other graph float, and report the chain's top-1 agreement with the float chain on the calibration
     images (to rank on) and on the evaluation images. Writes ``out``-ablate-<which>.jsonl."""

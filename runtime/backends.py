@@ -20,13 +20,14 @@ class BackendError(RuntimeError):
 SPIN_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
 
-#: onnxruntime graph transformers every runtime session turns off. ``WeightBiasQuantization`` (present in
-#: onnxruntime 1.32) quantises, at session load, the float weights of a Conv/Gemm whose input comes from a
-#: DequantizeLinear: exactly the layers an int8 graph keeps float on purpose (``QuantConfig.float_nodes``,
-#: ``float_first_convs``, the 16-bit sensitive tensors' neighbours). Measured on EfficientNet-Lite0's head
-#: (stem .. blocks.5, 400 ImageNet samples) with the stem conv kept float: relative error of the head
-#: output 0.183 with it, 0.091 without it, 0.113 for the all-int8 graph. Older onnxruntime ignores names
-#: it does not know.
+#: onnxruntime graph transformers every runtime session turns off. ``WeightBiasQuantization``
+#: (microsoft/onnxruntime#22969; onnxruntime >= 1.21, so also the boards' 1.22) quantises, at session load
+#: and per tensor, the float weights of a Conv / ConvTranspose / Gemm between a per-tensor DequantizeLinear
+#: and a QuantizeLinear: the layers an int8 QDQ graph keeps float on purpose (``QuantConfig.float_nodes``,
+#: ``float_first_convs``; float logits, which no QuantizeLinear follows, are not touched). Measured on
+#: EfficientNet-Lite0's head (stem .. blocks.5, 400 ImageNet samples) with the stem conv kept float:
+#: relative error of the head output 0.183 with it, 0.091 without it, 0.113 for the all-int8 graph. Older
+#: onnxruntime ignores names it does not know.
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 

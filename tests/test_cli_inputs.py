@@ -126,6 +126,7 @@ CONFLICTS = [
     ([*EXPORT, "--calib-method", "entropy", "--int8-weights", "int8"], "--calib-method, --int8-weights: choose how"),
     ([*EXPORT, "--int8-targets", "arm64"], "--int8-targets: chooses how --int8 quantises the ONNX graphs"),
     ([*EXPORT, "--qat"], "--qat: fine-tunes the model for the int8 graphs; add --int8"),
+    ([*EXPORT, "--int8-stem"], "--int8-stem: chooses how --int8 quantises the ONNX graphs; add --int8"),
     ([*EXPORT, "--samples", "16", "--verify-samples", "8"], "raise --verify-samples to at least 16"),
     ([*EXPORT, "--samples", "-1"], "-1 is not in the range x>=0"),
     ([*EXPORT, "--calib", "fashion-mnist"], "Fashion-MNIST is read with its own preprocessing"),

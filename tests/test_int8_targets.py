@@ -55,6 +55,14 @@ def test_server_runs_float_tails_on_x86(monkeypatch, effnet_bundle):
 
 
 # --------------------------------------------------------------------------------- export variants
+def _float_convs(path) -> tuple[list[str], list[str]]:
+    """(every Conv, the Convs whose weight is an initializer rather than a DequantizeLinear output) of an ONNX file."""
+    model = onnx.load(str(path))
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    return [n.name for n in convs], [n.name for n in convs if made_by.get(n.input[1]) != "DequantizeLinear"]
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, effnet, calib_images, verify_images):
     from toolkit.export import ExportOptions, export_bundle
@@ -81,6 +89,11 @@ def test_every_int8_graph_states_its_targets_and_variants_share_the_wire(int8_bu
         assert primary.quantization.bias_correction["layers"] > 0  # the default recipe
         alt = graphs[primary.variants["x86-avx2"]]
         assert alt.targets == ["x86-avx2"] and alt.quantization.reduce_range
+        # the graph reading the image keeps its stem conv float (IMAGE_GRAPH_RECIPE), no other graph does
+        for g in (primary, alt):
+            convs, float_convs = _float_convs(int8_bundle / g.file)
+            assert float_convs == (convs[:1] if "input" in seg.inputs else []), (seg.name, float_convs)
+            assert set(float_convs) <= set(g.quantization.float_nodes)
         for t in seg.outputs:
             if t in bundle.manifest.tensors:  # the wire tensor: same encoding from both heads
                 a = tensor_qparams(int8_bundle / primary.file, t)

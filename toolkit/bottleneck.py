@@ -372,7 +372,11 @@ def read_state(path: Path, model_name: str | None = None) -> tuple[dict, dict]:
     data = wfile.read_bytes()
     if sha256_bytes(data) != cfg["weights"]["sha256"]:
         raise BottleneckError(f"{wfile}: sha256 differs from {CONFIG} (corrupt or replaced file)")
-    return torch.load(wfile, map_location="cpu", weights_only=True), cfg
+    try:
+        return torch.load(wfile, map_location="cpu", weights_only=True), cfg
+    except Exception as e:  # truncated or not a torch file, though its sha256 matches a hand-edited json
+        raise BottleneckError(f"{wfile}: cannot be read as tensors ({type(e).__name__}: {e}); retrain or restore "
+                              f"it") from None
 
 
 def load_trainable(bm: BottleneckModel, state: dict, where: str = "state") -> None:
@@ -382,7 +386,8 @@ def load_trainable(bm: BottleneckModel, state: dict, where: str = "state") -> No
         try:
             module.load_state_dict(part, strict=True)
         except RuntimeError as e:
-            raise BottleneckError(f"{where} does not fit this bottleneck ({str(e).splitlines()[0]})") from None
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise BottleneckError(f"{where} does not fit this bottleneck ({' '.join(lines[:3])[:300]})") from None
     known = tuple(p + "." for p in bm.trainable())
     extra = [k for k in state if not k.startswith(known)]
     if extra:

@@ -21,7 +21,7 @@ import torch
 
 from calibration.photos import IMAGENET_VIEWS, LARGE_PHOTO_VIEWS, iter_views
 from calibration.readers import DataError, image_files
-from runtime.preprocess import list_images
+from runtime.preprocess import IMAGE_SUFFIXES, list_images
 
 from . import bottleneck as B
 from .distill import (DistillConfig, Objective, build_cache, cache_key, fingerprint, plot_curves, prepare_cache,
@@ -56,6 +56,8 @@ class TrainData:
                             f"validation; give more images or a smaller --val-every")
         photos = []
         for d in self.photos:
+            if Path(d).is_file() and Path(d).suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{d}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}) for --photos")
             found = [Path(d)] if Path(d).is_file() else list_images(Path(d))
             if not found:
                 raise DataError(f"{d}: no image files found for --photos")
@@ -67,6 +69,10 @@ def _describe_files(files: list[Path]) -> list[list]:
     return [[str(f), f.stat().st_size] for f in files]
 
 
+_FLAGS = {"split": "--split", "target": "--target-layer", "channels": "--channels", "stride": "--stride",
+          "tune_from": "--tune-from", "refine": "--refine"}
+
+
 def warm_start_from(path: Path, source: ModelSource, spec: B.BottleneckSpec) -> tuple[dict, dict]:
     """(trainable tensors, description) of the trained bottleneck in ``path``, to continue training it
     (e.g. on more photos, or on a coarser wire grid: only ``bits`` may differ from ``spec``). Raises
@@ -74,12 +80,12 @@ def warm_start_from(path: Path, source: ModelSource, spec: B.BottleneckSpec) -> 
     state, cfg = B.read_state(path, source.describe().get("source"))
     theirs = asdict(B.spec_of(cfg))
     ours = asdict(spec)
-    diff = {k: (theirs[k], ours[k]) for k in ours if k != "bits" and theirs[k] != ours[k]}
+    diff = [k for k in ours if k != "bits" and theirs[k] != ours[k]]
     if diff:
-        raise B.BottleneckError(f"--init-from {path}: trained with another layout "
-                                + ", ".join(f"{k} {a!r} (asked: {b!r})" for k, (a, b) in diff.items())
-                                + "; give the same --split/--target-layer/--channels/--stride/--tune-from/--refine")
-    return state, {"from": str(path), "sha256": cfg["weights"]["sha256"], "bits": cfg["bits"],
+        raise B.BottleneckError(f"--init-from {path} was trained with another layout: "
+                                + ", ".join(f"{_FLAGS[k]} {theirs[k]} (asked: {ours[k]})" for k in diff)
+                                + "; give the same options (only --bits may differ)")
+    return state, {"from": str(Path(path).resolve()), "sha256": cfg["weights"]["sha256"], "bits": cfg["bits"],
                    "epochs": cfg.get("training", {}).get("config", {}).get("epochs"),
                    "validation_agreement": cfg.get("validation_agreement")}
 
@@ -92,6 +98,9 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     bits). ``init_from``: start from that trained bottleneck instead of the PCA initialisation (see
     :func:`warm_start_from`). Raises DataError / BottleneckError / SplitError for bad inputs."""
     out = Path(out)
+    if init_from and Path(init_from).resolve() == out.resolve():
+        raise B.BottleneckError(f"--init-from {init_from} is also -o: give another -o (training would overwrite "
+                                "the bottleneck it starts from)")
     warm = warm_start_from(Path(init_from), source, spec) if init_from else None
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -99,6 +108,8 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     prep = source.preprocess
     sample = torch.zeros(source.input_shape)
     built = B.build(source.model, sample, spec)
+    if warm:  # before the teacher features are computed: tensors that do not fit fail now, not minutes later
+        B.load_trainable(built.model, warm[0], f"--init-from {init_from}")
     cache = Path(cache) if cache else out / "cache"
     teacher_parts = {"model": source.describe(), "split": spec.split, "target": spec.target,
                      "tune_from": spec.tune_from, "preprocess": prep, "seed": cfg.seed}

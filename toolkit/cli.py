@@ -76,7 +76,11 @@ def given(ctx: click.Context, *names: str) -> list[str]:
     left at its default must not count as a choice when checking for conflicts."""
     from click.core import ParameterSource
 
-    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    def flag(p) -> str:  # the one typed: a --x/--no-x pair's second form when its value is False
+        opts = p.secondary_opts if getattr(p, "secondary_opts", None) and ctx.params.get(p.name) is False else p.opts
+        return max(opts, key=len)
+
+    flags = {p.name: flag(p) for p in ctx.command.params}
     return [flags[n] for n in names
             if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
 
@@ -140,6 +144,9 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
 @click.option("--int8-weights", type=click.Choice(["uint8", "int8"]),
               help="force one ONNX int8 weight type for every target instead: uint8 (exact everywhere, slow "
                    "on x86) or int8 with reduce_range")
+@click.option("--float-stem/--int8-stem", default=True, show_default=True,
+              help="ONNX int8: the graph that reads the image keeps its stem conv float (measured on "
+                   "EfficientNet-Lite0: +1.5 pt agreement for the int8 head; README 'Recipe search') or quantises it too")
 @click.option("--qat", is_flag=True,
               help="quantisation-aware fine-tuning before int8: the int8 graphs come from a copy of the model "
                    "distilled from the float model through the int8 simulation on the --calib images (toolkit/qat.py; "
@@ -168,7 +175,7 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="bundle directory to write")
 @click.pass_context
 def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
-           calib_method, int8_targets, int8_weights, qat, qat_epochs, verify_data, verify_samples, n_samples,
+           calib_method, int8_targets, int8_weights, float_stem, qat, qat_epochs, verify_data, verify_samples, n_samples,
            no_profile_graph, wire_bits, wire_per_channel, wire_range, wire_codec, bottleneck_dir, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
@@ -179,7 +186,7 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
     unknown = set(fmts) - {"onnx", "tflite"}
     if unknown or not fmts:
         raise click.BadParameter(f"unknown format(s) {sorted(unknown)}; use onnx and/or tflite", param_hint="--format")
-    onnx_int8 = given(ctx, "calib_method", "int8_weights", "int8_targets")
+    onnx_int8 = given(ctx, "calib_method", "int8_weights", "int8_targets", "float_stem")
     if not int8:
         refuse(onnx_int8, "choose{s} how --int8 quantises the ONNX graphs; add --int8 or drop {it}")
         refuse(given(ctx, "qat", "qat_epochs"), "fine-tune{s} the model for the int8 graphs; add --int8 or drop {it}")
@@ -239,6 +246,8 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         quant.update(weight_type="int8", reduce_range=True)
     elif int8_weights == "uint8":
         quant.update(weight_type="uint8")
+    if not float_stem:  # calibrate.IMAGE_GRAPH_RECIPE keeps it float otherwise
+        quant.update(float_first_convs=0)
     try:
         targets = tuple(check_targets(t.strip() for t in int8_targets.split(",") if t.strip()))
     except TargetError as e:
@@ -797,7 +806,8 @@ def bottleneck():
               help="teacher feature cache (default: OUT/cache); share it between runs that differ only in C or bits")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False),
               help="start from this trained bottleneck (same layout; --bits may differ) instead of the PCA "
-                   "initialisation: continue training on more photos or epochs")
+                   "initialisation: continue training on more photos or epochs (-o must be another folder; "
+                   "--cache DIR/cache reuses its teacher features when the data are the same)")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
 def bottleneck_train(model, weights, input_shape, preprocess, split, channels, target_layer, tune_from, stride, bits,
                      refine, data, photos, views, photo_crops, val_every, epochs, batch, lr, rec_weight, match, seed, threads,

@@ -23,6 +23,9 @@ The simulation mirrors onnxruntime's static QDQ quantisation (``quantize_static`
   Linear output (after its BatchNorm and ReLU/ReLU6 where those follow), except graph outputs (logits
   stay float, as ``quantize_graph(float_outputs=...)`` keeps them);
 * the straight-through estimator of ``torch.fake_quantize_per_{tensor,channel}_affine`` for gradients.
+The export keeps the stem conv of the graph that reads the image float (``calibrate.IMAGE_GRAPH_RECIPE``,
+``--int8-stem`` quantises it): the simulation still quantises it, so the fine-tuned stem is slightly
+more conservative than it needs to be (its float weights stay close to the original's).
 """
 from __future__ import annotations
 

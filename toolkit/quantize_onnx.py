@@ -107,6 +107,9 @@ class QuantConfig:
     extra_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.float_nodes, str):  # one name, not its characters
+            self.float_nodes = (self.float_nodes,)
+        self.float_nodes = tuple(self.float_nodes)
         if self.method not in _METHODS:
             raise ValueError(f"QuantConfig.method={self.method!r} is not one of {_METHODS}")
         for name in ("activation_type", "weight_type"):
@@ -514,16 +517,18 @@ def quantize_graph(
                 src = tmp / "pre.onnx"
                 onnx.save(onnx.load(str(fp32_path)), str(src))
             _zero_dead_channels(src)
-        cache = tmp / "calibration.json"  # ranges computed once, read by every quantize_static pass
-        _calibrate(src, calib, config, cache, progress, f"calibrating {fp32_path.name} ({config.method})")
-
         src_nodes = onnx.load(str(src), load_external_data=False).graph.node
+        unknown = set(config.float_nodes) - {nd.name for nd in src_nodes}
+        if unknown:  # before the calibration pass, which takes minutes on real data
+            weighted = [nd.name for nd in src_nodes if nd.op_type in ("Conv", "Gemm", "MatMul")]
+            raise ValueError(f"QuantConfig.float_nodes: no nodes {sorted(unknown)} in {fp32_path.name} (names after "
+                             f"quant_pre_process; its weighted nodes: {weighted[:8]}{' ...' if len(weighted) > 8 else ''})")
         keep_float = [nd.name for nd in src_nodes if set(nd.output) & set(float_outputs)]
         keep_float += [nd.name for nd in src_nodes if nd.op_type == "Conv"][: config.float_first_convs]
-        unknown = set(config.float_nodes) - {nd.name for nd in src_nodes}
-        if unknown:
-            raise ValueError(f"QuantConfig.float_nodes: no nodes {sorted(unknown)} in {fp32_path.name}")
         keep_float += [n for n in config.float_nodes if n not in keep_float]
+
+        cache = tmp / "calibration.json"  # ranges computed once, read by every quantize_static pass
+        _calibrate(src, calib, config, cache, progress, f"calibrating {fp32_path.name} ({config.method})")
 
         clipped: set[str] = set()
 
