@@ -201,6 +201,12 @@ def test_warm_start_continues_from_a_trained_bottleneck(tiny_run, effnet, photos
     with pytest.raises(B.BottleneckError, match=r"channels 8 \(asked: 12\)"):
         train_bottleneck(effnet, wider, photos_data, TINY, tmp_path / "w12", cache=out / "cache", init_from=out)
     assert not (tmp_path / "w12").exists()  # refused before anything is written
+    with pytest.raises(B.BottleneckError, match="is also -o"):
+        train_bottleneck(effnet, spec, photos_data, TINY, out, cache=out / "cache", init_from=out)
+    note = tmp_path / "notes.txt"
+    note.write_text("not a photo")
+    with pytest.raises(DataError, match="notes.txt: not an image file"):
+        TrainData(["samples"], photos=[str(note)], val_every=5).split_files()
 
 
 def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path):
