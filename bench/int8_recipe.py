@@ -481,8 +481,10 @@ def ablate(which: str, pattern: str, head, tail, in_name: str, mid_name: str, ca
         quantize_ort(graph, q, {name: feeds["cal"]}, cfg, first=which == "head")
         agree = {}
         for k in ("cal", "ev"):
-            mid = run(q, in_name, feeds[k]) if which == "head" else ev_mid if k == "ev" else cal_mid
-            logits = run(tail, mid_name, mid) if which == "head" else run(q, mid_name, feeds[k])
+            if which == "head":
+                logits = run(tail, mid_name, run(q, in_name, feeds[k]))
+            else:
+                logits = run(q, mid_name, feeds[k])
             agree[k] = float((logits.argmax(1) == ref[k]).mean())
         row = {"graph": which, "float_node": keep, "agreement_calib": agree["cal"], "agreement_eval": agree["ev"],
                "seconds": round(time.time() - t0, 1)}

@@ -108,7 +108,7 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     prep = source.preprocess
     sample = torch.zeros(source.input_shape)
     built = B.build(source.model, sample, spec)
-    if warm:  # before the teacher features are computed: tensors that do not fit fail now, not minutes later
+    if warm:  # the starting weights, loaded before the teacher features: tensors that do not fit fail now
         B.load_trainable(built.model, warm[0], f"--init-from {init_from}")
     cache = Path(cache) if cache else out / "cache"
     teacher_parts = {"model": source.describe(), "split": spec.split, "target": spec.target,
@@ -133,7 +133,7 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
                            "train": train_key, "val": val_key, "init": warm[1]["sha256"] if warm else "pca"})
     t0 = time.time()
     obj = Objective(built.model, parts, tuple(cfg.match), spec.bits, cfg.rec_weight)
-    result = train(built, obj, train_cache, val_cache, cfg, out, run_key, warm)
+    result = train(built, obj, train_cache, val_cache, cfg, out, run_key, warm[1] if warm else None)
     hist = result["history"]
     bm = built.model
     total = module_flops(source.model, sample) / 1e6

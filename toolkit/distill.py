@@ -271,9 +271,9 @@ def fingerprint(parts: dict) -> str:
 
 
 def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: FeatureCache, cfg: DistillConfig,
-          out: Path, run_key: str, warm_start: tuple[dict, dict] | None = None) -> dict:
-    """PCA-initialise (or, with ``warm_start`` = (trainable tensors, description), start from a trained
-    bottleneck) and then distil ``built.model``'s trainable parts on the cached views; checkpoint to
+          out: Path, run_key: str, warm_start: dict | None = None) -> dict:
+    """PCA-initialise (or, with ``warm_start``, the description of the trained bottleneck whose weights
+    ``built.model`` already holds, start from those) and then distil ``built.model``'s trainable parts on the cached views; checkpoint to
     ``out/checkpoint.pt`` after every epoch and resume from it when ``run_key`` matches. Returns
     ``{"history", "best_epoch", "init", "seconds"}``; the model holds the best epoch's weights (lowest
     validation loss; epoch 0 is the initialisation, so a warm start never ends worse than it began)."""
@@ -303,8 +303,7 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
             raise BottleneckError(f"{ckpt_file} belongs to a run with other arguments; delete it or pick another -o")
     if state is None:
         if warm_start is not None:
-            load_trainable(bm, warm_start[0], str(warm_start[1].get("from")))
-            init = dict(warm_start[1])
+            init = dict(warm_start)
         else:
             n_pca = min(len(train_cache), cfg.pca_samples)
             idx = np.linspace(0, len(train_cache) - 1, n_pca).round().astype(int)

@@ -404,6 +404,14 @@ def first_convs_float_recipe(float_path: Union[str, os.PathLike], n: int = 2,
 _LAYOUT_OPS = ("TRANSPOSE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
 
 
+def _signature_name(ours: str, name_map: Optional[Dict[str, str]], signature_names) -> str:
+    """Signature name of our tensor name: from ``name_map``, as it is when the signature has it, else
+    :func:`tflite_name`."""
+    if name_map and ours in name_map:
+        return name_map[ours]
+    return ours if ours in signature_names else tflite_name(ours)
+
+
 def float_outputs_recipe(float_path: Union[str, os.PathLike], outputs: Iterable[str],
                          name_map: Optional[Dict[str, str]] = None, base: str = "static_wi8_ai8_minmax") -> str:
     """``base`` plus a ``+float:`` rule for the ops that compute the graph outputs ``outputs`` (our names):
@@ -424,7 +432,7 @@ def float_outputs_recipe(float_path: Union[str, os.PathLike], outputs: Iterable[
     sig_out = it.get_signature_runner(SIGNATURE).get_output_details()
     names = []
     for ours in outputs:
-        sig = (name_map or {}).get(ours) or (ours if ours in sig_out else tflite_name(ours))
+        sig = _signature_name(ours, name_map, sig_out)
         if sig not in sig_out:
             raise ValueError(f"{float_path}: no output {ours!r} (signature outputs: {sorted(sig_out)})")
         op = producer.get(int(sig_out[sig]["index"]))
@@ -478,11 +486,7 @@ def quantize_int8(
         raise ValueError("no calibration data")
 
     def to_sig(n: str) -> str:
-        if name_map and n in name_map:
-            return name_map[n]
-        if n in sig_in or n in sig_out:
-            return n
-        return tflite_name(n)
+        return _signature_name(n, name_map, {**sig_in, **sig_out})
 
     feeds = []
     for d in steps:
