@@ -307,6 +307,8 @@ def main(argv=None) -> None:
                     help="one-layer-float ablation of that graph (u8s8 +BC with every layer int8, the other graph "
                          "float): agreement on "
                          "the calibration and the evaluation images with each Conv/Gemm kept float in turn")
+    ap.add_argument("--ablate-base", nargs="*", default=[], metavar="NODE",
+                    help="nodes kept float in every --ablate run (a greedy next step), e.g. /Conv")
     ap.add_argument("--ablate-nodes", default=".*",
                     help="regex over node names (after quant_pre_process) limiting --ablate, e.g. '^/Conv(_[0-9]+)?$'")
     ap.add_argument("--out", default="bench/results/int8_recipe")
@@ -355,7 +357,8 @@ def main(argv=None) -> None:
         print(f"{args.model} split after {args.split}: float top-1 {float_top1} on {len(ev)} images of {ev.source}; "
               f"calibration on {len(cal)} images of {cal.source}", flush=True)
         if args.ablate:
-            ablate(args.ablate, args.ablate_nodes, head, tail, in_name, mid_name, cal.x, ev.x, tmp, out)
+            ablate(args.ablate, args.ablate_nodes, head, tail, in_name, mid_name, cal.x, ev.x, tmp, out,
+                   tuple(args.ablate_base))
             return
         pairs = {"float": (head, tail, float_mid)}
         students: dict = {}
@@ -455,12 +458,13 @@ def main(argv=None) -> None:
 
 
 def ablate(which: str, pattern: str, head, tail, in_name: str, mid_name: str, cal_x: np.ndarray, ev_x: np.ndarray,
-           tmp: Path, out: Path) -> list[dict]:
+           tmp: Path, out: Path, base: tuple = ()) -> list[dict]:
     """One-layer-float sensitivity: quantise ``which`` graph (``u8s8 +BC``, all layers int8: for the head
     that is the recipe before ``IMAGE_GRAPH_RECIPE``, which this ablation chose) once with nothing
     and once with each Conv/Gemm whose name matches ``pattern`` kept float (``QuantConfig.float_nodes``),
     the other graph float, and report the chain's top-1 agreement with the float chain on the calibration
-    images (to rank on) and on the evaluation images. Writes ``out``-ablate-<which>.jsonl."""
+    images (to rank on) and on the evaluation images. ``base``: nodes kept float in every run (the layers
+    an earlier round chose). Writes ``out``-ablate-<which>.jsonl."""
     import re
 
     import onnx
@@ -474,10 +478,10 @@ def ablate(which: str, pattern: str, head, tail, in_name: str, mid_name: str, ca
     quant_pre_process(str(graph), str(pre))
     nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in ("Conv", "Gemm")]
     rows = []
-    for keep in [None] + [n for n in nodes if re.search(pattern, n)]:
+    for keep in [None] + [n for n in nodes if re.search(pattern, n) and n not in base]:
         t0 = time.time()
         q = tmp / f"ablate-{which}.int8.onnx"
-        cfg = replace(U8S8, bias_correction=True, float_nodes=(keep,) if keep else ())
+        cfg = replace(U8S8, bias_correction=True, float_nodes=base + ((keep,) if keep else ()))
         quantize_ort(graph, q, {name: feeds["cal"]}, cfg, first=which == "head")
         agree = {}
         for k in ("cal", "ev"):
@@ -486,7 +490,8 @@ def ablate(which: str, pattern: str, head, tail, in_name: str, mid_name: str, ca
             else:
                 logits = run(q, mid_name, feeds[k])
             agree[k] = float((logits.argmax(1) == ref[k]).mean())
-        row = {"graph": which, "float_node": keep, "agreement_calib": agree["cal"], "agreement_eval": agree["ev"],
+        row = {"graph": which, "base": list(base), "float_node": keep, "agreement_calib": agree["cal"],
+               "agreement_eval": agree["ev"],
                "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
