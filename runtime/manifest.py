@@ -274,9 +274,14 @@ class WireQuant(_Node):
     range: Optional[str] = doc("where the range came from: `minmax` over the calibration set, `int8 head output` "
                                "(the int8 head graph's own output encoding, sent without requantisation), `mse` "
                                "(least squared quantisation error) or `tail-kl` (the min/max range shrunk by `alpha`, "
-                               "whose codes keep the float tail's output closest to the float model's)")
+                               "whose codes keep the float tail's output closest to the float model's), `step` "
+                               "(`scale` is a quantiser step chosen by the user) or `budget` (`scale` is the finest "
+                               "step whose frames average at most `budget` bytes over the calibration set)")
     alpha: Optional[float] = doc("with `tail-kl`: the factor (0..1] the min/max range was shrunk by")
     kl_curve: Optional[List[List[float]]] = doc("with `tail-kl`: `[alpha, mean KL divergence]` for each factor tried")
+    budget: Optional[int] = doc("with `budget`: the mean REQUEST frame size asked for, bytes")
+    frame_bytes: Optional[float] = doc("with `step` / `budget`: mean REQUEST frame size over (at most 64 of) the "
+                                       "calibration inputs at this step, bytes")
     samples: Optional[int] = doc("calibration inputs the range was measured on")
 
     def params(self) -> Any:
@@ -570,6 +575,26 @@ class Bottleneck(_Node):
 
 
 @dataclass
+class WireTransform(_Node):
+    """A transform of the split feature baked into the graphs (`eetool export --wire-transform`): the device
+    graph ends with `y = V^T (x - mean)` over the channels and the server graph begins with its inverse
+    `x = V y + mean`, so the wire carries `y` (tensor `cut`). `klt`: V holds the eigenvectors of the channel
+    covariance of the feature at `split` over the representative data, by decreasing variance (the
+    Karhunen-Loeve transform; toolkit/wire_transform.py)."""
+
+    kind: str = doc("the transform", required=True, choices=("klt",))
+    split: str = doc("module path of the original model whose output is transformed (the split point S)",
+                     required=True)
+    cut: str = doc("the device / server cut in this bundle: the transform's output (equals `split` of the manifest)",
+                   required=True)
+    shape: List[int] = doc("feature shape [C, H, W] (unchanged by the transform)", factory=list, required=True)
+    samples: int = doc("representative inputs the transform was computed from", required=True)
+    variance: List[float] = doc("variance of each component over them, in order", factory=list)
+    explained: List[float] = doc("cumulative share of the total variance of the first 1..C components",
+                                 factory=list)
+
+
+@dataclass
 class Manifest(_Node):
     """`manifest.json`, the root object."""
 
@@ -595,6 +620,8 @@ class Manifest(_Node):
     latency_adaptation: Optional[LatencyAdaptation] = doc(
         "bandwidth -> thresholds regression (`eetool exits calibrate --board B --budget-ms X --bandwidth B1,B2,..`)")
     bottleneck: Optional[Bottleneck] = doc("the injected bottleneck, for bundles exported with --bottleneck")
+    wire_transform: Optional[WireTransform] = doc("the transform of the split feature, for bundles exported with "
+                                                  "--wire-transform")
     extensions: Dict[str, Any] = doc("data of other tools, by tool name; eetool keeps it and never reads it",
                                      factory=dict)
     files: Dict[str, str] = doc("sha256 of every file in the bundle except manifest.json; loading refuses a "
@@ -685,6 +712,9 @@ class Manifest(_Node):
             raise ManifestError(path + ".split", "%r is not one of the cuts %s" % (self.split, self.cuts))
         if self.bottleneck is not None and self.bottleneck.cut != self.split:
             raise ManifestError(path + ".bottleneck.cut", "%r is not the split %r" % (self.bottleneck.cut, self.split))
+        if self.wire_transform is not None and self.wire_transform.cut != self.split:
+            raise ManifestError(path + ".wire_transform.cut",
+                                "%r is not the split %r" % (self.wire_transform.cut, self.split))
         device_out = {t for s in self.device_segments for t in s.outputs}
         for i, e in enumerate(self.exits):
             if e.input not in device_out:

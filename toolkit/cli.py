@@ -169,6 +169,15 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
                    "minmax = nothing clipped; mse = least squared quantisation error")
 @click.option("--wire-codec", type=click.Choice(["zstd", "brotli", "lz4", "none"]), default="zstd", show_default=True,
               help="entropy coder of the (bit-packed) codes; the runtime uses it unless run with --codec")
+@click.option("--wire-step", type=float,
+              help="quantise the split feature with this step (its units), one step for all values, as many "
+                   "levels as the data needs (8-bit codes unless --wire-bits), entropy coded: rate set by the step")
+@click.option("--wire-budget", type=click.IntRange(min=1),
+              help="rate control: the finest step whose REQUEST frames average at most this many bytes over the "
+                   "representative data (as --wire-step, the step chosen for you)")
+@click.option("--wire-transform", type=click.Choice(["none", "klt"]), default="none", show_default=True,
+              help="klt: rotate the split feature's channels by their Karhunen-Loeve transform (PCA of the "
+                   "representative data) before quantising; baked into the head and tail graphs")
 @click.option("--bottleneck", "bottleneck_dir", type=click.Path(exists=True, file_okay=False),
               help="a trained bottleneck ('eetool bottleneck train' folder) inserted at --split: the device runs "
                    "head + encoder, the server decoder + tail")
@@ -176,7 +185,8 @@ def inspect(ctx, model, weights, input_shape, preprocess, depth, as_json):
 @click.pass_context
 def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, formats, int8, calib, calib_samples,
            calib_method, int8_targets, int8_weights, float_stem, qat, qat_epochs, verify_data, verify_samples, n_samples,
-           no_profile_graph, wire_bits, wire_per_channel, wire_range, wire_codec, bottleneck_dir, out):
+           no_profile_graph, wire_bits, wire_per_channel, wire_range, wire_codec, wire_step, wire_budget,
+           wire_transform, bottleneck_dir, out):
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
@@ -197,6 +207,12 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         refuse(given(ctx, "n_samples", "verify_samples") or ["--samples"],
                f"the bundle's {n_samples} samples are taken from the {verify_samples} verification inputs; "
                f"raise --verify-samples to at least {n_samples} or lower --samples")
+    wire = _wire_codec(ctx, wire_bits, wire_per_channel, wire_range, wire_codec, wire_step, wire_budget)
+    if wire_transform != "none":
+        refuse(given(ctx, "exits_dir"), "exit branches are not exported with --wire-transform; export them without "
+                                        "it, or drop {it}")
+        refuse(given(ctx, "bottleneck_dir"), "a bottleneck already reshapes the split feature; drop --wire-transform "
+                                             "or {it}")
     if bottleneck_dir:
         refuse(given(ctx, "exits_dir"), "exit branches are not exported with a bottleneck; export them without "
                                         "--bottleneck, or drop {it}")
@@ -211,6 +227,8 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
                                         "ONNX model is sliced as it is")
         refuse(given(ctx, "bottleneck_dir"), "a bottleneck is inserted into the PyTorch model it was trained on, not "
                                              "an .onnx file; give that model or drop {it}")
+        refuse(given(ctx, "wire_transform"), "the transform is baked into PyTorch graphs; an ONNX model is sliced "
+                                             "as it is, so drop {it}")
         if "tflite" in fmts:
             refuse(["--format"], "TFLite graphs are converted from PyTorch modules (litert-torch); for an ONNX "
                                  "model use --format onnx")
@@ -257,17 +275,20 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
     from .calibrate import WireCodec
 
     check_codec(wire_codec)
-    wire = WireCodec(wire_bits, wire_per_channel, wire_range, wire_codec)
-    splits, section = [s for s in split.split(",") if s], None
+    splits, section, transform = [s for s in split.split(",") if s], None, None
     if bottleneck_dir:
         from .bottleneck_export import with_bottleneck
 
         src, splits, section = with_bottleneck(src, Path(bottleneck_dir), splits)
+    if wire_transform == "klt":
+        from .wire_transform import with_klt
+
+        src, splits, transform = with_klt(src, splits, calib_ds.x)
     report = export_bundle(src, ExportOptions(split=splits, out=Path(out),
                                               exits=exits, formats=fmts, int8=int8, quant=quant,
                                               int8_targets=targets, qat=_qat_config(qat, qat_epochs),
                                               layer_profile_graph=not no_profile_graph, samples=n_samples,
-                                              wire=wire, bottleneck=section),
+                                              wire=wire, bottleneck=section, wire_transform=transform),
                            calib_ds, verify_ds)
     if exits_dir and (Path(exits_dir) / "predictor.json").is_file():  # trained with 'eetool exits predictor train'
         from .exit_predictor import load_predictor
@@ -278,6 +299,24 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         report["predictor"] = add_to_bundle(out, predictor, meta, features_for(b, calib_ds, meta["input"]),
                                             features_for(b, verify_ds, meta["input"]))
     _print_export_summary(Path(out), report)
+
+
+def _wire_codec(ctx, bits: int, per_channel: bool, range_: str, codec: str, step: float | None,
+                budget: int | None):
+    """The WireCodec of export's --wire-* options; --wire-step / --wire-budget are range methods of their own."""
+    from .calibrate import WireCodec
+
+    chosen = given(ctx, "wire_step", "wire_budget")
+    if len(chosen) > 1:
+        refuse(chosen, "set{s} the quantiser step two ways; give one of {it}")
+    if chosen:
+        refuse(given(ctx, "wire_range", "wire_per_channel"), f"{chosen[0]} chooses the range (one step for every "
+                                                              f"value); drop {{it}}")
+        range_ = "step" if step is not None else "budget"
+    try:
+        return WireCodec(bits, per_channel, range_, codec, step=step, budget=budget)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=chosen[0] if chosen else "--wire-range")
 
 
 def _qat_config(enabled: bool, epochs: int):
@@ -566,14 +605,18 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--wire-per-channel", is_flag=True, help="with --wire-bits: per-channel scales / zero points")
 @click.option("--wire-range", type=click.Choice(["tail-kl", "minmax", "mse"]), default="tail-kl", show_default=True,
               help="with --wire-bits: the range method")
+@click.option("--wire-step", help="also measure these quantiser steps, e.g. 3,4.5,6 (8-bit codes, as export "
+                                  "--wire-step)")
+@click.option("--wire-budget", help="also measure these byte budgets, e.g. 4000,5000, each step chosen on the "
+                                    "bundle's representative data as export --wire-budget does")
 @click.option("--codecs", help="entropy coders to measure on the same codes, e.g. zstd,brotli (default: each "
                                "bundle's own)")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="head and tail graphs (ONNX) of the split rows")
 @click.option("-o", "--out", "plot_path", default="rate.png", show_default=True, help="plot (PNG); the JSON beside it")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def rate(bundles, data, limit, jpeg, webp, wire_bits, wire_per_channel, wire_range, codecs, precision, plot_path,
-         as_json):
+def rate(bundles, data, limit, jpeg, webp, wire_bits, wire_per_channel, wire_range, wire_step, wire_budget, codecs,
+         precision, plot_path, as_json):
     """Rate vs accuracy on the same images: every BUNDLE's split feature as its wire codec encodes it (and with
     --wire-bits, other bit depths), against JPEG and WebP of the same 224x224 crop and the original file, each
     sent as a real frame and decoded as the edge server does. Bytes per sample (mean, p90, framing included),
@@ -590,6 +633,15 @@ def rate(bundles, data, limit, jpeg, webp, wire_bits, wire_per_channel, wire_ran
     if any(not 2 <= b <= 8 for b in bits):
         raise click.BadParameter(f"{wire_bits}: bits are 2..8", param_hint="--wire-bits")
     wire = [WireCodec(b, wire_per_channel, wire_range) for b in bits]
+    try:
+        steps = [float(v) for v in (wire_step or "").split(",") if v.strip()]
+        wire += [WireCodec(8, False, "step", step=s) for s in steps]
+    except ValueError as e:
+        raise click.BadParameter(f"{wire_step}: {e}", param_hint="--wire-step")
+    try:
+        wire += [WireCodec(8, False, "budget", budget=b) for b in _int_list(wire_budget, "--wire-budget")]
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--wire-budget")
     first = Bundle.load(bundles[0])
     source = data or default_data(first.manifest.preprocess)
     say = None if as_json else (lambda msg: click.echo(f"... {msg}", err=True))

@@ -20,7 +20,7 @@ import torch
 from calibration.readers import Dataset
 from runtime import __version__
 from runtime.manifest import (Bottleneck, Calibration, ExitBranch, GraphEntry, Manifest, ModelInfo, Preprocess,
-                              ProfileGraph, Samples, Segment, TensorSpec, WireTensor)
+                              ProfileGraph, Samples, Segment, TensorSpec, WireTensor, WireTransform)
 from runtime.targets import DEFAULT_TARGETS
 
 from . import calibrate
@@ -67,6 +67,7 @@ class ExportOptions:
     samples: int = 8  # verification inputs copied into samples/ (with their labels, when known)
     wire: "calibrate.WireCodec" = None  # how the device encodes the split feature (None: int8 + zstd)
     bottleneck: Bottleneck | None = None  # the injected bottleneck (toolkit.bottleneck_export)
+    wire_transform: WireTransform | None = None  # the split feature's transform (toolkit.wire_transform)
 
 
 def _device_boundary(traced: TracedModel, split: list[str], exits: list[ExitSpec]) -> tuple[list, object]:
@@ -208,6 +209,7 @@ def _torch_graphs(source: ModelSource, opts: ExportOptions, out: Path, x) -> tup
         cuts=[c.name for c in cuts],
         split=boundary.name,
         bottleneck=opts.bottleneck,
+        wire_transform=opts.wire_transform,
     )
     # Float graphs, with sample tensors flowing through PyTorch for shapes and FLOPs.
     values = {INPUT_NAME: sample}

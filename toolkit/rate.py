@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -217,9 +217,12 @@ def recalibrated_quant(bundle: Bundle, wire: WireCodec, calib: dict[str, np.ndar
 
 
 def describe_quant(q: WireQuant) -> str:
-    """``int8 per-tensor`` / ``4-bit per-channel tail-kl`` from a manifest quant entry."""
+    """``int8 per-tensor`` / ``4-bit per-channel tail-kl`` / ``step 4.479 (budget 4800 B)`` from a manifest
+    quant entry."""
     if q.bits is None:
         return f"{q.dtype} per-tensor"
+    if q.range in ("step", "budget"):
+        return f"step {q.scale:g}" + (f" (budget {q.budget} B)" if q.range == "budget" else "")
     return f"{q.bits}-bit {'per-channel' if q.axis is not None else 'per-tensor'} {q.range or ''}".strip()
 
 
@@ -337,8 +340,9 @@ def run_rate(bundles: list[str], data: str, jpeg: list[int], webp: list[int], wi
         if wire:
             say(f"{b.root.name}: representative features for the extra wire codecs")
             calib = calibration_features(b, Chain(b, "device", "onnx", "fp32", with_exits=False))
+            coder = (entropy_coders or [wire_codec(b)])[0]  # a byte budget is met with the coder measured
             for w in wire:
-                quant = recalibrated_quant(b, w, calib)
+                quant = recalibrated_quant(b, replace(w, codec=coder), calib)
                 codecs.append((describe_quant(quant[b.wire_tensors[0]]), quant))
         say(f"{b.root.name}: {len(codecs)} wire codecs on {len(ds)} inputs")
         points += split_points(b, ds.x, float_pred, labels, codecs, entropy_coders, precision)
