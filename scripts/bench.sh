@@ -3,8 +3,9 @@
 #  1. EfficientNet-Lite0 split after blocks.5 (int8): the runtime's report on this board (latency per
 #     stage, bytes, energy, bandwidth sweep, LC / EC / SC, per-layer profile -> layers.json), on the
 #     labelled ImageNet samples beside the repo when present (calibration images left out), else the
-#     bundle's own samples; then `eetool rate`: bytes vs top-1 of its wire codecs (int8, 6..2-bit; zstd
-#     and brotli) against JPEG / WebP of the same crop, on fold 1/2 of the samples (calibrated on fold 0/2);
+#     bundle's own samples; then `eetool rate`: bytes vs top-1 of its wire codecs (int8, 6..2-bit, step
+#     quantisers at byte budgets, with and without the channels' KLT; zstd and brotli) against JPEG / WebP
+#     of the same crop, on fold 1/2 of the samples (calibrated on fold 0/2);
 #  2. with Fashion-MNIST installed (apt-get install -y dataset-fashion-mnist): the reference CNN with two
 #     trained exits and the Exit Predictor, thresholds calibrated on held-out training images, benched on
 #     2000 labelled test images: LC / LC+EE / EC / SC / SC+EE; then `eetool exits curve` on the 10k test
@@ -48,9 +49,14 @@ $BIN/python -m runtime bench "$EFF" --board "$BOARD" $FORCE --repeat 2 "${INPUTS
 BENCHES+=("$REPORT/efficientnet-lite0")
 
 echo "== 1b. rate vs accuracy: the split feature's wire codecs against JPEG / WebP of the same crop"
-# RATE_BUNDLES (space-separated bundle folders) adds other operating points, e.g. bottleneck bundles
-$BIN/eetool rate "$EFF" ${RATE_BUNDLES:-} --data "$EVAL" --wire-bits 6,5,4,3,2 --codecs zstd,brotli \
-    -o "$REPORT/rate.png" --json > /dev/null
+# RATE_BUNDLES (space-separated bundle folders) adds other operating points, e.g. bottleneck bundles; the
+# float bundle with the channels' KLT and a byte budget adds the transform-coded points (README, "Transform
+# coding and rate control"), and --wire-budget the step quantiser on the plain feature
+KLT="$BUNDLES/efficientnet-lite0-blocks.5-klt"
+$BIN/eetool export efficientnet-lite0 --split blocks.5 --format onnx --wire-transform klt --wire-budget 4900 \
+    --wire-codec brotli "${CALIB[@]}" -o "$KLT" > /dev/null
+$BIN/eetool rate "$EFF" "$KLT" ${RATE_BUNDLES:-} --data "$EVAL" --wire-bits 6,5,4,3,2 --wire-budget 2500,3500 \
+    --codecs zstd,brotli -o "$REPORT/rate.png" --json > /dev/null
 
 if $BIN/python -c "from calibration.fashion_mnist import load_fashion_mnist; load_fashion_mnist('test')" 2>/dev/null; then
   echo "== 2. Fashion-MNIST reference CNN with two early exits"
