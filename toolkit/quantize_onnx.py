@@ -78,7 +78,10 @@ class QuantConfig:
         bias is not clipped to int32 (see ``_zero_dead_channels``).
     bias_correction: bias correction (``toolkit.bias_correction``: each Conv's int32 bias absorbs the mean
         output shift that its weight rounding causes, with input means measured on the calibration data).
-    bias_correction_samples: calibration samples used for it.
+    bias_correction_samples: calibration samples used for it (and for ``sequential_bias_correction``).
+    sequential_bias_correction: then the empirical, layer-by-layer pass
+        (``toolkit.bias_correction.correct_biases_sequential``): each Conv, in graph order, absorbs the whole
+        mean shift of its output against the float graph, measured with the earlier corrections in place.
     float_first_convs: keep the first N Conv nodes (graph order) in float: for the graph that reads the
         image, whose 3-channel stem conv is sensitive and gains little from int8 kernels.
     float_nodes: names of nodes (as in the graph after ``preprocess``) kept in float
@@ -102,6 +105,7 @@ class QuantConfig:
     zero_dead_channels: bool = False
     bias_correction: bool = False
     bias_correction_samples: int = 128
+    sequential_bias_correction: bool = False
     float_first_convs: int = 0
     float_nodes: tuple = ()
     extra_options: dict = field(default_factory=dict)
@@ -576,6 +580,13 @@ def quantize_graph(
 
             k = min(config.bias_correction_samples, n)
             bias_info = correct_biases(src, int8_path, {a: v[:k] for a, v in calib.items()}, batch=config.batch_size)
+        if config.sequential_bias_correction:
+            from .bias_correction import correct_biases_sequential
+
+            k = min(config.bias_correction_samples, n)
+            seq = correct_biases_sequential(src, int8_path, {a: v[:k] for a, v in calib.items()},
+                                            batch=config.batch_size, progress=progress)
+            bias_info = {**(bias_info or {}), "sequential": seq}
 
     qmodel = onnx.load(str(int8_path), load_external_data=False)
     io_names = list(_graph_inputs(qmodel)) + [o.name for o in qmodel.graph.output if o.name not in float_outputs]
