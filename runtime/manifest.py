@@ -280,8 +280,8 @@ class WireQuant(_Node):
     alpha: Optional[float] = doc("with `tail-kl`: the factor (0..1] the min/max range was shrunk by")
     kl_curve: Optional[List[List[float]]] = doc("with `tail-kl`: `[alpha, mean KL divergence]` for each factor tried")
     budget: Optional[int] = doc("with `budget`: the mean REQUEST frame size asked for, bytes")
-    frame_bytes: Optional[float] = doc("with `step` / `budget`: mean REQUEST frame size over (at most 64 of) the "
-                                       "calibration inputs at this step, bytes")
+    frame_bytes: Optional[float] = doc("with `step` / `budget`: mean size of REQUEST frames carrying this tensor "
+                                       "alone over (at most 64 of) the calibration inputs at this step, bytes")
     samples: Optional[int] = doc("calibration inputs the range was measured on")
 
     def params(self) -> Any:
@@ -301,6 +301,11 @@ class WireQuant(_Node):
             raise ManifestError(path + ".bits", "per-channel wire codes travel as n-bit codes: give `bits` (2..8)")
         if self.bits is not None and self.dtype != "uint8":
             raise ManifestError(path + ".dtype", "n-bit wire codes are uint8, got %r" % self.dtype)
+        if self.range == "budget" and (self.budget is None or self.budget < 1):
+            raise ManifestError(path + ".budget", "range `budget` needs the budget in bytes (>= 1), got %r"
+                                % (self.budget,))
+        if self.frame_bytes is not None and not self.frame_bytes > 0:
+            raise ManifestError(path + ".frame_bytes", "must be > 0, got %r" % (self.frame_bytes,))
 
 
 @dataclass
@@ -593,6 +598,22 @@ class WireTransform(_Node):
     explained: List[float] = doc("cumulative share of the total variance of the first 1..C components",
                                  factory=list)
 
+    def _check(self, path: str) -> None:
+        if len(self.shape) != 3 or any(not isinstance(d, int) or d < 1 for d in self.shape):
+            raise ManifestError(path + ".shape", "[C, H, W] of positive integers, got %r" % (self.shape,))
+        if self.samples < 1:
+            raise ManifestError(path + ".samples", "must be >= 1, got %r" % self.samples)
+        for name in ("variance", "explained"):
+            values = getattr(self, name)
+            if values and len(values) != self.shape[0]:
+                raise ManifestError("%s.%s" % (path, name), "one value per channel (%d), got %d"
+                                    % (self.shape[0], len(values)))
+        if any(v < 0 for v in self.variance):
+            raise ManifestError(path + ".variance", "variances are >= 0")
+        e = self.explained
+        if any(not 0 <= v <= 1.001 for v in e) or any(b < a for a, b in zip(e, e[1:])):
+            raise ManifestError(path + ".explained", "cumulative shares rise from 0 to 1")
+
 
 @dataclass
 class Manifest(_Node):
@@ -712,9 +733,12 @@ class Manifest(_Node):
             raise ManifestError(path + ".split", "%r is not one of the cuts %s" % (self.split, self.cuts))
         if self.bottleneck is not None and self.bottleneck.cut != self.split:
             raise ManifestError(path + ".bottleneck.cut", "%r is not the split %r" % (self.bottleneck.cut, self.split))
-        if self.wire_transform is not None and self.wire_transform.cut != self.split:
-            raise ManifestError(path + ".wire_transform.cut",
-                                "%r is not the split %r" % (self.wire_transform.cut, self.split))
+        t = self.wire_transform
+        if t is not None and t.cut != self.split:
+            raise ManifestError(path + ".wire_transform.cut", "%r is not the split %r" % (t.cut, self.split))
+        if t is not None and t.cut in self.tensors and list(self.tensors[t.cut].shape[1:]) != list(t.shape):
+            raise ManifestError(path + ".wire_transform.shape", "%r is not the shape of tensor %r, %r"
+                                % (t.shape, t.cut, self.tensors[t.cut].shape[1:]))
         device_out = {t for s in self.device_segments for t in s.outputs}
         for i, e in enumerate(self.exits):
             if e.input not in device_out:

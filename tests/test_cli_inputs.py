@@ -151,8 +151,13 @@ CONFLICTS = [
     ([*EXPORT, "--bottleneck", "DIR", "--exits", "DIR"], "--exits: exit branches are not exported with a bottleneck"),
     ([*EXPORT, "--wire-step", "4", "--wire-budget", "5000"], "--wire-step, --wire-budget: set the quantiser step two"),
     ([*EXPORT, "--wire-budget", "5000", "--wire-range", "mse"], "--wire-range: --wire-budget chooses the range (one step"),
-    ([*EXPORT, "--wire-step", "0"], "the quantiser step must be > 0"),
+    ([*EXPORT, "--wire-step", "0"], "--wire-step: the quantiser step must be a finite number > 0"),
+    ([*EXPORT, "--wire-step", "inf"], "--wire-step: the quantiser step must be a finite number > 0, got inf"),
+    ([*EXPORT, "--wire-budget", "5000", "--wire-codec", "none"], "a byte budget needs an entropy coder"),
+    (["export", "resnet18", "--split", "layer3.0.conv1", "--wire-budget", "15000", "-o", "OUT"],
+     "--wire-budget: bounds the frame of a single split tensor, and 2 tensors cross 'layer3.0.conv1'"),
     ([*EXPORT, "--wire-transform", "klt", "--exits", "DIR"], "--exits: exit branches are not exported with --wire-trans"),
+    ([*EXPORT, "--wire-transform", "klt", "--split", "pool.1"], "rotates the channels of an NCHW feature map"),
     ([*EXPORT, "--wire-transform", "klt", "--bottleneck", "DIR"], "--bottleneck: a bottleneck already reshapes"),
     (["export", "ONNX", "--split", "x", "--wire-transform", "klt", "-o", "OUT"],
      "--wire-transform: the transform is baked into PyTorch graphs"),
@@ -264,3 +269,16 @@ def test_a_bad_split_name_is_refused_before_any_data_is_read(tmp_path):
     r = run("export", "fashion-cnn", "--weights", tmp_path / "backbone.pt", "--split", "stage9",
             "--calib", tmp_path / "missing", "-o", tmp_path / "b")
     assert r.exit_code == 2 and "unknown split point 'stage9'" in r.output and "stage2" in r.output
+
+
+def test_a_step_the_data_refutes_is_refused_and_leaves_no_half_written_bundle(tmp_path):
+    """The step is checked against the representative features, so after the float graphs were written:
+    the refusal must still be one line that names the option, and the folder must be gone."""
+    out = tmp_path / "b"
+    res = run("export", "efficientnet-lite0", "--split", "blocks.5", "--format", "onnx", "--calib", "samples",
+              "--calib-samples", "4", "--verify-samples", "4", "--samples", "0", "--no-profile-graph",
+              "--wire-step", "0.0001", "-o", out)
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "--wire-step 0.0001 is finer than 8-bit codes can cover" in text and "give a step of at least" in text
+    assert "Traceback" not in res.output and not out.exists()

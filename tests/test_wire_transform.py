@@ -38,7 +38,7 @@ def test_klt_basis_decorrelates_orders_and_is_deterministic():
     np.testing.assert_array_equal(again[1], basis)
     with pytest.raises(WireTransformError, match="NCHW"):
         klt_basis(x[0])
-    with pytest.raises(WireTransformError, match="more calibration samples"):
+    with pytest.raises(WireTransformError, match="give --calib-samples 2 or more"):
         klt_basis(x[:1, :, :2, :2])
 
 
@@ -87,11 +87,29 @@ def test_budget_step_is_the_finest_step_within_the_budget(codec):
         budget_step("f", x, 8, 50, codec)
 
 
+def test_a_step_outside_the_data_range_is_refused():
+    from toolkit.calibrate import check_step, step_bounds
+
+    x = np.linspace(-3, 9, 50, dtype=np.float32).reshape(1, 2, 5, 5)
+    finest, coarsest = step_bounds(x, 8)
+    assert finest == pytest.approx(12 / 255) and coarsest == pytest.approx(6)
+    check_step("f", x, 8, finest)  # the edges: accepted
+    check_step("f", x, 8, coarsest)
+    with pytest.raises(ValueError, match="finer than 8-bit codes can cover.*at least 0.04706"):
+        check_step("f", x, 8, finest / 2)
+    with pytest.raises(ValueError, match="or more --wire-bits"):
+        check_step("f", x, 2, 1.0)
+    with pytest.raises(ValueError, match="fewer than three levels.*at most 6"):
+        check_step("f", x, 8, 7.0)
+
+
 def test_wire_codec_checks_its_fields():
     assert WireCodec(8, False, "step", step=2.0).nbit and WireCodec(8, False, "budget", budget=10).nbit
     assert not WireCodec().nbit
     for kwargs, msg in (({"range": "step"}, "give a step"), ({"range": "mse", "step": 1.0}, "give a step"),
-                        ({"range": "step", "step": -1.0}, "> 0"), ({"range": "budget", "budget": 0}, ">= 1"),
+                        ({"range": "step", "step": -1.0}, "> 0"), ({"range": "step", "step": float("nan")}, "finite"),
+                        ({"range": "budget", "budget": 0}, ">= 1"),
+                        ({"range": "budget", "budget": 9, "codec": "none"}, "needs an entropy coder"),
                         ({"range": "budget", "budget": 9, "per_channel": True}, "one step for every channel"),
                         ({"range": "nope"}, "range method must be one of")):
         with pytest.raises(ValueError, match=msg):
@@ -157,3 +175,35 @@ def test_klt_codes_cross_a_real_server(klt_bundle, verify_images):
 def test_klt_needs_one_single_tensor_split(effnet, calib_images):
     with pytest.raises(WireTransformError, match="one split point"):
         with_klt(effnet, ["blocks.3", "blocks.5"], calib_images.x)
+
+
+def test_a_byte_budget_is_refused_when_several_tensors_cross_the_cut(tmp_path, calib_images, verify_images):
+    """A REQUEST frame carries every tensor crossing the cut, so a budget met per tensor would not bound it."""
+    from toolkit.export import ExportOptions, export_bundle
+    from toolkit.sources import resolve
+
+    with pytest.raises(ValueError, match="2 tensors cross this cut"):
+        export_bundle(resolve("resnet18"), ExportOptions(split=["layer3.0.conv1"], out=tmp_path / "b", progress=False,
+                                                         wire=WireCodec(8, False, "budget", "zstd", budget=15000)),
+                      calib_images, verify_images.subset(range(4)))
+
+
+def test_manifest_refuses_inconsistent_transform_and_budget_fields(klt_bundle):
+    import json
+
+    from runtime.manifest import Manifest, ManifestError
+
+    good = json.loads((klt_bundle[0] / "manifest.json").read_text())
+    Manifest.from_json(good)
+    for edit, where in ((lambda m: m["wire_transform"].update(shape=[80, 7, 28]), "wire_transform.shape"),
+                        (lambda m: m["wire_transform"].update(shape=[80]), "wire_transform.shape"),
+                        (lambda m: m["wire_transform"].update(variance=[1.0] * 5), "wire_transform.variance"),
+                        (lambda m: m["wire_transform"].update(variance=[-1.0] * 80), "wire_transform.variance"),
+                        (lambda m: m["wire_transform"].update(explained=[5.0] * 80), "wire_transform.explained"),
+                        (lambda m: m["wire_transform"].update(samples=-3), "wire_transform.samples"),
+                        (lambda m: m["tensors"]["klt"]["quant"].pop("budget"), "quant.budget"),
+                        (lambda m: m["tensors"]["klt"]["quant"].update(frame_bytes=-1), "quant.frame_bytes")):
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        with pytest.raises(ManifestError, match=where.replace(".", r"\.")):
+            Manifest.from_json(bad)

@@ -8,6 +8,7 @@ see at run time.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +81,13 @@ class WireCodec:
         if (self.range == "step") != (self.step is not None) or (self.range == "budget") != (self.budget is not None):
             raise ValueError("give a step with range 'step' and a byte budget with range 'budget', and neither "
                              "with other range methods")
-        if self.step is not None and not self.step > 0:
-            raise ValueError(f"the quantiser step must be > 0, got {self.step}")
+        if self.step is not None and not (math.isfinite(self.step) and self.step > 0):
+            raise ValueError(f"the quantiser step must be a finite number > 0, got {self.step}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"the byte budget must be >= 1, got {self.budget}")
+        if self.budget is not None and self.codec == "none":
+            raise ValueError("a byte budget needs an entropy coder: without one every step sends the same bytes; "
+                             "choose a wire codec (zstd, brotli, lz4)")
         if self.per_channel and self.range in ("step", "budget"):
             raise ValueError(f"a {self.range} quantiser uses one step for every channel; drop per-channel")
 
@@ -126,6 +130,27 @@ def step_qparams(x: np.ndarray, bits: int, step: float) -> dict:
     return QuantParams("uint8", scale, int(np.clip(zp, 0, qmax)), bits=int(bits)).to_json()
 
 
+def step_bounds(x: np.ndarray, bits: int) -> tuple[float, float]:
+    """``(finest, coarsest)`` useful steps for the values ``x`` with ``2**bits`` codes: below ``finest``
+    (range / (2**bits - 1)) the codes no longer hold the observed range ``[min(x, 0), max(x, 0)]`` and its
+    ends clip; above ``coarsest`` (range / 2) fewer than three levels are left."""
+    span = (max(float(np.max(x)), 0.0) - min(float(np.min(x)), 0.0)) or 1.0
+    return span / ((1 << int(bits)) - 1), span / 2
+
+
+def check_step(name: str, x: np.ndarray, bits: int, step: float) -> None:
+    """Refuse a user's quantiser ``step`` outside :func:`step_bounds` for the representative values ``x``,
+    saying which steps work. Raises ValueError."""
+    finest, coarsest = step_bounds(x, bits)
+    if step < finest * (1 - 1e-3):
+        raise ValueError(f"{name}: --wire-step {step:g} is finer than {bits}-bit codes can cover: the representative "
+                         f"values span {finest * ((1 << int(bits)) - 1):.4g}, so steps below {finest:.4g} clip them; "
+                         f"give a step of at least {finest:.4g}" + (" or more --wire-bits" if bits < 8 else ""))
+    if step > coarsest:
+        raise ValueError(f"{name}: --wire-step {step:g} is coarser than half the representative values' range "
+                         f"({coarsest:.4g}): fewer than three levels would be left; give a step of at most {coarsest:.4g}")
+
+
 def frame_bytes(name: str, x: np.ndarray, q: dict, codec: str) -> float:
     """Mean size in bytes of the REQUEST frames (prefix, JSON header and entropy-coded payload, as
     :func:`runtime.protocol.encode_request` builds them) that send each sample of ``x`` ``(N, ...)`` as tensor
@@ -146,9 +171,7 @@ def budget_step(name: str, x: np.ndarray, bits: int, budget: int, codec: str, sa
     ``bits`` and half the range (three levels); bytes fall as the step grows. Returns ``(step, mean frame
     bytes)``; a budget the finest step already meets returns that step. Raises ValueError when even three
     levels exceed the budget, saying how many bytes they take."""
-    lo, hi = min(float(np.min(x)), 0.0), max(float(np.max(x)), 0.0)
-    span = (hi - lo) or 1.0
-    fine, coarse = span / ((1 << int(bits)) - 1), span / 2
+    fine, coarse = step_bounds(x, bits)
     first = np.asarray(x[:samples], np.float32)
 
     def cost(step: float) -> tuple[float, float]:
@@ -160,7 +183,7 @@ def budget_step(name: str, x: np.ndarray, bits: int, budget: int, codec: str, sa
         return best
     worst = cost(coarse)
     if worst[1] > budget:
-        raise ValueError(f"{name}: a budget of {budget} bytes per frame is out of reach with {codec}: even three "
+        raise ValueError(f"{name}: --wire-budget {budget} bytes per frame is out of reach with {codec}: even three "
                          f"levels (step {worst[0]:.4g}) take {worst[1]:,.0f} bytes; raise the budget")
     a, b, best = np.log(fine), np.log(coarse), worst
     for _ in range(iters):
@@ -280,12 +303,17 @@ def set_wire_qparams(manifest: Manifest, per_graph: dict, samples: int, wire: Wi
         extra: dict = {}
         if wire.range in ("step", "budget"):
             if wire.range == "budget":
+                if len(wire_names) > 1:  # one frame carries them all: a per-tensor budget would not bound it
+                    raise ValueError(f"--wire-budget bounds the frame of a single split tensor, and "
+                                     f"{len(wire_names)} tensors cross this cut ({', '.join(wire_names)}); choose a "
+                                     f"single-tensor split ('eetool inspect' marks them) or give --wire-step")
                 step, size = budget_step(name, seen[name], wire.bits, wire.budget, wire.codec)
-                extra = {"budget": wire.budget}
+                extra = {"budget": wire.budget, "frame_bytes": round(size, 1)}
             else:
                 step = wire.step
+                check_step(name, seen[name], wire.bits, step)
             q = step_qparams(seen[name], wire.bits, step)
-            extra["frame_bytes"] = round(frame_bytes(name, seen[name][:64], q, wire.codec), 1)
+            extra.setdefault("frame_bytes", round(frame_bytes(name, seen[name][:64], q, wire.codec), 1))
             spec.quant = WireQuant(**q, scheme=f"per-tensor affine, step {q['scale']:g}, {wire.bits}-bit codes",
                                    range=wire.range, **extra, samples=samples)
             continue

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -190,7 +191,7 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
     """Slice MODEL at --split into head (device) and tail (server) graphs, with exit branches, export them
     to ONNX / TFLite (float, and int8 with --int8), verify every graph against PyTorch on real inputs, and
     write a self-contained bundle to --out."""
-    from .export import ExportOptions, export_bundle
+    from .export import ExportOptions
 
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
     unknown = set(fmts) - {"onnx", "tflite"}
@@ -209,10 +210,9 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
                f"raise --verify-samples to at least {n_samples} or lower --samples")
     wire = _wire_codec(ctx, wire_bits, wire_per_channel, wire_range, wire_codec, wire_step, wire_budget)
     if wire_transform != "none":
-        refuse(given(ctx, "exits_dir"), "exit branches are not exported with --wire-transform; export them without "
-                                        "it, or drop {it}")
-        refuse(given(ctx, "bottleneck_dir"), "a bottleneck already reshapes the split feature; drop --wire-transform "
-                                             "or {it}")
+        refuse(given(ctx, "exits_dir"), "exit branches are not exported with --wire-transform; drop one of the two")
+        refuse(given(ctx, "bottleneck_dir"), "a bottleneck already reshapes the split feature; drop one of --wire-transform "
+                                             "and {it}")
     if bottleneck_dir:
         refuse(given(ctx, "exits_dir"), "exit branches are not exported with a bottleneck; export them without "
                                         "--bottleneck, or drop {it}")
@@ -227,8 +227,9 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
                                         "ONNX model is sliced as it is")
         refuse(given(ctx, "bottleneck_dir"), "a bottleneck is inserted into the PyTorch model it was trained on, not "
                                              "an .onnx file; give that model or drop {it}")
-        refuse(given(ctx, "wire_transform"), "the transform is baked into PyTorch graphs; an ONNX model is sliced "
-                                             "as it is, so drop {it}")
+        if wire_transform != "none":
+            refuse(["--wire-transform"], "the transform is baked into PyTorch graphs; an ONNX model is sliced as it "
+                                         "is, so drop {it}")
         if "tflite" in fmts:
             refuse(["--format"], "TFLite graphs are converted from PyTorch modules (litert-torch); for an ONNX "
                                  "model use --format onnx")
@@ -242,7 +243,11 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
 
         traced = TracedModel(src.model, torch.zeros(src.input_shape))  # names first, before any data is read
         for s in (s for s in split.split(",") if s):
-            traced.cut(s)
+            cut = traced.cut(s)
+            if wire_budget is not None and not cut.single_tensor and s == split.split(",")[-1]:
+                refuse(["--wire-budget"], f"bounds the frame of a single split tensor, and {len(cut.crossing)} tensors "
+                                          f"cross {s!r}; choose a single-tensor split ('eetool inspect' marks them) or "
+                                          f"give --wire-step")
     data_name = calib or default_data(src.preprocess)
     calib_ds = read_dataset(data_name, src.preprocess, limit=calib_samples, progress=True, spread=True)
     check_channels(calib_ds, src.input_shape)
@@ -272,8 +277,6 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         raise click.BadParameter(str(e), param_hint="--int8-targets")
     from runtime.codec import check_codec
 
-    from .calibrate import WireCodec
-
     check_codec(wire_codec)
     splits, section, transform = [s for s in split.split(",") if s], None, None
     if bottleneck_dir:
@@ -284,12 +287,11 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         from .wire_transform import with_klt
 
         src, splits, transform = with_klt(src, splits, calib_ds.x)
-    report = export_bundle(src, ExportOptions(split=splits, out=Path(out),
-                                              exits=exits, formats=fmts, int8=int8, quant=quant,
-                                              int8_targets=targets, qat=_qat_config(qat, qat_epochs),
-                                              layer_profile_graph=not no_profile_graph, samples=n_samples,
-                                              wire=wire, bottleneck=section, wire_transform=transform),
-                           calib_ds, verify_ds)
+    report = _export_or_clean(src, ExportOptions(split=splits, out=Path(out), exits=exits, formats=fmts, int8=int8,
+                                                 quant=quant, int8_targets=targets, qat=_qat_config(qat, qat_epochs),
+                                                 layer_profile_graph=not no_profile_graph, samples=n_samples,
+                                                 wire=wire, bottleneck=section, wire_transform=transform),
+                              calib_ds, verify_ds)
     if exits_dir and (Path(exits_dir) / "predictor.json").is_file():  # trained with 'eetool exits predictor train'
         from .exit_predictor import load_predictor
         from .exit_predictor_bundle import add_to_bundle, features_for
@@ -299,6 +301,19 @@ def export(ctx, model, weights, input_shape, preprocess, split, exits_dir, forma
         report["predictor"] = add_to_bundle(out, predictor, meta, features_for(b, calib_ds, meta["input"]),
                                             features_for(b, verify_ds, meta["input"]))
     _print_export_summary(Path(out), report)
+
+
+def _export_or_clean(src, opts, calib_ds, verify_ds) -> dict:
+    """export_bundle, and on failure no half-written folder left behind (a manifest is written last, so a
+    folder without one is this run's; the bundle it replaced was removed when the export began)."""
+    from .export import export_bundle
+
+    try:
+        return export_bundle(src, opts, calib_ds, verify_ds)
+    except BaseException:
+        if opts.out.is_dir() and not (opts.out / "manifest.json").exists():
+            shutil.rmtree(opts.out, ignore_errors=True)
+        raise
 
 
 def _wire_codec(ctx, bits: int, per_channel: bool, range_: str, codec: str, step: float | None,
