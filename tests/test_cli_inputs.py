@@ -157,7 +157,7 @@ CONFLICTS = [
     (["export", "resnet18", "--split", "layer3.0.conv1", "--wire-budget", "15000", "-o", "OUT"],
      "--wire-budget: bounds the frame of a single split tensor, and 2 tensors cross 'layer3.0.conv1'"),
     ([*EXPORT, "--wire-transform", "klt", "--exits", "DIR"], "--exits: exit branches are not exported with --wire-trans"),
-    ([*EXPORT, "--wire-transform", "klt", "--split", "pool.1"], "rotates the channels of an NCHW feature map"),
+    ([*EXPORT, "--wire-transform", "klt", "--split", "pool.1"], "not an NCHW feature map; the KLT rotates the channels of one"),
     ([*EXPORT, "--wire-transform", "klt", "--bottleneck", "DIR"], "--bottleneck: a bottleneck already reshapes"),
     (["export", "ONNX", "--split", "x", "--wire-transform", "klt", "-o", "OUT"],
      "--wire-transform: the transform is baked into PyTorch graphs"),

@@ -186,12 +186,9 @@ class Built:
 
 def _single(traced: TracedModel, name: str, role: str):
     cut = traced.cut(name)
-    if not cut.single_tensor:
-        raise BottleneckError(f"{role} {name!r} is crossed by {len(cut.crossing)} tensors; a bottleneck needs a "
-                              f"single-tensor cut ('eetool inspect' shows which cuts are)")
-    if len(cut.shapes[0]) != 4:
-        raise BottleneckError(f"{role} {name!r} carries a {len(cut.shapes[0])}-D tensor; a bottleneck needs an "
-                              f"NCHW feature map")
+    problem = cut.nchw_problem()
+    if problem:
+        raise BottleneckError(f"{role} {name!r} {problem}; a bottleneck needs one NCHW feature map")
     return cut
 
 

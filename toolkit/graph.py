@@ -101,6 +101,16 @@ class Cut:
     def single_tensor(self) -> bool:
         return len(self.crossing) == 1
 
+    def nchw_problem(self) -> str | None:
+        """Why the cut is not one NCHW feature map (what a bottleneck or a channel transform needs), as the end
+        of a sentence about it, e.g. ``is crossed by 2 tensors (...)``; None when it is one."""
+        if not self.single_tensor:
+            return (f"is crossed by {len(self.crossing)} tensors (a single-tensor cut is needed: 'eetool inspect' "
+                    f"marks them)")
+        if len(self.shapes[0]) != 4:
+            return f"carries a {len(self.shapes[0])}-D tensor of shape {tuple(self.shapes[0])}, not an NCHW feature map"
+        return None
+
     def elements_per_sample(self) -> int:
         """Number of scalars per sample that cross the cut (batch dimension excluded)."""
         total = 0

@@ -112,12 +112,10 @@ class TransformModel(nn.Module):
 def _head_tail(src: ModelSource, split: str) -> tuple[nn.Module, nn.Module, tuple]:
     traced = TracedModel(src.model.eval(), torch.zeros(src.input_shape))
     cut = traced.cut(split)  # SplitError (listing valid names) for an unknown one
-    if not cut.single_tensor:
-        raise WireTransformError(f"--wire-transform needs a split crossed by one tensor; {split!r} is crossed by "
-                                 f"{len(cut.crossing)} ('eetool inspect' shows which cuts are single tensors)")
-    if len(cut.shapes[0]) != 4:
-        raise WireTransformError(f"--wire-transform rotates the channels of an NCHW feature map; {split!r} carries "
-                                 f"shape {tuple(cut.shapes[0])}; choose a split before the feature is flattened")
+    problem = cut.nchw_problem()
+    if problem:
+        raise WireTransformError(f"--wire-transform: split point {split!r} {problem}; the KLT rotates the channels "
+                                 f"of one NCHW feature map")
     head, tail = slice_model(traced, order_cuts(traced, [split]))
     return head.module.eval(), tail.module.eval(), tuple(cut.shapes[0][1:])
 
