@@ -103,6 +103,15 @@ def _mean_shift(layer: dict, mean_in: np.ndarray) -> np.ndarray:
     return np.einsum("gcj,gj->gc", err.reshape(g, cout // g, cin_g), mean).reshape(cout)
 
 
+def _subtract_from_bias(inits: dict, layer: dict, shift: np.ndarray) -> None:
+    """``bias_q[c] -= round(shift_c / bias_scale[c])`` on the layer's int32 bias initialiser (in its own
+    scale, so exact in integer arithmetic), clipped to int32."""
+    bias = numpy_helper.to_array(inits[layer["bias"]]).astype(np.int64)
+    scale = numpy_helper.to_array(inits[layer["bias_scale"]]).astype(np.float64)
+    new = np.clip(bias - np.round(shift / scale).astype(np.int64), np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+    inits[layer["bias"]].CopyFrom(numpy_helper.from_array(new.astype(np.int32).reshape(bias.shape), layer["bias"]))
+
+
 def correct_biases(fp32_path: str | Path, qdq_path: str | Path, calib: dict[str, np.ndarray], batch: int = 16) -> dict:
     """Correct, in place, the int32 biases of every Conv of the QDQ graph at ``qdq_path`` for the mean
     output shift its weight rounding causes, against the float graph ``fp32_path`` (the graph that was
@@ -122,11 +131,7 @@ def correct_biases(fp32_path: str | Path, qdq_path: str | Path, calib: dict[str,
     for lay in layers:
         shift = _mean_shift(lay, means[lay["input"]])
         shifts.append(np.abs(shift))
-        bias = numpy_helper.to_array(inits[lay["bias"]]).astype(np.int64)
-        scale = numpy_helper.to_array(inits[lay["bias_scale"]]).astype(np.float64)
-        new = bias - np.round(shift / scale).astype(np.int64)
-        new = np.clip(new, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
-        inits[lay["bias"]].CopyFrom(numpy_helper.from_array(new.reshape(bias.shape), lay["bias"]))
+        _subtract_from_bias(inits, lay, shift)
     onnx.save(qmodel, str(qdq_path))
     return {"layers": len(layers), "mean_abs_shift": float(np.concatenate(shifts).mean())}
 
@@ -136,9 +141,9 @@ def correct_biases_sequential(fp32_path: str | Path, qdq_path: str | Path, calib
     """Empirical bias correction, layer by layer: correct, in place, the int32 bias of every Conv of the QDQ
     graph at ``qdq_path``, in graph order, by the whole mean shift of its output channels against the float
     graph ``fp32_path`` (node names shared; the Conv's own output, before any activation), each measured on
-    ``calib`` with every earlier correction in place (``progress``: a bar over the layers). Run after :func:`correct_biases`, it also removes
-    what input (activation) quantisation and the layers upstream shift, which the weight-rounding term
-    cannot see; measuring again after each correction is what keeps it from double-counting (Nagel et al.,
+    ``calib`` with every earlier correction in place (``progress``: a bar over the layers). Run after
+    :func:`correct_biases`, it also removes what input (activation) quantisation and the layers upstream
+    shift, which the weight-rounding term cannot see; measuring again after each correction is what keeps it from double-counting (Nagel et al.,
     ICCV 2019, sec. 4.2, empirical bias correction; Finkelstein et al., "Fighting Quantization Bias With
     Bias", 2019). One pass of the graph over ``calib`` per Conv.
 
@@ -159,10 +164,7 @@ def correct_biases_sequential(fp32_path: str | Path, qdq_path: str | Path, calib
         out = q_out[lay["name"]]
         shift = _channel_means(qmodel, [out], calib, batch)[out] - target[f_out[lay["name"]]]
         removed.append(np.abs(shift))
-        bias = numpy_helper.to_array(inits[lay["bias"]]).astype(np.int64)
-        scale = numpy_helper.to_array(inits[lay["bias_scale"]]).astype(np.float64)
-        new = np.clip(bias - np.round(shift / scale).astype(np.int64), np.iinfo(np.int32).min, np.iinfo(np.int32).max)
-        inits[lay["bias"]].CopyFrom(numpy_helper.from_array(new.astype(np.int32).reshape(bias.shape), lay["bias"]))
+        _subtract_from_bias(inits, lay, shift)
     after = _channel_means(qmodel, [q_out[lay["name"]] for lay in layers], calib, batch)
     left = [np.abs(after[q_out[lay["name"]]] - target[f_out[lay["name"]]]) for lay in layers]
     onnx.save(qmodel, str(qdq_path))
