@@ -348,8 +348,10 @@ class GraphQuantization(_Node):
     wide_tensors: Optional[Dict[str, str]] = doc("tensors quantised to 16 bits (ONNX)")
     io: Dict[str, IOQuant] = doc("encoding of every graph input / output, by our tensor name", factory=dict)
     config: Optional[Dict[str, Any]] = doc("the quantiser's configuration (toolkit.quantize_onnx.QuantConfig)")
-    bias_correction: Optional[Dict[str, Any]] = doc("ONNX: Conv biases corrected for their weight rounding "
-                                                    "(toolkit/bias_correction.py): layers, mean |shift|")
+    bias_correction: Optional[Dict[str, Any]] = doc("int32 biases corrected for the mean output shift of "
+                                                    "quantisation (toolkit/bias_correction.py, ONNX; "
+                                                    "toolkit/bias_correction_tflite.py, TFLite): layers, "
+                                                    "mean |shift| removed and left")
     sensitivity: Optional[List[List[Any]]] = doc("ONNX: [tensor, SQNR dB] of the most quantisation-sensitive "
                                                  "activations (onnxruntime qdq_loss_debug), when ranked")
 

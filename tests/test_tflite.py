@@ -306,3 +306,95 @@ def test_int8_pooling_matmuls_follow_their_input(tmp_path):
     spread = want.max() - want.min()
     assert np.abs(got - want).max() < 0.05 * spread, (np.abs(got - want).max(), spread)
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+def test_int16_logits_recipe_keeps_int8_weights_and_resolves_finer(images, tmp_path):
+    """float_outputs_recipe(kind="a16"): the logits' FULLY_CONNECTED computes int16 activations from int8
+    weights, the graph output is int16, and its logits are closer to the float graph's than those of the
+    plain int8 graph (whose 8-bit steps tie classes)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolkit.export_tflite import float_outputs_recipe
+    from toolkit.models.efficientnet_lite import efficientnet_lite0
+
+    m = efficientnet_lite0().eval()
+    clf = nn.Sequential(m.head, m.pool, m.classifier).eval()
+    calib, check = images
+    with torch.no_grad():
+        feats = m.blocks(m.stem(torch.from_numpy(np.concatenate([calib, check])))).numpy()
+    e = export_float(clf, (torch.from_numpy(feats[:2]),), str(tmp_path / "clf.tflite"), ["features"], ["logits"])
+    recipe = float_outputs_recipe(e["file"], ["logits"], e["name_map"], kind="a16")
+    assert recipe.count("+a16:") == 1 and "+float:" not in recipe
+    q16 = quantize_int8(e["file"], str(tmp_path / "a16.tflite"), {"features": feats[:16]}, recipe, name_map=e["name_map"])
+    q8 = quantize_int8(e["file"], str(tmp_path / "i8.tflite"), {"features": feats[:16]}, name_map=e["name_map"])
+    assert q16["io"]["logits"]["dtype"] == "int16" and q16["io"]["features"]["dtype"] == "int8"
+    assert q16["scheme"] == "full-integer" and q16["activations"].startswith("int16 (selected ops)")
+    it = Interpreter(model_path=str(tmp_path / "a16.tflite"))
+    dtypes = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+    (fc,) = [op for op in it._get_ops_details() if op["op_name"] == "FULLY_CONNECTED"]
+    assert dtypes[fc["inputs"][1]] == np.int8 and dtypes[fc["outputs"][0]] == np.int16
+    ref = LiteRTSession(e["file"], name_map=e["name_map"]).run({"features": feats[16:]})["logits"]
+    got16 = LiteRTSession(str(tmp_path / "a16.tflite"), name_map=e["name_map"]).run({"features": feats[16:]})["logits"]
+    got8 = LiteRTSession(str(tmp_path / "i8.tflite"), name_map=e["name_map"]).run({"features": feats[16:]})["logits"]
+    assert np.abs(got16 - ref).mean() < np.abs(got8 - ref).mean()
+    assert len(np.unique(got16)) > len(np.unique(got8))
+
+
+def test_sequential_bias_correction_edits_only_biases_and_removes_the_mean_shift(exported, quantized, images,
+                                                                                 tmp_path):
+    """toolkit.bias_correction_tflite: every int8 conv of the head is corrected in graph order; only bias
+    bytes change; the per-channel mean shift against the float graph shrinks on the calibration images and
+    on other images; graphs of different networks are refused."""
+    import shutil
+
+    from toolkit.bias_correction_tflite import _convs, correct_biases_sequential_tflite
+
+    d, eh, et = exported
+    calib, check = images
+    before, after = d / "head.int8.tflite", tmp_path / "head.int8.tflite"
+    shutil.copy(before, after)
+    info = correct_biases_sequential_tflite(eh["file"], after, {"input": calib}, eh["name_map"])
+    old, new = bytearray(before.read_bytes()), bytearray(after.read_bytes())
+    int8_layers = [c for c in _convs(old) if c["bias"] is not None]
+    assert info["layers"] == len(int8_layers) >= 8  # stem .. blocks.2
+    assert info["mean_abs_shift_after"] < 0.5 * info["mean_abs_shift"]
+    assert len(old) == len(new) and old != new
+    for buf in (old, new):  # with every bias zeroed, the files are identical
+        for c in _convs(buf):
+            if c["bias"] is not None:
+                c["bias"][:] = 0
+    assert old == new
+
+    def mean_shift(path):
+        ref = LiteRTSession(eh["file"], name_map=eh["name_map"]).run({"input": check})["blocks.2"]
+        got = LiteRTSession(str(path), name_map=eh["name_map"]).run({"input": check})["blocks.2"]
+        return np.abs((got - ref).mean(axis=(0, 2, 3))).mean()
+
+    assert mean_shift(after) < mean_shift(before)
+    with pytest.raises(ValueError, match="do not pair"):
+        correct_biases_sequential_tflite(et["file"], after, {"input": calib}, eh["name_map"])
+    with pytest.raises(ValueError, match="calibration inputs"):
+        correct_biases_sequential_tflite(eh["file"], after, {"image": calib}, eh["name_map"])
+
+
+def test_export_gives_tflite_int8_graphs_int16_logits_and_corrected_biases(predictor_bundle):
+    """eetool export's TFLite int8 graphs (Fashion CNN with two exits): every graph output no other graph
+    reads (tail and exit logits) is int16, the split features stay int8, and every graph with int8 convs
+    or fully connected layers had its biases corrected layer by layer, leaving less mean shift than it removed."""
+    from runtime.bundle import Bundle
+
+    out = predictor_bundle[0]
+    m = Bundle.load(out).manifest
+    owners = [o for o in m.owners if "tflite/int8" in o.graphs]
+    assert len(owners) >= 4  # head, tail, two exits
+    corrected = 0
+    for o in owners:
+        q = m.graphs[o.graphs["tflite/int8"]].quantization
+        for name in o.outputs:
+            assert q.io[name].dtype == ("int8" if name in m.tensors else "int16"), (o.name, name)
+        seq = q.bias_correction["sequential"]
+        assert q.bias_correction["samples"] >= 1
+        if seq["layers"]:  # the head's two convs stay float (first_convs_float_recipe): nothing to correct
+            assert seq["mean_abs_shift_after"] < seq["mean_abs_shift"], o.name
+            corrected += seq["layers"]
+    assert corrected >= 2

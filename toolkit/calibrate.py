@@ -401,12 +401,29 @@ def _as_int8(wire: WireQuant, io: IOQuant) -> WireQuant:
     return dataclasses.replace(wire, dtype=dtype, scale=io.scale, zero_point=zero_point, range="int8 head output")
 
 
-def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, progress, int8_segments=None):
+def tflite_correction_samples(quant: dict) -> int:
+    """Calibration samples for the layer-by-layer bias correction of TFLite int8 graphs under
+    :data:`RECIPE` + ``quant`` (QuantConfig fields: ``sequential_bias_correction``,
+    ``bias_correction_samples``, as for ONNX); 0 when it is off."""
+    from .quantize_onnx import QuantConfig
+
+    cfg = {**RECIPE, **quant}
+    if not cfg.get("sequential_bias_correction"):
+        return 0
+    return int(cfg.get("bias_correction_samples", QuantConfig.bias_correction_samples))
+
+
+def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, progress, int8_segments=None,
+                         correction_samples: int = 0):
     """Float (and with ``per_graph``, full-integer int8) TFLite graphs for every segment and exit, converted
     with litert-torch and quantised with ai-edge-quantizer on the same real per-graph inputs as ONNX.
     A tail's input scale / zero point are pinned to its head's output ones, so the int8 split feature
     passes from head to tail without requantisation. ``int8_segments`` (same names as ``segments``: a
-    fine-tuned or bias-corrected copy of the model) are the modules the int8 graphs are made from."""
+    fine-tuned or bias-corrected copy of the model) are the modules the int8 graphs are made from.
+    Graph outputs that no other graph reads (logits) get int16 activations: int8 logits tie the top
+    classes (toolkit.export_tflite.float_outputs_recipe). With ``correction_samples``, every int8 graph's
+    biases are then corrected layer by layer against the original float graph on that many of its inputs
+    (toolkit.bias_correction_tflite)."""
     from runtime.progress import progress as bar
 
     summary = {}
@@ -418,14 +435,17 @@ def export_tflite_graphs(out, manifest, segments, exits, values, per_graph, prog
         owners.append((owner, e.module, (values[owner.input],), e.module))
     fixed: dict = {}  # int8 encoding of every tensor produced so far, by our name
     for owner, module, args, int8_module in bar(owners, "TFLite graphs", "graph", enabled=progress):
-        _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, int8_module)
+        _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, int8_module,
+                     correction_samples, progress)
     return summary
 
 
-def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, int8_module=None):
+def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, int8_module=None,
+                 correction_samples: int = 0, progress: bool = False):
     import tempfile
 
-    from .export_tflite import describe_tflite, export_float, first_convs_float_recipe, quantize_int8
+    from .export_tflite import (describe_tflite, export_float, first_convs_float_recipe, float_outputs_recipe,
+                                quantize_int8)
 
     name, inputs, outputs = owner.name, owner.inputs, owner.outputs
     rel = f"graphs/{name}.fp32.tflite"
@@ -444,8 +464,17 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, 
             export_float(int8_module, tuple(a[:1] for a in args), src, inputs, outputs)
         # the graph reading the image keeps its first two convolutions float (see first_convs_float_recipe)
         recipe = first_convs_float_recipe(src) if manifest.input.name in inputs else "static_wi8_ai8_minmax"
+        logits = [o for o in outputs if o not in manifest.tensors]
+        if logits:  # int16 logits: 0.25-wide int8 steps tied the top two classes of 1 % of the images
+            recipe = float_outputs_recipe(src, logits, entry.get("name_map"), recipe, kind="a16")
         q = quantize_int8(src, out / rel8, per_graph[name], recipe, name_map=entry.get("name_map"),
                           fixed_io=pinned or None)
+        if correction_samples:
+            from .bias_correction_tflite import correct_biases_sequential_tflite
+
+            feeds = {k: v[:correction_samples] for k, v in per_graph[name].items()}
+            q["bias_correction"] = {"sequential": correct_biases_sequential_tflite(
+                out / rel, out / rel8, feeds, entry.get("name_map"), progress=progress), "samples": correction_samples}
     for n in outputs:
         if n in q.get("io", {}):
             fixed[n] = {"scale": q["io"][n]["scale"], "zero_point": q["io"][n]["zero_point"]}

@@ -135,9 +135,9 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
         report["int8"] = calibrate.quantize_onnx_graphs(out, manifest, int8_inputs, opts.quant, opts.progress,
                                                         tuple(opts.int8_targets), float_files=int8_files)
     if "tflite" in opts.formats:
-        report["tflite"] = calibrate.export_tflite_graphs(out, manifest, segments, opts.exits, values,
-                                                          int8_inputs if opts.int8 else None, opts.progress,
-                                                          int8_segments=int8_segments)
+        report["tflite"] = calibrate.export_tflite_graphs(
+            out, manifest, segments, opts.exits, values, int8_inputs if opts.int8 else None, opts.progress,
+            int8_segments=int8_segments, correction_samples=calibrate.tflite_correction_samples(opts.quant))
     shutil.rmtree(qat_dir, ignore_errors=True)
     if "onnx" not in opts.formats:
         _drop_format(out, manifest, "onnx")

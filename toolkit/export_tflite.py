@@ -413,15 +413,18 @@ def _signature_name(ours: str, name_map: Optional[Dict[str, str]], signature_nam
 
 
 def float_outputs_recipe(float_path: Union[str, os.PathLike], outputs: Iterable[str],
-                         name_map: Optional[Dict[str, str]] = None, base: str = "static_wi8_ai8_minmax") -> str:
-    """``base`` plus a ``+float:`` rule for the ops that compute the graph outputs ``outputs`` (our names):
-    the producing op and the layout ops (transpose / reshape) between it and the output.
+                         name_map: Optional[Dict[str, str]] = None, base: str = "static_wi8_ai8_minmax",
+                         kind: str = "float") -> str:
+    """``base`` plus a ``+float:`` rule (``kind="a16"``: a ``+a16:`` rule, int16 activations) for the ops that
+    compute the graph outputs ``outputs`` (our names): the producing op and the layout ops (transpose /
+    reshape) between it and the output.
 
     For classifier logits, as ``toolkit.quantize_onnx.quantize_graph(float_outputs=...)`` does for ONNX: the
     int8 input of the final FULLY_CONNECTED is dequantised before it, and it computes in float (under 1 % of
     the FLOPs, but its weights stay float: +3.8 MB for EfficientNet-Lite0's 1280x1000 classifier). eetool
-    export does not use it: on EfficientNet-Lite0 split after blocks.5 the int8 chain agreed as often either
-    way (96.0 %, bench/int8_recipe.py); the bench's "(float logits)" variant does.
+    export takes ``kind="a16"`` for logits instead: int8 weights, int16 output. Int8 logits of
+    EfficientNet-Lite0 move in 0.25 steps, which tied the two top classes of 4 of 400 held-out images (3 of
+    them then disagreed with float); int16 ties none and costs the tail 0.4 ms (0.42 -> 0.46x fp32).
     Raises ValueError for an output the graph does not have."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -443,7 +446,7 @@ def float_outputs_recipe(float_path: Union[str, os.PathLike], outputs: Iterable[
             op = producer.get(int(op["inputs"][0]))
     if not names:
         return base
-    return base + "+float:^(?:" + "|".join(re.escape(nm) for nm in names) + ");$"  # rules add up
+    return base + f"+{kind}:^(?:" + "|".join(re.escape(nm) for nm in names) + ");$"  # rules add up
 
 
 def quantize_int8(
