@@ -11,10 +11,12 @@ classifier's logits there (toolkit.batchnorm_stats): a randomly initialised ResN
 nearly the same logits for every photo and predicts a handful of classes, which makes agreement trivially
 high.
 
-As in ``eetool export --int8``, ONNX tails keep their logits float (``quantize_graph(float_outputs=...)``) and
-TFLite tails quantise them; the variants named "(int8 logits)" / "(float logits)" do the other, for comparison
-(TFLite: ``toolkit.export_tflite.float_outputs_recipe``). The NNCF and AdaRound variants quantise with those
-tools' own rules, logits included.
+As in ``eetool export --int8``, ONNX tails keep their logits float (``quantize_graph(float_outputs=...)``).
+TFLite variants quantise the logits to int8 unless named "(float logits)" or "(int16 logits)" (eetool export's
+TFLite default: int16, ``toolkit.export_tflite.float_outputs_recipe(kind="a16")``); "(int8 logits)" ONNX
+variants quantise them. "+seqBC" TFLite variants then correct the int8 graphs' biases layer by layer against
+the original float TFLite graphs on 128 inputs (toolkit.bias_correction_tflite), as eetool export does. The
+NNCF and AdaRound variants quantise with those tools' own rules, logits included.
 
 Columns: top-1 on --eval (when labelled), top-1 agreement with the float chain, top-5 agreement (the float
 chain's top-1 class among the int8 chain's five highest logits), agreement with only the head int8 (float
@@ -94,6 +96,13 @@ VARIANTS = {
     "TFLite int8 first 2 convs float": ("tflite", {"first_float": 2, "qat": False}, "any (XNNPACK)"),
     "TFLite int8 first 2 convs float +BC (float logits)": ("tflite", {"first_float": 2, "qat": False, "bc": True},
                                                            "any (XNNPACK)"),
+    "TFLite int8 first 2 convs float +BC (int16 logits)": ("tflite", {"first_float": 2, "qat": False, "bc": True},
+                                                           "any (XNNPACK)"),
+    # eetool export's TFLite default: + layer-by-layer correction of the int8 graphs' biases
+    "TFLite int8 first 2 convs float +BC +seqBC (int16 logits)": (
+        "tflite", {"first_float": 2, "qat": False, "bc": True, "seqbc": True}, "any (XNNPACK)"),
+    "TFLite int8 first 2 convs float +BC +seqBC": (
+        "tflite", {"first_float": 2, "qat": False, "bc": True, "seqbc": True}, "any (XNNPACK)"),
     "TFLite QAT int8": ("tflite", {"first_float": 0, "qat": True}, "any (XNNPACK)"),
     "TFLite QAT int8 first 2 convs float": ("tflite", {"first_float": 2, "qat": True}, "any (XNNPACK)"),
 }
@@ -239,10 +248,13 @@ def quantize_adaround(fp32: Path, int8: Path, calib: dict, opts: dict) -> dict:
 
 
 def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.ndarray, first_float: int,
-                float_logits: bool = False):
+                float_logits: bool = False, logits: str = "int8", correct: tuple | None = None):
     """Float and int8 TFLite head and tail from the fx modules in ``mods`` (toolkit.export_tflite, as
     eetool export writes them: head calibrated on images, tail on the float head's outputs, the tail's
-    input encoding pinned to the head's output encoding)."""
+    input encoding pinned to the head's output encoding). ``logits`` "float" / "int16" quantises the tail's
+    logits so (``float_logits`` True: "float"). ``correct``: (float head .tflite, float tail .tflite,
+    samples, tail inputs) to correct the int8 graphs' biases against, layer by layer
+    (toolkit.bias_correction_tflite), as eetool export does."""
     from toolkit.export_tflite import export_float, first_convs_float_recipe, float_outputs_recipe, quantize_int8
 
     head, tail, x, mid = mods
@@ -252,12 +264,21 @@ def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.nd
         fp = tmp / f"{tag}.{seg.name}.fp32.tflite"
         entry = export_float(seg.module, (arg,), fp, seg.inputs, seg.outputs)
         recipe = first_convs_float_recipe(fp, first_float) if (first_float and seg is head) else "static_wi8_ai8_minmax"
-        if seg is tail and float_logits:  # the logits' FULLY_CONNECTED stays float
-            recipe = float_outputs_recipe(fp, seg.outputs, entry["name_map"], recipe)
+        logits = "float" if float_logits else logits
+        if seg is tail and logits != "int8":  # the logits' FULLY_CONNECTED stays float / computes int16
+            recipe = float_outputs_recipe(fp, seg.outputs, entry["name_map"], recipe,
+                                          kind="a16" if logits == "int16" else "float")
         q8 = tmp / f"{tag}.{seg.name}.int8.tflite"
         q = quantize_int8(fp, q8, {seg.inputs[0]: calib}, recipe, name_map=entry["name_map"], fixed_io=fixed)
         if seg is head:
             fixed = {seg.outputs[0]: {k: q["io"][seg.outputs[0]][k] for k in ("scale", "zero_point")}}
+        if correct is not None:
+            from toolkit.bias_correction_tflite import correct_biases_sequential_tflite
+
+            ref_head, ref_tail, k, ref_mid = correct
+            inputs = calib_x[:k] if seg is head else ref_mid[:k]
+            q["bias_correction"] = correct_biases_sequential_tflite(
+                ref_head if seg is head else ref_tail, q8, {seg.inputs[0]: inputs}, entry["name_map"], progress=True)
         out[seg.name] = (Graph(fp, "tflite", entry["name_map"]), Graph(q8, "tflite", entry["name_map"]), q)
     (hf, h8, hq), (tf, t8, tq) = out[head.name], out[tail.name]
     return hf, h8, tf, t8, {"head": hq, "tail": tq}
@@ -416,8 +437,15 @@ def main(argv=None) -> None:
                         pairs["bc"] = (bh, bt, run(bh, in_name, cal.x))
                     tag = "bc"
                 cmid = pairs[tag][2]
-                ref_head, h8, ref_tail, t8, info = tflite_pair(mods[tag], tmp, f"{len(rows)}", cal.x, cmid,
-                                                               opts["first_float"], float_logits)
+                correct = None
+                if opts.get("seqbc"):  # against the original model's float TFLite graphs, on 128 inputs
+                    if "float-tflite" not in pairs:
+                        pairs["float-tflite"] = tflite_pair(mods["float"], tmp, "ref", cal.x[:8], float_mid[:8], 0)
+                    fl = pairs["float-tflite"]
+                    correct = (fl[0].path, fl[2].path, 128, float_mid)
+                ref_head, h8, ref_tail, t8, info = tflite_pair(
+                    mods[tag], tmp, f"{len(rows)}", cal.x, cmid, opts["first_float"], float_logits,
+                    "int16" if name.endswith("(int16 logits)") else "int8", correct)
                 if opts["qat"]:  # latency against the original model's float TFLite graphs
                     ref_head, _, ref_tail, _, _ = tflite_pair(mods["float"], tmp, f"{len(rows)}f", cal.x[:8],
                                                               float_mid[:8], 0)
