@@ -398,3 +398,22 @@ def test_export_gives_tflite_int8_graphs_int16_logits_and_corrected_biases(predi
             assert seq["mean_abs_shift_after"] < seq["mean_abs_shift"], o.name
             corrected += seq["layers"]
     assert corrected >= 2
+
+
+def test_eval_agreement_is_against_the_float_chain_of_the_same_format(predictor_bundle):
+    """evaluate_bundle: a TFLite int8 chain's agreement is with the TFLite fp32 chain, whatever the order of
+    the pairs; with no TFLite fp32 chain, with the ONNX fp32 one; the result keeps the requested order."""
+    from calibration.fashion_mnist import PREPROCESS
+    from calibration.readers import read_dataset
+    from runtime.bundle import Bundle
+    from toolkit.evaluate import evaluate_bundle
+
+    b = Bundle.load(predictor_bundle[0])
+    test = read_dataset("fashion-mnist:test", PREPROCESS, limit=200)
+    r = evaluate_bundle(b, test, batch=100, pairs=["tflite/int8", "onnx/fp32", "tflite/fp32"])["chains"]
+    assert list(r) == ["tflite/int8", "onnx/fp32", "tflite/fp32"]
+    assert r["tflite/int8"]["agreement_reference"] == "tflite/fp32"
+    assert r["tflite/fp32"]["agreement_reference"] == "tflite/fp32" and r["tflite/fp32"]["agreement_with_fp32"] == 1.0
+    assert 0.9 <= r["tflite/int8"]["agreement_with_fp32"] <= 1.0
+    r = evaluate_bundle(b, test, batch=100, pairs=["tflite/int8", "onnx/fp32"])["chains"]
+    assert r["tflite/int8"]["agreement_reference"] == "onnx/fp32"

@@ -419,7 +419,8 @@ def eval_(bundle, data, offset, limit, include_calibration, as_json):
                f"({result['excluded_calibration_samples']} calibration samples excluded)")
     for pair, e in result["chains"].items():
         top1 = f"top-1 {e['top1']:.2%}" if "top1" in e else "unlabelled"
-        agree = f"  agreement with onnx/fp32 {e['agreement_with_fp32']:.2%}" if "agreement_with_fp32" in e else ""
+        agree = (f"  agreement with {e['agreement_reference']} {e['agreement_with_fp32']:.2%}"
+                 if "agreement_with_fp32" in e and e["agreement_reference"] != pair else "")
         click.echo(f"  {pair:12s} {top1}{agree}")
         for name, x in e.get("exits", {}).items():
             click.echo(f"    {name}: " + ", ".join(f"{k} {v:.2%}" for k, v in x.items()))

@@ -1,5 +1,6 @@
 """``eetool eval``: top-1 accuracy of every chain of a bundle (each format x precision) and of each exit
-on labelled real data, plus agreement of every chain with the bundle's float ONNX chain."""
+on labelled real data, plus agreement of every chain with the bundle's float chain of the same format
+(the float ONNX chain when that format has none)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,13 +13,17 @@ from runtime.chain import Chain
 def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[str] | None = None) -> dict:
     """Run every chain in ``pairs`` (default: all the bundle has) over ``data`` (float32 NCHW).
 
-    Returns ``{"samples", "labelled", "chains": {pair: {"top1", "agreement_with_fp32", "exits": {...}}}}``;
-    ``top1`` is present only when ``data`` has labels."""
+    Returns ``{"samples", "labelled", "chains": {pair: {"top1", "agreement_with_fp32", "agreement_reference",
+    "exits": {...}}}}``: top-1 agreement with the fp32 chain of the same format (``agreement_reference``
+    names it; onnx/fp32 when the format has no fp32 chain). ``top1`` is present only when ``data`` has
+    labels."""
     from runtime.progress import progress
 
     result: dict = {"samples": len(data), "labelled": data.y is not None, "source": data.source, "chains": {}}
-    reference = None
-    for pair in pairs or bundle.formats():
+    references: dict = {}  # format -> predictions of its fp32 chain
+    order = list(pairs or bundle.formats())
+    # fp32 chains first: each is the reference of the chains of its format
+    for pair in sorted(order, key=lambda p: (p.split("/")[1] != "fp32", p.split("/")[0] != "onnx")):
         fmt, precision = pair.split("/")
         chain = Chain(bundle, "all", fmt, precision)
         finals, exits = [], {}
@@ -31,10 +36,12 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
         entry: dict = {}
         if data.y is not None:
             entry["top1"] = float((pred == data.y).mean())
-        if pair == "onnx/fp32":
-            reference = pred
-        if reference is not None:
-            entry["agreement_with_fp32"] = float((pred == reference).mean())
+        if precision == "fp32":
+            references[fmt] = pred
+        ref_fmt = fmt if fmt in references else "onnx"
+        if ref_fmt in references:
+            entry["agreement_with_fp32"] = float((pred == references[ref_fmt]).mean())
+            entry["agreement_reference"] = f"{ref_fmt}/fp32"
         if exits:
             entry["exits"] = {}
             for name, parts in exits.items():
@@ -54,4 +61,5 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
                     "accuracy": predicted.accuracy, "mflops_per_sample": predicted.expected_mflops,
                     "exit_rates": dict(zip([e.name for e in bundle.exits] + ["final"], predicted.exit_rates))}
         result["chains"][pair] = entry
+    result["chains"] = {p: result["chains"][p] for p in order}
     return result
