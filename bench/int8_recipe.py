@@ -440,9 +440,13 @@ def main(argv=None) -> None:
                 correct = None
                 if opts.get("seqbc"):  # against the original model's float TFLite graphs, on 128 inputs
                     if "float-tflite" not in pairs:
-                        pairs["float-tflite"] = tflite_pair(mods["float"], tmp, "ref", cal.x[:8], float_mid[:8], 0)
-                    fl = pairs["float-tflite"]
-                    correct = (fl[0].path, fl[2].path, 128, float_mid)
+                        from toolkit.export_tflite import export_float
+
+                        seg_h, seg_t, x1, mid1 = mods["float"]
+                        pairs["float-tflite"] = [
+                            export_float(seg.module, (arg,), tmp / f"ref.{seg.name}.fp32.tflite", seg.inputs,
+                                         seg.outputs)["file"] for seg, arg in ((seg_h, x1), (seg_t, mid1))]
+                    correct = (*pairs["float-tflite"], 128, float_mid)
                 ref_head, h8, ref_tail, t8, info = tflite_pair(
                     mods[tag], tmp, f"{len(rows)}", cal.x, cmid, opts["first_float"], float_logits,
                     "int16" if name.endswith("(int16 logits)") else "int8", correct)

@@ -103,13 +103,19 @@ def _mean_shift(layer: dict, mean_in: np.ndarray) -> np.ndarray:
     return np.einsum("gcj,gj->gc", err.reshape(g, cout // g, cin_g), mean).reshape(cout)
 
 
+def int32_bias_minus(bias: np.ndarray, shift: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``bias[c] - round(shift_c / scale[c])``, clipped to int32: a float shift (output units) taken out of
+    an int32 bias stored in ``scale`` (``input_scale * weight_scale[c]``), exact in integer arithmetic.
+    int32 array of ``bias``'s shape."""
+    new = np.asarray(bias, np.int64) - np.round(np.asarray(shift, np.float64) / scale).astype(np.int64)
+    return np.clip(new, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32).reshape(np.shape(bias))
+
+
 def _subtract_from_bias(inits: dict, layer: dict, shift: np.ndarray) -> None:
-    """``bias_q[c] -= round(shift_c / bias_scale[c])`` on the layer's int32 bias initialiser (in its own
-    scale, so exact in integer arithmetic), clipped to int32."""
-    bias = numpy_helper.to_array(inits[layer["bias"]]).astype(np.int64)
+    """``bias_q[c] -= round(shift_c / bias_scale[c])`` on the layer's int32 bias initialiser."""
+    bias = numpy_helper.to_array(inits[layer["bias"]])
     scale = numpy_helper.to_array(inits[layer["bias_scale"]]).astype(np.float64)
-    new = np.clip(bias - np.round(shift / scale).astype(np.int64), np.iinfo(np.int32).min, np.iinfo(np.int32).max)
-    inits[layer["bias"]].CopyFrom(numpy_helper.from_array(new.astype(np.int32).reshape(bias.shape), layer["bias"]))
+    inits[layer["bias"]].CopyFrom(numpy_helper.from_array(int32_bias_minus(bias, shift, scale), layer["bias"]))
 
 
 def correct_biases(fp32_path: str | Path, qdq_path: str | Path, calib: dict[str, np.ndarray], batch: int = 16) -> dict:

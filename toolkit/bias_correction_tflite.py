@@ -24,6 +24,8 @@ import numpy as np
 
 from runtime.progress import progress as bar
 
+from .bias_correction import int32_bias_minus
+
 __all__ = ["correct_biases_sequential_tflite"]
 
 
@@ -150,8 +152,7 @@ def correct_biases_sequential_tflite(reference_path: str | Path, int8_path: str 
     for r, q in bar(pairs, f"bias correction, layer by layer: {Path(int8_path).name}", "layer", enabled=progress):
         shift = _channel_means(buf, feeds, [q["output"]], threads)[q["output"]] - target[r["output"]]
         removed.append(np.abs(shift))
-        new = q["bias"].astype(np.int64) - np.round(shift / q["bias_scale"]).astype(np.int64)
-        q["bias"][:] = np.clip(new, np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+        q["bias"][:] = int32_bias_minus(q["bias"], shift, q["bias_scale"])
     after = _channel_means(buf, feeds, [q["output"] for _, q in pairs], threads)
     left = [np.abs(after[q["output"]] - target[r["output"]]) for r, q in pairs]
     Path(int8_path).write_bytes(bytes(buf))
