@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from runtime.progress import progress as bar
+from runtime.quant import QuantParams
 
 from .bias_correction import int32_bias_minus
 
@@ -93,16 +94,14 @@ def _channel_means(model: bytes, feeds: List[Dict[str, np.ndarray]], tensors: Li
         for name, x in feed.items():
             d = inputs[name]
             if d["dtype"] != np.float32:
-                scale, zp = d["quantization"]
-                info = np.iinfo(d["dtype"])
-                x = np.clip(np.round(x / scale) + zp, info.min, info.max)
+                x = QuantParams(np.dtype(d["dtype"]).name, *d["quantization"]).quantize(x)
             args[name] = np.ascontiguousarray(x, dtype=d["dtype"])
         runner(**args)
         for t in tensors:
             v = it.get_tensor(t)
-            scale, zp = details[t]["quantization"]
-            v = (v.astype(np.float64) - zp) * scale if v.dtype != np.float32 else v.astype(np.float64)
-            v = v.reshape(-1, v.shape[-1])
+            if v.dtype != np.float32:
+                v = QuantParams(v.dtype.name, *details[t]["quantization"]).dequantize(v)
+            v = v.reshape(-1, v.shape[-1]).astype(np.float64)
             sums[t] = sums.get(t, 0.0) + v.sum(0)
             count[t] = count.get(t, 0) + v.shape[0]
     return {t: sums[t] / count[t] for t in tensors}
