@@ -183,9 +183,9 @@ def bias_corrected_model(model, x: np.ndarray, qmax: int = 127, batch: int = 16)
     absorb the mean shift of rounding each folded weight to symmetric per-channel int ``[-qmax, qmax]``
     (the int8 weight scheme of onnxruntime and of ai-edge-quantizer): ``b -= sum_{i,k} (W~ - W)[c,i,k] E[x_i]``
     with ``E[x_i]`` the per-channel mean of the layer's input over ``x`` (float32 NCHW, the
-    representative inputs). For quantisers whose int32 biases cannot be edited after the fact (TFLite):
-    the quantiser then rounds the unchanged weights and quantises the corrected bias. Returns the copy
-    (eval mode, same module names)."""
+    representative inputs). For the TFLite int8 graphs, made by a quantiser that takes float models
+    (ai-edge-quantizer): it then rounds the unchanged weights and quantises the corrected bias. Returns the
+    copy (eval mode, same module names)."""
     import torch
 
     from .qat import fold_batchnorm

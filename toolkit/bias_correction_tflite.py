@@ -5,8 +5,8 @@ Finkelstein et al., "Fighting Quantization Bias With Bias", 2019) -- the TFLite 
 
 ai-edge-quantizer writes each int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED with an int32 bias in the
 scale ``input_scale * weight_scale[c]``. Here, in graph order, each such layer's int32 bias absorbs the
-mean shift of its output channels against the float graph it came from, measured with TFLite's own int8
-kernels on the representative inputs and with every earlier correction in place. The bias values are
+mean shift of its output channels against the float graph it came from, measured with TFLite's builtin
+int8 kernels on the representative inputs and with every earlier correction in place. The bias values are
 edited in the flatbuffer's bytes: nothing else in the file changes (no re-serialisation).
 
 TFLite fuses the activation (ReLU / ReLU6) into the convolution, so only the activated output can be
@@ -16,7 +16,7 @@ channel's share of unclipped outputs was tried as well: on EfficientNet-Lite0 it
 """
 from __future__ import annotations
 
-import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
@@ -36,6 +36,8 @@ def _convs(buf: bytearray) -> List[dict]:
     bias in ``buf`` and its per-channel scale (``input_scale * weight_scale``)."""
     from ai_edge_litert import schema_py_generated as fb
 
+    if not fb.Model.ModelBufferHasIdentifier(buf, 0):
+        raise ValueError("not a TFLite flatbuffer (no 'TFL3' identifier)")
     model = fb.Model.GetRootAs(buf, 0)
     sub = model.Subgraphs(0)
     kinds = {fb.BuiltinOperator.CONV_2D: fb.Conv2DOptions, fb.BuiltinOperator.DEPTHWISE_CONV_2D: fb.DepthwiseConv2DOptions,
@@ -51,7 +53,8 @@ def _convs(buf: bytearray) -> List[dict]:
         table = op.BuiltinOptions()
         opts.Init(table.Bytes, table.Pos)
         layer = {"op": i, "output": int(op.Outputs(0)), "activation": int(opts.FusedActivationFunction()),
-                 "shape": tuple(sub.Tensors(op.Outputs(0)).ShapeAsNumpy()[1:]), "bias": None}
+                 "shape": tuple(sub.Tensors(op.Outputs(0)).ShapeAsNumpy()[1:]), "bias": None,
+                 "int8": sub.Tensors(op.Inputs(1)).Type() == fb.TensorType.INT8}
         w, b = sub.Tensors(op.Inputs(1)), (sub.Tensors(op.Inputs(2)) if op.InputsLength() > 2 and op.Inputs(2) >= 0 else None)
         if w.Type() == fb.TensorType.INT8 and b is not None and b.Type() == fb.TensorType.INT32:
             data = model.Buffers(b.Buffer())
@@ -60,6 +63,7 @@ def _convs(buf: bytearray) -> List[dict]:
             else:
                 view = data.DataAsNumpy().view(np.int32)
             layer["bias"] = view
+            layer["bias_buffer"] = int(b.Buffer())
             layer["bias_scale"] = b.Quantization().ScaleAsNumpy().astype(np.float64)
         out.append(layer)
     return out
@@ -68,10 +72,8 @@ def _convs(buf: bytearray) -> List[dict]:
 def _interpreter(model: bytes, threads: int):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    with warnings.catch_warnings():  # its warning is about memory: intermediate tensors are what is read here
-        warnings.simplefilter("ignore", UserWarning)
-        it = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it = Interpreter(model_content=bytes(model), num_threads=threads, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     it.allocate_tensors()
     return it
 
@@ -124,19 +126,31 @@ def correct_biases_sequential_tflite(reference_path: str | Path, int8_path: str 
     calib: input name -> float32 array ``(N, ...)`` of real inputs in the graphs' own layout, fed one sample
     at a time (batch-1 graphs); our tensor names, mapped to signature names by ``name_map`` as in
     :func:`toolkit.export_tflite.quantize_int8`.
-    Returns ``{"layers": corrected count, "mean_abs_shift": mean |shift| removed, "mean_abs_shift_after":
-    mean |shift| left, measured once more at the end}`` (shifts in the outputs' float units).
-    Raises ValueError when the graphs' layers do not pair up or ``calib`` does not name the graph's inputs."""
+    A bias buffer that several layers share (a weight-tied layer whose uses got the same input scale) is
+    left alone: one value cannot take two corrections.
+
+    The shifts are measured with TFLite's builtin kernels: reading every intermediate tensor needs them,
+    while the runtime runs XNNPACK's. Both follow TFLite's int8 specification, but their rounding can
+    differ by a step now and then.
+
+    Returns ``{"layers": corrected count, "shared_skipped": layers left alone for a shared bias,
+    "mean_abs_shift": mean |shift| removed, "mean_abs_shift_after": mean |shift| left, measured once
+    more at the end}`` (shifts in the outputs' float units).
+    Raises ValueError when a file is not TFLite, the reference has int8 layers (it must be the float
+    graph), the graphs' layers do not pair up, ``calib`` does not name the graph's inputs or has no
+    samples; ``int8_path`` is then unchanged."""
     ref_bytes = Path(reference_path).read_bytes()
     buf = bytearray(Path(int8_path).read_bytes())
-    ref_convs, q_convs = _convs(bytearray(ref_bytes)), _convs(buf)
+    try:
+        ref_convs, q_convs = _convs(bytearray(ref_bytes)), _convs(buf)
+    except ValueError as e:
+        raise ValueError(f"{reference_path} / {int8_path}: {e}") from None
+    if any(r["int8"] for r in ref_convs):
+        raise ValueError(f"{reference_path} has int8 layers; the reference must be the float graph")
     if len(ref_convs) != len(q_convs) or any((r["activation"], r["shape"]) != (q["activation"], q["shape"])
                                              for r, q in zip(ref_convs, q_convs)):
         raise ValueError(f"{int8_path}: its {len(q_convs)} conv / fully connected layers do not pair with the "
                          f"{len(ref_convs)} of {reference_path}; quantise the graph converted from the same network")
-    pairs = [(r, q) for r, q in zip(ref_convs, q_convs) if q["bias"] is not None]
-    if not pairs:
-        return {"layers": 0, "mean_abs_shift": 0.0, "mean_abs_shift_after": 0.0}
     from .export_tflite import SIGNATURE, _signature_name
     from ai_edge_litert.interpreter import Interpreter
 
@@ -144,7 +158,14 @@ def correct_biases_sequential_tflite(reference_path: str | Path, int8_path: str 
     calib = {_signature_name(k, name_map, sig_in): v for k, v in calib.items()}
     if set(calib) != set(sig_in):
         raise ValueError(f"calibration inputs {sorted(calib)} do not match the graph's inputs {sorted(sig_in)}")
-    n = len(next(iter(calib.values())))
+    n = min(len(v) for v in calib.values())
+    if n < 1:
+        raise ValueError("no calibration samples for the bias correction")
+    users = Counter(q["bias_buffer"] for q in q_convs if q["bias"] is not None)
+    pairs = [(r, q) for r, q in zip(ref_convs, q_convs) if q["bias"] is not None and users[q["bias_buffer"]] == 1]
+    shared = sum(1 for q in q_convs if q["bias"] is not None) - len(pairs)
+    if not pairs:
+        return {"layers": 0, "shared_skipped": shared, "mean_abs_shift": 0.0, "mean_abs_shift_after": 0.0}
     feeds = [{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)]
     target = _channel_means(ref_bytes, feeds, [r["output"] for r, _ in pairs], threads)
     removed = []
@@ -155,5 +176,5 @@ def correct_biases_sequential_tflite(reference_path: str | Path, int8_path: str 
     after = _channel_means(buf, feeds, [q["output"] for _, q in pairs], threads)
     left = [np.abs(after[q["output"]] - target[r["output"]]) for r, q in pairs]
     Path(int8_path).write_bytes(bytes(buf))
-    return {"layers": len(pairs), "mean_abs_shift": float(np.concatenate(removed).mean()),
+    return {"layers": len(pairs), "shared_skipped": shared, "mean_abs_shift": float(np.concatenate(removed).mean()),
             "mean_abs_shift_after": float(np.concatenate(left).mean())}

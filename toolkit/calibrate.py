@@ -474,7 +474,8 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, 
 
             feeds = {k: v[:correction_samples] for k, v in per_graph[name].items()}
             q["bias_correction"] = {"sequential": correct_biases_sequential_tflite(
-                out / rel, out / rel8, feeds, entry.get("name_map"), progress=progress), "samples": correction_samples}
+                out / rel, out / rel8, feeds, entry.get("name_map"), progress=progress),
+                "samples": min(len(v) for v in feeds.values())}
     for n in outputs:
         if n in q.get("io", {}):
             fixed[n] = {"scale": q["io"][n]["scale"], "zero_point": q["io"][n]["zero_point"]}

@@ -1,6 +1,6 @@
 """``eetool eval``: top-1 accuracy of every chain of a bundle (each format x precision) and of each exit
-on labelled real data, plus agreement of every chain with the bundle's float chain of the same format
-(the float ONNX chain when that format has none)."""
+on labelled real data, plus agreement of every int8 chain with the float chain of its format, and of every
+other float chain with the float ONNX chain."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +14,9 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
     """Run every chain in ``pairs`` (default: all the bundle has) over ``data`` (float32 NCHW).
 
     Returns ``{"samples", "labelled", "chains": {pair: {"top1", "agreement_with_fp32", "agreement_reference",
-    "exits": {...}}}}``: top-1 agreement with the fp32 chain of the same format (``agreement_reference``
-    names it; onnx/fp32 when the format has no fp32 chain). ``top1`` is present only when ``data`` has
-    labels."""
+    "exits": {...}}}}``: top-1 agreement of an int8 chain with the fp32 chain of its format, of an fp32
+    chain (and of an int8 chain whose format has none) with onnx/fp32; ``agreement_reference`` names it.
+    ``top1`` is present only when ``data`` has labels."""
     from runtime.progress import progress
 
     result: dict = {"samples": len(data), "labelled": data.y is not None, "source": data.source, "chains": {}}
@@ -38,7 +38,7 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, batch: int = 16, pairs: list[
             entry["top1"] = float((pred == data.y).mean())
         if precision == "fp32":
             references[fmt] = pred
-        ref_fmt = fmt if fmt in references else "onnx"
+        ref_fmt = fmt if fmt in references and precision != "fp32" else "onnx"
         if ref_fmt in references:
             entry["agreement_with_fp32"] = float((pred == references[ref_fmt]).mean())
             entry["agreement_reference"] = f"{ref_fmt}/fp32"

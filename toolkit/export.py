@@ -123,8 +123,9 @@ def export_bundle(source: ModelSource, opts: ExportOptions, calib: Dataset, veri
             int8_segments, int8_inputs, int8_files, report["qat"] = _fine_tuned_graphs(
                 source.model, sample, list(manifest.cuts), opts, calib, manifest, qat_dir)
         elif "tflite" in opts.formats and {**calibrate.RECIPE, **opts.quant}.get("bias_correction"):
-            # ai-edge-quantizer's int32 biases cannot be corrected afterwards (ONNX ones are, in quantize_onnx):
-            # the TFLite int8 graphs are made from a copy whose float biases already absorb the rounding shift
+            # the TFLite int8 graphs are made from a copy whose float biases already absorb the weight-rounding
+            # shift (the ONNX graphs get it in their int32 biases, in quantize_onnx); the layer-by-layer pass
+            # then corrects the TFLite int32 biases (calibrate.export_tflite_graphs)
             from .bias_correction import bias_corrected_model
 
             traced_bc = TracedModel(bias_corrected_model(source.model, calib.x), sample)
