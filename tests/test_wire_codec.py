@@ -122,3 +122,40 @@ def test_server_takes_a_crop_sized_image_as_the_crop(imagenet_source, calib_imag
     b2 = io.BytesIO()
     big.save(b2, "PNG")
     assert decode_image(b2.getvalue(), spec).shape == (3, 224, 224)
+
+
+def test_int8_graphs_meet_an_nbit_wire_on_its_grid(tmp_path):
+    """export --int8 with a 4-bit wire (Fashion CNN, ONNX and TFLite): the int8 device graph's output and the
+    int8 server graph's input are quantised on the wire's own grid (toolkit.calibrate.wire_grid_pins), so the
+    device's int8 feature requantises to the n-bit codes exactly and the decoded codes enter the tail exactly."""
+    import torch
+
+    from calibration.fashion_mnist import PREPROCESS
+    from calibration.readers import read_dataset
+    from toolkit.calibrate import wire_grid_pins
+    from toolkit.export import ExportOptions, export_bundle
+    from toolkit.models.small_cnn import SmallCNN
+    from toolkit.sources import ModelSource
+
+    torch.manual_seed(0)
+    calib = read_dataset("fashion-mnist:train", PREPROCESS, limit=64, spread=True)
+    verify = read_dataset("fashion-mnist:test", PREPROCESS, limit=16)
+    src = ModelSource("fashion-cnn", "zoo", SmallCNN().eval(), (1, 1, 28, 28), PREPROCESS)
+    out = tmp_path / "b"
+    export_bundle(src, ExportOptions(split=["stage2"], out=out, int8=True, formats=("onnx", "tflite"), progress=False,
+                                     layer_profile_graph=False, wire=WireCodec(4, False, "minmax")), calib, verify)
+    b = Bundle.load(out)
+    m = b.manifest
+    wq = m.tensors["stage2"].quant
+    assert (wq.bits, wq.axis) == (4, None)
+    assert wire_grid_pins(m, ["stage2", "logits"], "int8") == {"stage2": {"scale": wq.scale,
+                                                                         "zero_point": wq.zero_point - 128}}
+    head, tail = m.segments[0].name, m.segments[1].name
+    for fmt, shift in (("onnx", 0), ("tflite", 128)):  # ONNX: uint8 activations; TFLite: int8
+        for owner in (head, tail):
+            io = m.graphs[m.segment(owner).graphs[f"{fmt}/int8"]].quantization.io["stage2"]
+            assert io.scale == pytest.approx(wq.scale, rel=1e-6), (fmt, owner)
+            assert io.zero_point == wq.zero_point - shift, (fmt, owner)
+        feat = Chain(b, "device", fmt, "int8").run_segments({"input": verify.x})["stage2"]
+        codes = feat / wq.scale + wq.zero_point
+        assert np.abs(codes - np.rint(codes)).max() < 1e-3, fmt  # on the grid: the wire rounds nothing more

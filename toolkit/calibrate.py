@@ -356,6 +356,10 @@ def quantize_onnx_graphs(out: Path, manifest: Manifest, per_graph: dict, quant: 
             types = {} if typed else TARGETS[group[0]]
             image = IMAGE_GRAPH_RECIPE if manifest.input.name in owner.inputs else {}
             config = QuantConfig(**{**RECIPE, **image, **types, **quant})
+            if i == 0:  # n-bit wire tensors on the wire's grid; later variants copy the first one's io
+                grid = wire_grid_pins(manifest, list(owner.inputs) + list(owner.outputs), config.activation_type)
+                pinned = {t: [{"scale": np.array(p["scale"], np.float32),
+                               "zero_point": _np_int({**p, "dtype": config.activation_type})}] for t, p in grid.items()}
             if pinned:  # same wire / io encoding as the first variant
                 config.extra_options = {**config.extra_options, "TensorQuantOverrides": {
                     **config.extra_options.get("TensorQuantOverrides", {}), **pinned}}
@@ -386,6 +390,23 @@ def quantize_onnx_graphs(out: Path, manifest: Manifest, per_graph: dict, quant: 
             if name in manifest.tensors and name in io:
                 manifest.tensors[name].quant = _as_int8(manifest.tensors[name].quant, io[name])
     return summary
+
+
+def wire_grid_pins(manifest: Manifest, names, activation_type: str) -> dict:
+    """Encodings that put int8 graph tensors crossing the wire as n-bit codes on the wire's own grid:
+    ``{name: {"scale", "zero_point"}}`` for every tensor in ``names`` whose wire quantisation is n-bit and
+    per tensor, with the zero point shifted into ``activation_type`` (``uint8`` as is, ``int8`` minus 128).
+    A device graph that ends on this grid hands the wire values that requantise exactly, and a server graph
+    that starts on it takes the decoded codes exactly: the feature is rounded once, not three times. The
+    grid's 256 int8 levels cover the n-bit range and more, so nothing is clipped that the wire keeps."""
+    pins = {}
+    for name in names:
+        wq = manifest.tensors[name].quant if name in manifest.tensors else None
+        if wq is None or wq.bits is None or wq.axis is not None:
+            continue
+        zp = int(wq.zero_point) - (128 if activation_type == "int8" else 0)
+        pins[name] = {"scale": float(wq.scale), "zero_point": zp}
+    return pins
 
 
 def _np_int(p: dict):
@@ -456,7 +477,9 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, 
     if per_graph is None:
         return
     rel8 = f"graphs/{name}.int8.tflite"
-    pinned = {n: fixed[n] for n in inputs if n in fixed}
+    # n-bit wire tensors on the wire's grid (TFLite activations are int8); a tail input takes its head's
+    pinned = {**wire_grid_pins(manifest, list(inputs) + list(outputs), "int8"),
+              **{n: fixed[n] for n in inputs if n in fixed}}
     with tempfile.TemporaryDirectory(prefix="eetool-tflite-") as tmp:
         src = out / rel
         if int8_module is not None and int8_module is not module:  # a modified copy: its own float graph

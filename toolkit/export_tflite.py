@@ -402,6 +402,8 @@ def first_convs_float_recipe(float_path: Union[str, os.PathLike], n: int = 2,
 
 
 _LAYOUT_OPS = ("TRANSPOSE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS")
+# TFLite's int8 specification: these ops' outputs share their (first) input's scale and zero point
+_SAME_ENCODING_OPS = _LAYOUT_OPS + ("MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "MAXIMUM", "MINIMUM")
 
 
 def _signature_name(ours: str, name_map: Optional[Dict[str, str]], signature_names) -> str:
@@ -517,11 +519,19 @@ def quantize_int8(
     # pin boundary tensors to given scale / zero point: the range that reproduces them exactly
     rev = {to_sig(k): k for k in (fixed_io or {})}
     if fixed_io:
+        tensors = {t["index"]: t["name"] for t in fit.get_tensor_details()}
+        producer = {i: op for op in fit._get_ops_details() for i in op["outputs"]}  # noqa: SLF001
         for sig_name, det in list(sig_in.items()) + list(sig_out.items()):
             if sig_name in rev:
                 pin = fixed_io[rev[sig_name]]
                 lo, hi = QuantParams("int8", float(pin["scale"]), int(pin["zero_point"])).real_range()
-                qsvs[det["name"]] = {"min": np.array(lo, dtype=np.float32), "max": np.array(hi, dtype=np.float32)}
+                rng = {"min": np.array(lo, dtype=np.float32), "max": np.array(hi, dtype=np.float32)}
+                qsvs[det["name"]] = rng
+                # ops whose int8 kernels keep their input's encoding: pin an output back to the op computing it
+                op = producer.get(int(det["index"])) if sig_name in sig_out else None
+                while op is not None and op["op_name"] in _SAME_ENCODING_OPS:
+                    qsvs[tensors[int(op["inputs"][0])]] = rng
+                    op = producer.get(int(op["inputs"][0]))
     with _quiet():
         res = q.quantize(qsvs, enable_progress_report=False)
     os.makedirs(os.path.dirname(os.path.abspath(int8_path)), exist_ok=True)

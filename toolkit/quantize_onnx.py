@@ -334,9 +334,30 @@ def _qtype(name: str):
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
 
 
-def _add_io_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], act_type: str) -> None:
-    """Insert an 8-bit Q/DQ pair (MinMax range from the calibration data) on each graph input/output in
-    ``ranges`` that onnxruntime left unquantized (e.g. its consumer/producer was kept in float)."""
+# ops to which onnxruntime's QDQ quantiser gives their input's encoding (max pooling, layout changes)
+_SAME_ENCODING_OPS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _through_same_encoding_ops(nodes, overrides: dict) -> dict:
+    """``overrides`` (TensorQuantOverrides) plus, for each tensor produced by a chain of
+    :data:`_SAME_ENCODING_OPS`, the same entry on the tensors feeding that chain: an encoding pinned on a
+    max pool's output is otherwise replaced by its input's."""
+    producer = {o: n for n in nodes for o in n.output}
+    out = dict(overrides)
+    for name, entry in overrides.items():
+        node = producer.get(name)
+        while node is not None and node.op_type in _SAME_ENCODING_OPS:
+            out.setdefault(node.input[0], entry)
+            node = producer.get(node.input[0])
+    return out
+
+
+def _add_io_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], act_type: str,
+                pins: dict | None = None) -> None:
+    """Insert an 8-bit Q/DQ pair (MinMax range from the calibration data, or the scale / zero point that
+    ``pins``, TensorQuantOverrides-style, gives the tensor) on each graph input/output in ``ranges`` that
+    onnxruntime left unquantized (e.g. its consumer/producer was kept in float, or a max pool's output
+    shares its input's encoding)."""
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
     onnx_type = _qtype(act_type).tensor_type  # the helper takes the ONNX element type, not a QuantType
@@ -346,7 +367,12 @@ def _add_io_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     for name, (rmin, rmax) in ranges.items():
         if _io_quantize_node(model, name) is not None:
             continue
-        zp, scale = compute_scale_zp(np.float32(min(rmin, 0.0)), np.float32(max(rmax, 0.0)), qmin, qmax, symmetric=False)
+        pin = ((pins or {}).get(name) or [{}])[0]
+        if "scale" in pin and "zero_point" in pin:
+            zp, scale = int(pin["zero_point"]), np.float32(pin["scale"])
+        else:
+            zp, scale = compute_scale_zp(np.float32(min(rmin, 0.0)), np.float32(max(rmax, 0.0)), qmin, qmax,
+                                         symmetric=False)
         s_name, z_name = f"{name}_io_scale", f"{name}_io_zero_point"
         model.graph.initializer.extend([
             numpy_helper.from_array(np.asarray(scale, dtype=np.float32), s_name),
@@ -522,6 +548,8 @@ def quantize_graph(
                 onnx.save(onnx.load(str(fp32_path)), str(src))
             _zero_dead_channels(src)
         src_nodes = onnx.load(str(src), load_external_data=False).graph.node
+        if extra.get("TensorQuantOverrides"):
+            extra["TensorQuantOverrides"] = _through_same_encoding_ops(src_nodes, extra["TensorQuantOverrides"])
         unknown = set(config.float_nodes) - {nd.name for nd in src_nodes}
         if unknown:  # before the calibration pass, which takes minutes on real data
             weighted = [nd.name for nd in src_nodes if nd.op_type in ("Conv", "Gemm", "MatMul")]
@@ -593,7 +621,8 @@ def quantize_graph(
     missing = [t for t in io_names if _io_quantize_node(qmodel, t) is None]
     if missing:  # only those: the float_outputs stay float
         ranges = _io_ranges(fp32_path, calib, config.batch_size)
-        _add_io_qdq(qmodel, {t: ranges[t] for t in missing}, config.activation_type)
+        _add_io_qdq(qmodel, {t: ranges[t] for t in missing}, config.activation_type,
+                    extra.get("TensorQuantOverrides", {}))
         onnx.save(qmodel, str(int8_path))
     io = {t: _qparams_of(qmodel, _io_quantize_node(qmodel, t)) for t in io_names}
     return {
