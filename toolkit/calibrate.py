@@ -477,9 +477,8 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, 
     if per_graph is None:
         return
     rel8 = f"graphs/{name}.int8.tflite"
-    # n-bit wire tensors on the wire's grid (TFLite activations are int8); a tail input takes its head's
-    pinned = {**wire_grid_pins(manifest, list(inputs) + list(outputs), "int8"),
-              **{n: fixed[n] for n in inputs if n in fixed}}
+    pinned = {n: fixed[n] for n in inputs if n in fixed}  # a tail input takes its head's output encoding
+    grid = wire_grid_pins(manifest, list(inputs) + list(outputs), "int8")  # TFLite activations are int8
     with tempfile.TemporaryDirectory(prefix="eetool-tflite-") as tmp:
         src = out / rel
         if int8_module is not None and int8_module is not module:  # a modified copy: its own float graph
@@ -491,7 +490,7 @@ def _tflite_pair(out, manifest, owner, module, args, per_graph, summary, fixed, 
         if logits:  # int16 logits: 0.25-wide int8 steps tied the top two classes of 1 % of the images
             recipe = float_outputs_recipe(src, logits, entry.get("name_map"), recipe, kind="a16")
         q = quantize_int8(src, out / rel8, per_graph[name], recipe, name_map=entry.get("name_map"),
-                          fixed_io=pinned or None)
+                          fixed_io=pinned or None, preferred_io=grid or None)
         if correction_samples:
             from .bias_correction_tflite import correct_biases_sequential_tflite
 

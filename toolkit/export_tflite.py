@@ -460,6 +460,7 @@ def quantize_int8(
     name_map: Optional[Dict[str, str]] = None,
     calib_batch: int = 1,
     fixed_io: Optional[Dict[str, Dict[str, float]]] = None,
+    preferred_io: Optional[Dict[str, Dict[str, float]]] = None,
     num_threads: int = 2,
 ) -> Dict[str, Any]:
     """Full-integer quantisation of a float ``.tflite`` with ``ai_edge_quantizer``.
@@ -469,7 +470,10 @@ def quantize_int8(
     (default: :func:`tflite_name`). ``calib_batch`` samples per calibration step for a dict ``calib`` (on a
     dynamic-batch graph; ranges are per step, aggregated by the recipe). ``fixed_io`` pins the quantisation of
     named boundary tensors (``{name: {"scale": s, "zero_point": z}}``) to that of another graph, so that a head
-    output and a tail input share their int8 encoding on the wire.
+    output and a tail input share their int8 encoding on the wire; RuntimeError when one cannot be pinned.
+    ``preferred_io`` asks the same for tensors whose encoding is worth having but not required (the n-bit
+    wire's grid): the result, pinned or not, is in ``io``. An output's pin goes back through the ops whose
+    int8 kernels keep their input's encoding (pooling, padding, min/max, layout ops).
 
     Returns the manifest ``quantization`` dict: ``scheme``, ``recipe``, ``samples``, ``weights``, ``activations``,
     ``io`` (per our tensor name: ``dtype``, ``scale``, ``zero_point``).
@@ -517,13 +521,14 @@ def quantize_int8(
     qsvs = dict(cal.get_model_qsvs())
 
     # pin boundary tensors to given scale / zero point: the range that reproduces them exactly
-    rev = {to_sig(k): k for k in (fixed_io or {})}
-    if fixed_io:
+    pins = {**(preferred_io or {}), **(fixed_io or {})}
+    rev = {to_sig(k): k for k in pins}
+    if pins:
         tensors = {t["index"]: t["name"] for t in fit.get_tensor_details()}
         producer = {i: op for op in fit._get_ops_details() for i in op["outputs"]}  # noqa: SLF001
         for sig_name, det in list(sig_in.items()) + list(sig_out.items()):
             if sig_name in rev:
-                pin = fixed_io[rev[sig_name]]
+                pin = pins[rev[sig_name]]
                 lo, hi = QuantParams("int8", float(pin["scale"]), int(pin["zero_point"])).real_range()
                 rng = {"min": np.array(lo, dtype=np.float32), "max": np.array(hi, dtype=np.float32)}
                 qsvs[det["name"]] = rng
