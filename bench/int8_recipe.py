@@ -248,11 +248,11 @@ def quantize_adaround(fp32: Path, int8: Path, calib: dict, opts: dict) -> dict:
 
 
 def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.ndarray, first_float: int,
-                float_logits: bool = False, logits: str = "int8", correct: tuple | None = None):
+                logits: str = "int8", correct: tuple | None = None):
     """Float and int8 TFLite head and tail from the fx modules in ``mods`` (toolkit.export_tflite, as
     eetool export writes them: head calibrated on images, tail on the float head's outputs, the tail's
-    input encoding pinned to the head's output encoding). ``logits`` "float" / "int16" quantises the tail's
-    logits so (``float_logits`` True: "float"). ``correct``: (float head .tflite, float tail .tflite,
+    input encoding pinned to the head's output encoding). ``logits`` "int8" / "int16" / "float": the tail's
+    logits. ``correct``: (float head .tflite, float tail .tflite,
     samples, tail inputs) to correct the int8 graphs' biases against, layer by layer
     (toolkit.bias_correction_tflite), as eetool export does."""
     from toolkit.export_tflite import export_float, first_convs_float_recipe, float_outputs_recipe, quantize_int8
@@ -264,7 +264,6 @@ def tflite_pair(mods, tmp: Path, tag: str, calib_x: np.ndarray, calib_mid: np.nd
         fp = tmp / f"{tag}.{seg.name}.fp32.tflite"
         entry = export_float(seg.module, (arg,), fp, seg.inputs, seg.outputs)
         recipe = first_convs_float_recipe(fp, first_float) if (first_float and seg is head) else "static_wi8_ai8_minmax"
-        logits = "float" if float_logits else logits
         if seg is tail and logits != "int8":  # the logits' FULLY_CONNECTED stays float / computes int16
             recipe = float_outputs_recipe(fp, seg.outputs, entry["name_map"], recipe,
                                           kind="a16" if logits == "int16" else "float")
@@ -448,8 +447,8 @@ def main(argv=None) -> None:
                                          seg.outputs)["file"] for seg, arg in ((seg_h, x1), (seg_t, mid1))]
                     correct = (*pairs["float-tflite"], 128, float_mid)
                 ref_head, h8, ref_tail, t8, info = tflite_pair(
-                    mods[tag], tmp, f"{len(rows)}", cal.x, cmid, opts["first_float"], float_logits,
-                    "int16" if name.endswith("(int16 logits)") else "int8", correct)
+                    mods[tag], tmp, f"{len(rows)}", cal.x, cmid, opts["first_float"],
+                    "float" if float_logits else "int16" if name.endswith("(int16 logits)") else "int8", correct)
                 if opts["qat"]:  # latency against the original model's float TFLite graphs
                     ref_head, _, ref_tail, _, _ = tflite_pair(mods["float"], tmp, f"{len(rows)}f", cal.x[:8],
                                                               float_mid[:8], 0)

@@ -52,11 +52,11 @@ def _convs(buf: bytearray) -> List[dict]:
         opts = kinds[kind]()
         table = op.BuiltinOptions()
         opts.Init(table.Bytes, table.Pos)
+        w, b = sub.Tensors(op.Inputs(1)), (sub.Tensors(op.Inputs(2)) if op.InputsLength() > 2 and op.Inputs(2) >= 0 else None)
         layer = {"op": i, "output": int(op.Outputs(0)), "activation": int(opts.FusedActivationFunction()),
                  "shape": tuple(sub.Tensors(op.Outputs(0)).ShapeAsNumpy()[1:]), "bias": None,
-                 "int8": sub.Tensors(op.Inputs(1)).Type() == fb.TensorType.INT8}
-        w, b = sub.Tensors(op.Inputs(1)), (sub.Tensors(op.Inputs(2)) if op.InputsLength() > 2 and op.Inputs(2) >= 0 else None)
-        if w.Type() == fb.TensorType.INT8 and b is not None and b.Type() == fb.TensorType.INT32:
+                 "int8": w.Type() == fb.TensorType.INT8}
+        if layer["int8"] and b is not None and b.Type() == fb.TensorType.INT32:
             data = model.Buffers(b.Buffer())
             if data.Offset() > 1:  # stored after the flatbuffer (large models)
                 view = np.frombuffer(buf, np.int32, data.Size() // 4, data.Offset())
