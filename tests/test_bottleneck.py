@@ -209,6 +209,55 @@ def test_warm_start_continues_from_a_trained_bottleneck(tiny_run, effnet, photos
         TrainData(["samples"], photos=[str(note)], val_every=5).split_files()
 
 
+def test_code_entropy_estimate_follows_the_codes_and_its_gradient_concentrates_them():
+    """The soft-binned estimate is within 0.1 bit of the rounded codes' histogram entropy, and descending it
+    (what --rate-weight adds to the loss) moves values onto fewer levels: the hard entropy falls."""
+    g = torch.Generator().manual_seed(0)
+    logit = torch.randn(2, 8, 14, 14, generator=g).requires_grad_()
+    z = torch.sigmoid(logit)
+    hard = B.histogram_entropy_bits(np.bincount(torch.round(z * 15).long().ravel().numpy()))
+    assert abs(float(B.code_entropy_bits(z.detach(), 4)) - hard) < 0.1 and hard > 3.0
+    opt = torch.optim.SGD([logit], lr=2000.0)
+    for _ in range(40):
+        opt.zero_grad()
+        B.code_entropy_bits(torch.sigmoid(logit), 4).backward()
+        opt.step()
+    after = B.histogram_entropy_bits(np.bincount(torch.round(torch.sigmoid(logit) * 15).long().ravel().numpy()))
+    assert after < hard - 0.5
+    assert B.histogram_entropy_bits([5, 0, 0]) == 0.0 and B.histogram_entropy_bits([1, 1, 1, 1]) == 2.0
+
+
+def test_rate_weight_trains_for_fewer_bytes_on_the_wire(tiny_run, effnet, photos_data, tmp_path):
+    """Two runs from the same trained bottleneck, with and without the rate term: the one that prices the
+    code's entropy ends with lower validation code entropy and smaller real REQUEST frames (zstd) for the
+    same views; the history records the entropy per epoch, and a run with the rate term never resumes a
+    checkpoint of one without it."""
+    from toolkit.bottleneck_eval import wire_round_trip
+
+    out, cfg = tiny_run
+    spec = B.spec_of(cfg)
+    runs = {}
+    for w in (0.0, 1.0):
+        c = DistillConfig(**{**TINY.__dict__, "epochs": 3, "rate_weight": w})
+        runs[w] = train_bottleneck(effnet, spec, photos_data, c, tmp_path / f"r{w}", cache=out / "cache",
+                                   init_from=out)
+    bits = {w: r["training"]["history"]["val_bits"] for w, r in runs.items()}
+    assert len(bits[1.0]) == 4 and bits[1.0][0] == pytest.approx(bits[0.0][0])  # same starting point
+    assert bits[1.0][-1] < bits[0.0][-1] - 0.5
+    views = torch.from_numpy(np.stack([x for _, x in iter_views(photos_data.split_files()[0], 1,
+                                                                  IMAGENET_PREPROCESS, 0)]))
+    frames = {}
+    for w in runs:
+        built, _ = B.load(tmp_path / f"r{w}", effnet.model, views[:1])
+        with torch.no_grad():
+            code = built.model.encoder(built.model.head(views)).numpy()
+        frames[w] = np.mean([len(wire_round_trip(code[i:i + 1], spec.bits, "encoder")[0]) for i in range(len(code))])
+    assert frames[1.0] < 0.9 * frames[0.0]
+    with pytest.raises(B.BottleneckError, match="other arguments"):
+        c = DistillConfig(**{**TINY.__dict__, "epochs": 3, "rate_weight": 0.2})
+        train_bottleneck(effnet, spec, photos_data, c, tmp_path / "r1.0", cache=out / "cache", init_from=out)
+
+
 def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path):
     out, cfg = tiny_run
     state = torch.load(out / B.WEIGHTS, weights_only=True)

@@ -11,7 +11,15 @@ earlier point, here the decoder's reconstruction of the split feature:
     L = || g_T(x) - f_T(x) ||^2 / Var(f_T) + w_rec * || rec(x) - f_S(x) ||^2 / Var(f_S)
 
 (mean squared errors, each over the teacher's variance so the two terms are scale-free). The bottleneck is
-quantised during training exactly as on the wire (``bits`` bits, straight-through rounding).
+quantised during training exactly as on the wire (``bits`` bits, straight-through rounding). With
+``rate_weight`` > 0 the loss also prices the bytes the code will cost, rate-distortion style as in learned
+feature compression (Singh et al., "End-to-end Learning of Compressible Features", ICIP 2020; Matsubara et
+al.'s Entropic Student, WACV 2022):
+
+    L += w_rate * H(codes)      (bits per value, :func:`toolkit.bottleneck.code_entropy_bits`)
+
+so the encoder learns to concentrate its codes on few levels, which the wire's entropy coder turns into
+fewer bytes.
 
 Because the layers before the trainable part are frozen, their outputs never change: every augmented view
 is pushed through the teacher once and its tensors are cached on disk (float16, ``--cache``), and all
@@ -41,7 +49,9 @@ from torch.nn import functional as F
 
 from runtime.progress import is_terminal, progress
 
-from .bottleneck import BottleneckError, BottleneckModel, Built, fake_quant, load_trainable, pca_init
+from .bottleneck import (BottleneckError, BottleneckModel, Built, code_entropy_bits, fake_quant,
+                         histogram_entropy_bits,
+                         load_trainable, pca_init)
 
 CHECKPOINT = "checkpoint.pt"
 CACHE_VERSION = 1
@@ -52,8 +62,9 @@ class DistillConfig:
     """Training hyper-parameters. ``epochs`` over the cached views, ``batch`` views per step, Adam with
     ``lr`` reached after a linear warm-up over 5 % of the steps and decayed by a cosine to 0 (Loshchilov &
     Hutter, SGDR), ``rec_weight`` = w_rec above, ``match``
-    later layers (after T; ``logits`` for the output) whose outputs also enter the loss, ``threads`` torch
-    CPU threads, ``pca_samples`` views used for the PCA initialisation."""
+    later layers (after T; ``logits`` for the output) whose outputs also enter the loss, ``rate_weight`` =
+    w_rate (per bit per value of code entropy; 0 = no rate term), ``threads`` torch CPU threads,
+    ``pca_samples`` views used for the PCA initialisation."""
 
     epochs: int = 10
     batch: int = 32
@@ -63,6 +74,7 @@ class DistillConfig:
     seed: int = 0
     threads: int = 2
     pca_samples: int = 512
+    rate_weight: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -197,15 +209,18 @@ class Objective:
     the loss (module paths after T, or ``logits``), each with weight 1 like the target (GHND)."""
 
     def __init__(self, bm: BottleneckModel, parts: list[tuple[str, nn.Module]], match: tuple[str, ...],
-                 bits: int, rec_weight: float):
+                 bits: int, rec_weight: float, rate_weight: float = 0.0):
         self.bm, self.parts, self.match, self.bits, self.rec_weight = bm, parts, tuple(match), bits, rec_weight
+        self.rate_weight = float(rate_weight)
 
     def outputs(self, inputs: torch.Tensor, logits: bool = False) -> dict[str, torch.Tensor]:
         """The student's tensors for cached ``inputs``: ``split`` (the decoder's reconstruction), ``target``
-        (its output at T), every matched point and, with ``logits``, the logits; code quantised at ``bits``."""
+        (its output at T), every matched point and, with ``logits``, the logits; code quantised at ``bits``
+        (``code``: the encoder's output before rounding, in [0, 1])."""
         bm = self.bm
-        z = fake_quant(bm.encoder(bm.head[1](inputs)), self.bits)
-        out = {"split": bm.decoder.reconstruct(z)}
+        code = bm.encoder(bm.head[1](inputs))
+        z = fake_quant(code, self.bits)
+        out = {"code": code, "split": bm.decoder.reconstruct(z)}
         out["target"] = x = bm.decoder.trunk(out["split"])
         if self.match or logits:
             for name, module in self.parts:
@@ -224,6 +239,8 @@ class Objective:
         for key, w in self.weights().items():
             if w:
                 total = total + w * F.mse_loss(out[key], _cl(cache.get(_array(key), idx))) / cache.variance(_array(key))
+        if self.rate_weight:
+            total = total + self.rate_weight * code_entropy_bits(out["code"], self.bits)
         return total
 
 
@@ -253,17 +270,23 @@ def prepare_cache(cache: "FeatureCache", parts: list[tuple[str, nn.Module]], poi
 
 @torch.no_grad()
 def validate(obj: Objective, cache: FeatureCache, batch: int = 32) -> dict:
-    """HND loss of the student (bottleneck quantised) over the cached views and, when the cache holds the
-    teacher's logits, its top-1 ``agreement`` with the teacher (else None)."""
+    """HND loss of the student (bottleneck quantised) over the cached views, the order-0 entropy of its
+    codes (``bits``: bits per value, pooled over every view) and, when the cache holds the teacher's logits,
+    its top-1 ``agreement`` with the teacher (else None)."""
     total, agree, n = 0.0, 0, len(cache)
     has_logits = "logits" in cache.arrays
+    levels = (1 << int(obj.bits)) - 1
+    counts = np.zeros(levels + 1, dtype=np.int64)
     for i in range(0, n, batch):
         idx = np.arange(i, min(n, i + batch))
         out = obj.outputs(_cl(cache.get("inputs", idx)), logits=has_logits)
         total += float(obj.loss(out, cache, idx)) * len(idx)
+        counts += np.bincount(torch.round(out["code"] * levels).to(torch.int64).reshape(-1).numpy(),
+                              minlength=levels + 1)
         if has_logits:
             agree += int((out["logits"].argmax(1) == cache.get("logits", idx).argmax(1)).sum())
-    return {"loss": total / n, "agreement": agree / n if has_logits else None}
+    return {"loss": total / n, "agreement": agree / n if has_logits else None,
+            "bits": histogram_entropy_bits(counts)}
 
 
 def fingerprint(parts: dict) -> str:
@@ -313,11 +336,12 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
             init = pca_init(bm.encoder, bm.decoder, feats)
         v = validate(obj, val_cache)
         history = {"epoch": [0], "train_loss": [None], "val_loss": [v["loss"]],
-                   "val_agreement": [v["agreement"]], "seconds": [0.0], "lr": [cfg.lr]}
+                   "val_agreement": [v["agreement"]], "val_bits": [v["bits"]], "seconds": [0.0], "lr": [cfg.lr]}
         best = {"epoch": 0, "val_loss": v["loss"], "state": bm.trainable_state()}
         start_epoch, elapsed = 1, 0.0
         if warm_start is not None:
-            say(f"warm start from {init['from']}: validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}")
+            say(f"warm start from {init['from']}: validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}, "
+                f"code entropy {v['bits']:.2f} bits/value")
         else:
             say(f"PCA init: {init['explained_variance']:.1%} of patch variance kept, relative MSE "
                 f"{init['relative_mse']:.3f}; validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}")
@@ -351,8 +375,9 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
         secs = time.time() - t0
         elapsed += secs
         for k, val in (("epoch", epoch), ("train_loss", total_loss / len(train_cache)), ("val_loss", v["loss"]),
-                       ("val_agreement", v["agreement"]), ("seconds", secs), ("lr", sched.get_last_lr()[0])):
-            history[k].append(val)
+                       ("val_agreement", v["agreement"]), ("val_bits", v["bits"]), ("seconds", secs),
+                       ("lr", sched.get_last_lr()[0])):
+            history.setdefault(k, []).append(val)
         if v["loss"] < best["val_loss"]:
             best = {"epoch": epoch, "val_loss": v["loss"], "state": bm.trainable_state()}
         tmp = ckpt_file.with_suffix(".tmp")
@@ -361,7 +386,7 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
                     "seconds": elapsed}, tmp)
         tmp.replace(ckpt_file)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {history['train_loss'][-1]:.4f}, validation loss "
-            f"{v['loss']:.4f}, agreement {v['agreement']:.1%} ({secs:.0f} s)")
+            f"{v['loss']:.4f}, agreement {v['agreement']:.1%}, code entropy {v['bits']:.2f} bits/value ({secs:.0f} s)")
     load_trainable(bm, best["state"])
     bm.to(memory_format=torch.contiguous_format)
     for p in params:
@@ -370,7 +395,8 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
 
 
 def plot_curves(history: dict, path: Path, title: str) -> None:
-    """Training and validation loss (log scale) and validation top-1 agreement per epoch, as a PNG."""
+    """Training and validation loss (log scale), validation top-1 agreement and, when recorded, the codes'
+    entropy (bits per value) per epoch, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,6 +413,10 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
     b.plot(ep, [100 * v for v in history["val_agreement"]], "s-", color="C2")
     b.set_xlabel("epoch (0 = initialisation: PCA or --init-from)")
     b.set_ylabel("top-1 agreement with the original model (%)")
+    if history.get("val_bits"):
+        c = b.twinx()
+        c.plot(ep[-len(history["val_bits"]):], history["val_bits"], "^--", color="C3")
+        c.set_ylabel("code entropy (bits per value)", color="C3")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
