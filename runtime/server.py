@@ -297,14 +297,15 @@ class EdgeServer:
                         return
                     continue
                 if frame.msg_type == P.PING:
-                    self._send(conn, P.encode_pong(frame.request_id, self.secret))
+                    self._send(conn, P.encode_pong(frame.request_id, self.secret, frame.version))
                 elif frame.msg_type == P.REQUEST:
                     self._count("requests")
                     self._send(conn, self._handle_request(frame, peer))
                 else:
                     self._count("errors")
                     self._send(conn, P.encode_error(frame.request_id, "unexpected_type",
-                                                    "server accepts REQUEST and PING, got %s" % frame.type_name, self.secret))
+                                                    "server accepts REQUEST and PING, got %s" % frame.type_name, self.secret,
+                                                    frame.version))
         except OSError as exc:
             if not self._stop.is_set():
                 log.info("%s: connection dropped: %s", peer, exc)
@@ -316,7 +317,7 @@ class EdgeServer:
                 self._conns.pop(conn, None)
 
     def _handle_request(self, frame: P.Frame, peer: str) -> bytes:
-        rid = frame.request_id
+        rid, version = frame.request_id, frame.version  # the reply speaks the request's protocol version
         t_in = time.perf_counter()
         try:
             specs = P.parse_tensor_specs(frame.header, len(frame.payload), rid, self._max_raw)
@@ -347,21 +348,21 @@ class EdgeServer:
             # the request's whole time here (decoding, queue, tail): a device timing its link subtracts this,
             # not tail_ms alone, or a wait for a worker would read as a slow link
             meta = dict(meta or {}, server_ms=round((time.perf_counter() - t_in) * 1000.0, 3))
-            out = P.encode_reply(rid, reply, tail_ms, self.secret, meta=meta)
+            out = P.encode_reply(rid, reply, tail_ms, self.secret, meta=meta, version=version)
             self._count("replies")
             return out
         except P.ProtocolError as exc:
             self._count("errors")
             log.warning("%s: request %d rejected: %s", peer, rid, exc)
-            return P.encode_error(rid, exc.code, exc.message, self.secret)
+            return P.encode_error(rid, exc.code, exc.message, self.secret, version)
         except _RequestError as exc:
             self._count("errors")
             log.warning("%s: request %d rejected: %s: %s", peer, rid, exc.code, exc.message)
-            return P.encode_error(rid, exc.code, exc.message, self.secret)
+            return P.encode_error(rid, exc.code, exc.message, self.secret, version)
         except Exception as exc:
             self._count("errors")
             log.exception("%s: request %d failed", peer, rid)
-            return P.encode_error(rid, "internal", "%s: %s" % (type(exc).__name__, exc), self.secret)
+            return P.encode_error(rid, "internal", "%s: %s" % (type(exc).__name__, exc), self.secret, version)
 
     def _run_batched(self, inputs: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], float, Dict[str, Any]]:
         """Queue one request, wait for its batch; (its outputs, the batch's tail ms, reply meta)."""

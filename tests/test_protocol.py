@@ -53,14 +53,51 @@ def test_frame_layout_is_as_documented():
     buf = P.encode_request(0x0102030405060708, {"feat": _feat()}, QUANT, codec="none")
     assert P.PREFIX_SIZE == 28
     magic, ver, typ, flags, rid, hlen, plen = struct.unpack(">4sBBHQIQ", buf[:28])
-    assert (magic, ver, typ, flags, rid) == (b"EET1", 1, P.REQUEST, 0, 0x0102030405060708)
+    assert (magic, ver, typ, flags, rid) == (b"EET1", 2, P.REQUEST, 0, 0x0102030405060708)
     header = json.loads(buf[28:28 + hlen].decode("utf-8"))
     assert plen == _feat().nbytes and len(buf) == 28 + hlen + plen
-    t = header["tensors"][0]
-    assert set(t) == {"name", "dtype", "shape", "layout", "scale", "zero_point", "codec", "nbytes", "wire_nbytes", "offset"}
+    # version 2: one array per tensor, fields in TENSOR_FIELDS order, trailing nulls (bits, axis) left out
+    assert set(header) == {"t"} and header["t"] == [["feat", "int8", [1, 16, 7, 7], "NCHW", "none", 784, 784, 0, 0.03, -128]]
+    v1 = P.encode_request(0x0102030405060708, {"feat": _feat()}, QUANT, codec="none", version=1)
+    magic, ver, typ, flags, rid, hlen1, plen = struct.unpack(">4sBBHQIQ", v1[:28])
+    t = json.loads(v1[28:28 + hlen1].decode("utf-8"))["tensors"][0]
+    assert ver == 1 and set(t) == {"name", "dtype", "shape", "layout", "scale", "zero_point", "codec", "nbytes",
+                                   "wire_nbytes", "offset"}
+    assert hlen < hlen1 - 60
     signed = P.encode_request(1, {"feat": _feat()}, QUANT, codec="none", secret="k")
     assert len(signed) == len(P.encode_request(1, {"feat": _feat()}, QUANT, codec="none")) + P.TAG_SIZE
     assert struct.unpack(">H", signed[6:8])[0] == P.FLAG_HMAC
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_both_versions_decode_to_the_same_header_and_tensors(version):
+    """A receiver accepts version 1 (tensor objects) and 2 (tensor arrays); above the frame both read the same
+    object form, n-bit fields included, and the frame records its version."""
+    codes = np.random.default_rng(0).integers(0, 16, (1, 3, 4, 4), dtype=np.uint8)
+    quant = {"code": {"bits": 4, "scale": [0.1, 0.2, 0.3], "zero_point": [0, 1, 2], "axis": 1}}
+    buf = P.encode_request(5, {"code": codes}, quant, codec="zstd", meta={"exit": 0}, version=version)
+    frame = P.parse_frame(buf)
+    ref = P.parse_frame(P.encode_request(5, {"code": codes}, quant, codec="zstd", meta={"exit": 0}, version=1))
+    assert frame.version == version and frame.header == ref.header
+    assert frame.header["tensors"][0]["bits"] == 4 and frame.header["tensors"][0]["axis"] == 1
+    msg = P.decode_request(frame)
+    np.testing.assert_array_equal(msg.tensors["code"], codes)
+    assert msg.meta == {"exit": 0}
+
+
+@pytest.mark.parametrize("header, match", [
+    ({"tensors": []}, "under 't'"),
+    ({"t": {"name": "x"}}, "'t' \\(the tensors\\) must be a list"),
+    ({"t": [["x", "int8", [1], None, "none", 1, 1]]}, r"t\[0\] must be an array of 8..12"),
+    ({"t": [{"name": "x"}]}, r"t\[0\] must be an array"),
+    ({"t": [["x", "int8", [1], None, "none", 1, 1, 0, None, None, None, None, "extra"]]}, r"t\[0\]"),
+])
+def test_malformed_version_2_header_is_refused(header, match):
+    raw = json.dumps(header).encode()
+    buf = P.PREFIX.pack(P.MAGIC, 2, P.REQUEST, 0, 9, len(raw), 1) + raw + b"\0"
+    with pytest.raises(P.ProtocolError, match=match) as err:
+        P.parse_frame(buf)
+    assert err.value.code == P.BAD_HEADER and err.value.request_id == 9 and not err.value.fatal
 
 
 def test_incompressible_tensor_falls_back_to_none():
@@ -149,7 +186,8 @@ def _tensor(**over):
 def test_prefix_errors():
     good = _good()
     assert _code(P.parse_frame, b"XXXX" + good[4:]) == P.BAD_MAGIC
-    assert _code(P.parse_frame, _with_prefix(good, version=2)) == P.UNSUPPORTED_VERSION
+    assert _code(P.parse_frame, _with_prefix(good, version=3)) == P.UNSUPPORTED_VERSION
+    assert _code(P.parse_frame, _with_prefix(good, version=0)) == P.UNSUPPORTED_VERSION
     assert _code(P.parse_frame, _with_prefix(good, type=99)) == P.BAD_TYPE
     assert _code(P.parse_frame, _with_prefix(good, flags=0x8000)) == P.BAD_FLAGS
     assert _code(P.parse_frame, good, max_frame_bytes=len(good) - 1) == P.OVERSIZE

@@ -162,6 +162,7 @@ def test_content_errors_keep_the_connection(server):
              "tail_failed", "boom"),
             (P.encode_pong(6), "unexpected_type", "PONG"),
             (P.encode_frame(P.REQUEST, 7, {"tensors": "nope"}), P.BAD_HEADER, "tensors"),
+            (P.encode_frame(P.REQUEST, 7, {"tensors": "nope"}, version=1), P.BAD_HEADER, "tensors"),
             (P.encode_frame(P.REQUEST, 8, {"tensors": [{"name": "feat", "dtype": "float64", "shape": [1], "layout": None,
                                                         "scale": None, "zero_point": None, "codec": "none", "nbytes": 8,
                                                         "wire_nbytes": 8, "offset": 0}]}, bytes(8)), P.BAD_DTYPE, "float64"),
@@ -180,6 +181,27 @@ def test_content_errors_keep_the_connection(server):
         ans = P.read_frame(s, 1 << 20, 5.0)
         assert ans.request_id == 99
         check_reply(ans, make_input(3))
+    finally:
+        s.close()
+
+
+def test_server_answers_in_the_version_of_the_request(server):
+    """A version 1 peer (tensor objects in the header) gets version 1 replies, errors and pongs; a version 2
+    peer gets version 2, on the same server; both replies carry the same logits."""
+    s = connect(server)
+    try:
+        for version in (1, 2, 1):
+            s.sendall(P.encode_request(10 + version, {"feat": make_input(2)}, QUANT, codec="zstd", version=version))
+            ans = P.read_frame(s, 1 << 20, 5.0)
+            assert ans.msg_type == P.REPLY and ans.version == version
+            check_reply(ans, make_input(2))
+            s.sendall(P.encode_request(20 + version, {"feat": make_input(0)[:, :2]}, QUANT, version=version))
+            err = P.read_frame(s, 1 << 20, 5.0)
+            assert err.msg_type == P.ERROR and err.version == version
+            s.sendall(P.encode_ping(30 + version) if version == 2 else
+                      P.encode_frame(P.PING, 30 + version, {}, version=1))
+            pong = P.read_frame(s, 1 << 20, 5.0)
+            assert pong.msg_type == P.PONG and pong.version == version and pong.request_id == 30 + version
     finally:
         s.close()
 
