@@ -206,7 +206,8 @@ def build_cache(root: Path, key: str, built: Built, views: Iterator[tuple[str, n
 class Objective:
     """The HND loss over cached teacher tensors. ``parts`` are the frozen layers after T cut at the matched
     points (:func:`toolkit.bottleneck.tail_parts`); ``match`` names the points whose outputs also enter
-    the loss (module paths after T, or ``logits``), each with weight 1 like the target (GHND)."""
+    the loss (module paths after T, or ``logits``), each with weight 1 like the target (GHND); with
+    ``rate_weight`` the code's estimated entropy (bits per value) is added with that weight."""
 
     def __init__(self, bm: BottleneckModel, parts: list[tuple[str, nn.Module]], match: tuple[str, ...],
                  bits: int, rec_weight: float, rate_weight: float = 0.0):
