@@ -258,6 +258,30 @@ def test_rate_weight_trains_for_fewer_bytes_on_the_wire(tiny_run, effnet, photos
         train_bottleneck(effnet, spec, photos_data, c, tmp_path / "r1.0", cache=out / "cache", init_from=out)
 
 
+def test_kd_temperature_matches_the_logits_by_kl_divergence(tiny_run, effnet):
+    """With kd_temperature T the logits term is T^2 x KL(softmax(teacher / T) || softmax(student / T)), the
+    batch mean, computed here by hand; without it the same logits enter as an MSE over their variance."""
+    out, cfg = tiny_run
+    spec = B.spec_of(cfg)
+    x0 = torch.zeros(1, 3, 224, 224)
+    built, _ = B.load(out, effnet.model, x0)
+    cache = FeatureCache(next((out / "cache").glob("val-*")))
+    parts = B.tail_parts(effnet.model, x0, spec.target, [])
+    idx = np.arange(len(cache))
+    base = Objective(built.model, parts, (), spec.bits, 0.0)
+    kd = Objective(built.model, parts, ("logits",), spec.bits, 0.0, kd_temperature=2.0)
+    mse = Objective(built.model, parts, ("logits",), spec.bits, 0.0)
+    with torch.no_grad():
+        o = kd.outputs(cache.get("inputs", idx), logits=True)
+        term = float(kd.loss(o, cache, idx) - base.loss(o, cache, idx))
+        s, t = o["logits"].double() / 2, cache.get("logits", idx).double() / 2
+        want = 4 * float((torch.softmax(t, 1) * (torch.log_softmax(t, 1) - torch.log_softmax(s, 1))).sum(1).mean())
+        as_mse = float(mse.loss(o, cache, idx) - base.loss(o, cache, idx))
+    assert term == pytest.approx(want, rel=1e-3) and term > 0
+    assert as_mse == pytest.approx(float(((o["logits"] - cache.get("logits", idx)) ** 2).mean()) / cache.variance("logits"),
+                                   rel=1e-4)
+
+
 def test_saved_weights_are_tensors_checked_by_sha256(tiny_run, effnet, tmp_path):
     out, cfg = tiny_run
     state = torch.load(out / B.WEIGHTS, weights_only=True)

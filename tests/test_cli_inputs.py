@@ -166,6 +166,8 @@ CONFLICTS = [
      "--bottleneck: a bottleneck is inserted into the PyTorch model it was trained on"),
     (["bottleneck", "train", *EFF, "--split", "blocks.3", "--channels", "8", "--bits", "1", "-o", "OUT"],
      "1 is not in the range 2<=x<=8"),
+    (["bottleneck", "train", *EFF, "--split", "blocks.3", "--channels", "8", "--kd-temperature", "2", "-o", "OUT"],
+     "--kd-temperature sets how the logits are matched: add --match logits"),
     (["bottleneck", "eval", "BUNDLE"], "the bundle has no bottleneck (export it with --bottleneck DIR)"),
     (["plan", *EFF, "--plot", "a.png", "--no-plot"], "--plot: --no-plot writes no plot"),
     (["plan", *EFF, "--export-onnx", "OUT.onnx", "--bandwidth", "5mbit", "--json"],

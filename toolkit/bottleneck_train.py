@@ -129,12 +129,13 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     parts = B.tail_parts(source.model, sample, spec.target, [m for m in cfg.match if m != "logits"])
     prepare_cache(train_cache, parts, tuple(cfg.match))
     prepare_cache(val_cache, parts, tuple(dict.fromkeys((*cfg.match, "logits"))))
-    # rate_weight joins the key only when used, so runs from before it existed still resume
+    # rate_weight / kd_temperature join the key only when used, so runs from before they existed still resume
     run_key = fingerprint({"spec": asdict(spec), "cfg": {k: v for k, v in asdict(cfg).items()
-                                                         if k != "threads" and not (k == "rate_weight" and not v)},
+                                                         if k != "threads" and not (k in ("rate_weight", "kd_temperature") and not v)},
                            "train": train_key, "val": val_key, "init": warm[1]["sha256"] if warm else "pca"})
     t0 = time.time()
-    obj = Objective(built.model, parts, tuple(cfg.match), spec.bits, cfg.rec_weight, cfg.rate_weight)
+    obj = Objective(built.model, parts, tuple(cfg.match), spec.bits, cfg.rec_weight, cfg.rate_weight,
+                    cfg.kd_temperature)
     result = train(built, obj, train_cache, val_cache, cfg, out, run_key, warm[1] if warm else None)
     hist = result["history"]
     bm = built.model

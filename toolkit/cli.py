@@ -869,6 +869,9 @@ def bottleneck():
 @click.option("--rate-weight", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="weight of the code's entropy (per bit per value) in the loss: > 0 trains for fewer bytes "
                    "(rate-distortion)")
+@click.option("--kd-temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="with --match logits: match the logits by KL divergence at this temperature (knowledge "
+                   "distillation) instead of MSE; 0 = MSE")
 @click.option("--match", default="", help="later layers (after --target-layer; 'logits' for the output) whose outputs "
                                           "also enter the loss, comma-separated (generalised HND)")
 @click.option("--seed", default=0, show_default=True)
@@ -881,11 +884,13 @@ def bottleneck():
                    "--cache DIR/cache reuses its teacher features when the data are the same)")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
 def bottleneck_train(model, weights, input_shape, preprocess, split, channels, target_layer, tune_from, stride, bits,
-                     refine, data, photos, views, photo_crops, val_every, epochs, batch, lr, rec_weight, rate_weight, match,
-                     seed, threads, cache, init_from, out):
+                     refine, data, photos, views, photo_crops, val_every, epochs, batch, lr, rec_weight, rate_weight,
+                     kd_temperature, match, seed, threads, cache, init_from, out):
     """Insert a bottleneck into MODEL after --split and train it by head network distillation: the student's
     output at --target-layer must reproduce the frozen original's. Writes bottleneck.pt (tensors only),
     bottleneck.json, curves.png and a resumable checkpoint.pt to --out."""
+    if kd_temperature and "logits" not in match.split(","):
+        raise click.UsageError("--kd-temperature sets how the logits are matched: add --match logits, or drop it")
     from .bottleneck import BottleneckSpec, default_target
     from .bottleneck_train import TrainData, train_bottleneck
     from .distill import DistillConfig
@@ -901,8 +906,9 @@ def bottleneck_train(model, weights, input_shape, preprocess, split, channels, t
     target = target_layer or default_target(src.model, torch.zeros(src.input_shape), split, stride)
     spec = BottleneckSpec(split=split, target=target, channels=channels, stride=stride, bits=bits, tune_from=tune_from,
                           refine=refine)
-    cfg = DistillConfig(epochs=epochs, batch=batch, lr=lr, rec_weight=rec_weight, rate_weight=rate_weight, seed=seed,
-                        threads=threads, match=tuple(m for m in match.split(",") if m))
+    cfg = DistillConfig(epochs=epochs, batch=batch, lr=lr, rec_weight=rec_weight, rate_weight=rate_weight,
+                        kd_temperature=kd_temperature, seed=seed, threads=threads,
+                        match=tuple(m for m in match.split(",") if m))
     command = "eetool bottleneck train " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else ""
     train_bottleneck(src, spec, TrainData(list(data), list(photos), views, photo_crops, val_every), cfg, Path(out),
                      Path(cache) if cache else None, command=command, init_from=init_from)

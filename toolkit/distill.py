@@ -63,7 +63,10 @@ class DistillConfig:
     ``lr`` reached after a linear warm-up over 5 % of the steps and decayed by a cosine to 0 (Loshchilov &
     Hutter, SGDR), ``rec_weight`` = w_rec above, ``match``
     later layers (after T; ``logits`` for the output) whose outputs also enter the loss, ``rate_weight`` =
-    w_rate (per bit per value of code entropy; 0 = no rate term), ``threads`` torch CPU threads,
+    w_rate (per bit per value of code entropy; 0 = no rate term), ``kd_temperature`` T > 0 matches the
+    logits by knowledge distillation's KL divergence at temperature T instead of their MSE (Hinton, Vinyals
+    & Dean, "Distilling the Knowledge in a Neural Network", 2015: KL(softmax(t/T) || softmax(s/T)) x T^2),
+    ``threads`` torch CPU threads,
     ``pca_samples`` views used for the PCA initialisation."""
 
     epochs: int = 10
@@ -75,6 +78,7 @@ class DistillConfig:
     threads: int = 2
     pca_samples: int = 512
     rate_weight: float = 0.0
+    kd_temperature: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------- progress
@@ -207,12 +211,13 @@ class Objective:
     """The HND loss over cached teacher tensors. ``parts`` are the frozen layers after T cut at the matched
     points (:func:`toolkit.bottleneck.tail_parts`); ``match`` names the points whose outputs also enter
     the loss (module paths after T, or ``logits``), each with weight 1 like the target (GHND); with
-    ``rate_weight`` the code's estimated entropy (bits per value) is added with that weight."""
+    ``rate_weight`` the code's estimated entropy (bits per value) is added with that weight; with
+    ``kd_temperature`` the logits enter as a KL divergence instead of an MSE (see :class:`DistillConfig`)."""
 
     def __init__(self, bm: BottleneckModel, parts: list[tuple[str, nn.Module]], match: tuple[str, ...],
-                 bits: int, rec_weight: float, rate_weight: float = 0.0):
+                 bits: int, rec_weight: float, rate_weight: float = 0.0, kd_temperature: float = 0.0):
         self.bm, self.parts, self.match, self.bits, self.rec_weight = bm, parts, tuple(match), bits, rec_weight
-        self.rate_weight = float(rate_weight)
+        self.rate_weight, self.kd_temperature = float(rate_weight), float(kd_temperature)
 
     def outputs(self, inputs: torch.Tensor, logits: bool = False) -> dict[str, torch.Tensor]:
         """The student's tensors for cached ``inputs``: ``split`` (the decoder's reconstruction), ``target``
@@ -238,8 +243,15 @@ class Objective:
     def loss(self, out: dict[str, torch.Tensor], cache: "FeatureCache", idx) -> torch.Tensor:
         total = 0.0
         for key, w in self.weights().items():
-            if w:
-                total = total + w * F.mse_loss(out[key], _cl(cache.get(_array(key), idx))) / cache.variance(_array(key))
+            if not w:
+                continue
+            teacher = _cl(cache.get(_array(key), idx))
+            if key == "logits" and self.kd_temperature:
+                t = self.kd_temperature
+                total = total + w * t * t * F.kl_div(F.log_softmax(out[key] / t, 1), F.log_softmax(teacher.float() / t, 1),
+                                                     reduction="batchmean", log_target=True)
+            else:
+                total = total + w * F.mse_loss(out[key], teacher) / cache.variance(_array(key))
         if self.rate_weight:
             total = total + self.rate_weight * code_entropy_bits(out["code"], self.bits)
         return total
