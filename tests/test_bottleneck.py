@@ -194,6 +194,19 @@ def test_warm_start_continues_from_a_trained_bottleneck(tiny_run, effnet, photos
     assert h["train_loss"][1] < hist["train_loss"][1]  # it does not start over from the PCA initialisation
     assert h["val_loss"][more["training"]["best_epoch"]] <= h["val_loss"][0]
 
+    # a later target layer: the server side fine-tunes one more original layer, which starts as the original's
+    later = B.BottleneckSpec(**{**spec.__dict__, "target": "blocks.6"})
+    ext = train_bottleneck(effnet, later, photos_data, zero, tmp_path / "t6", cache=out / "cache6", init_from=out)
+    assert ext["training"]["init"]["target"] == "blocks.5" and ext["target"] == "blocks.6"
+    got = torch.load(tmp_path / "t6" / B.WEIGHTS, weights_only=True)
+    saved = torch.load(out / B.WEIGHTS, weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in saved.items())
+    orig = dict(effnet.model.named_parameters())
+    new = [k for k in got if k not in saved and k.endswith("weight") and "num_batches" not in k]
+    assert new and all(torch.equal(got[k], orig[k[len("decoder.trunk."):]]) for k in new)
+    with pytest.raises(B.BottleneckError, match="not in its decoder"):
+        train_bottleneck(effnet, spec, photos_data, zero, tmp_path / "t5", cache=out / "cache", init_from=tmp_path / "t6")
+
     three = B.BottleneckSpec(**{**spec.__dict__, "bits": 3})
     state, desc = warm_start_from(out, effnet, three)
     assert desc["bits"] == 4 and set(state) == set(torch.load(out / B.WEIGHTS, weights_only=True))

@@ -408,10 +408,21 @@ def read_state(path: Path, model_name: str | None = None) -> tuple[dict, dict]:
                               f"it") from None
 
 
-def load_trainable(bm: BottleneckModel, state: dict, where: str = "state") -> None:
-    """Load ``state`` (keys from :meth:`BottleneckModel.trainable_state`) strictly. Raises BottleneckError."""
+def load_trainable(bm: BottleneckModel, state: dict, where: str = "state", extend: bool = False) -> None:
+    """Load ``state`` (keys from :meth:`BottleneckModel.trainable_state`) strictly; with ``extend``, ``state``
+    may come from a bottleneck with an earlier target layer: the decoder's trunk layers it lacks keep their
+    current weights (copies of the original model's). Raises BottleneckError."""
     for prefix, module in bm.trainable().items():
         part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if extend and prefix == "decoder":
+            own = module.state_dict()
+            bad = [k for k, v in part.items() if k not in own or own[k].shape != v.shape]
+            lacking = [k for k in own if k not in part and not k.startswith("trunk.")]
+            if bad or lacking:
+                raise BottleneckError(f"{where} does not fit this bottleneck: "
+                                      + (f"tensors {bad[:3]} are not in its decoder (is its target layer later "
+                                         f"than this one?)" if bad else f"it lacks {lacking[:3]}"))
+            part = {**own, **part}
         try:
             module.load_state_dict(part, strict=True)
         except RuntimeError as e:

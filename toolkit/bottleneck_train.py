@@ -75,17 +75,20 @@ _FLAGS = {"split": "--split", "target": "--target-layer", "channels": "--channel
 
 def warm_start_from(path: Path, source: ModelSource, spec: B.BottleneckSpec) -> tuple[dict, dict]:
     """(trainable tensors, description) of the trained bottleneck in ``path``, to continue training it
-    (e.g. on more photos, or on a coarser wire grid: only ``bits`` may differ from ``spec``). Raises
-    BottleneckError for a corrupt folder, another model or another layout, naming the differing fields."""
+    (e.g. on more photos, on a coarser wire grid, or with a later target layer, so that the server side
+    fine-tunes more of the original layers: only ``bits`` and ``target`` may differ from ``spec``; the
+    description's ``target`` says which it had). Raises BottleneckError for a corrupt folder, another model or
+    another layout, naming the differing fields."""
     state, cfg = B.read_state(path, source.describe().get("source"))
     theirs = asdict(B.spec_of(cfg))
     ours = asdict(spec)
-    diff = [k for k in ours if k != "bits" and theirs[k] != ours[k]]
+    diff = [k for k in ours if k not in ("bits", "target") and theirs[k] != ours[k]]
     if diff:
         raise B.BottleneckError(f"--init-from {path} was trained with another layout: "
                                 + ", ".join(f"{_FLAGS[k]} {theirs[k]} (asked: {ours[k]})" for k in diff)
-                                + "; give the same options (only --bits may differ)")
+                                + "; give the same options (only --bits and a later --target-layer may differ)")
     return state, {"from": str(Path(path).resolve()), "sha256": cfg["weights"]["sha256"], "bits": cfg["bits"],
+                   "target": theirs["target"],
                    "epochs": cfg.get("training", {}).get("config", {}).get("epochs"),
                    "validation_agreement": cfg.get("validation_agreement")}
 
@@ -109,7 +112,7 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     sample = torch.zeros(source.input_shape)
     built = B.build(source.model, sample, spec)
     if warm:  # the starting weights, loaded before the teacher features: tensors that do not fit fail now
-        B.load_trainable(built.model, warm[0], f"--init-from {init_from}")
+        B.load_trainable(built.model, warm[0], f"--init-from {init_from}", extend=warm[1]["target"] != spec.target)
     cache = Path(cache) if cache else out / "cache"
     teacher_parts = {"model": source.describe(), "split": spec.split, "target": spec.target,
                      "tune_from": spec.tune_from, "preprocess": prep, "seed": cfg.seed}
