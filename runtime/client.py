@@ -130,6 +130,8 @@ class EdgeClient:
         level: codec level (None: codec default).
         max_frame_bytes: largest reply accepted (bytes).
         layout: layout label sent with 4-D tensors.
+        protocol_version: wire protocol version of the requests and pings (``runtime.protocol.VERSION``;
+            1 talks to an edge server whose runtime predates version 2).
 
     Raises:
         codec.CodecUnavailable: the codec's package is missing (raised at construction).
@@ -137,9 +139,13 @@ class EdgeClient:
 
     def __init__(self, host: str, port: int, secret: Union[None, str, bytes] = None, timeout_s: float = 5.0,
                  shaper: Optional[LinkShaper] = None, codec: str = "zstd", level: Optional[int] = None,
-                 max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES, layout: Optional[str] = "NCHW"):
+                 max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES, layout: Optional[str] = "NCHW",
+                 protocol_version: int = P.VERSION):
         from . import codec as _codec
         _codec.check_codec(codec)
+        if protocol_version not in P.SUPPORTED_VERSIONS:
+            raise ValueError("protocol_version %r not supported (%s)" % (protocol_version, P.SUPPORTED_VERSIONS))
+        self.protocol_version = int(protocol_version)
         self.host = host
         self.port = int(port)
         self.secret = secret
@@ -264,7 +270,7 @@ class EdgeClient:
             rid = next(self._ids)
             t0 = time.perf_counter()
             frame = P.encode_request(rid, tensors, quant, layout=self.layout, codec=self.codec,
-                                     secret=self.secret, level=self.level, meta=meta)
+                                     secret=self.secret, level=self.level, meta=meta, version=self.protocol_version)
             encode_ms = (time.perf_counter() - t0) * 1000.0
             answer, network_ms, attempts = self._exchange(frame)
             try:
@@ -306,7 +312,7 @@ class EdgeClient:
         """
         with self._lock:
             rid = next(self._ids)
-            frame = P.encode_ping(rid, self.secret, pad_bytes)
+            frame = P.encode_ping(rid, self.secret, pad_bytes, self.protocol_version)
             answer, ms, _ = self._exchange(frame)
             self.last_ping_bytes = len(frame) + answer.nbytes
             self._check_answer(answer, rid)

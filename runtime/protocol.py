@@ -112,6 +112,7 @@ class ProtocolError(Exception):
         request_id: the frame's request id when the prefix was readable, else None.
         fatal: True when the byte stream can no longer be trusted to be at a frame boundary
             (the connection must be closed); False when the whole frame was consumed.
+        version: the offending frame's protocol version when its prefix was valid, else None.
     """
 
     def __init__(self, code: str, message: str, request_id: Optional[int] = None, fatal: Optional[bool] = None):
@@ -120,6 +121,9 @@ class ProtocolError(Exception):
         self.message = message
         self.request_id = request_id
         self.fatal = (code in _FATAL_CODES) if fatal is None else bool(fatal)
+        #: the frame's protocol version once its prefix was accepted, else None (answer such errors in
+        #: version 1: an ERROR frame carries no tensors, so every receiver reads it)
+        self.version = None  # type: Optional[int]
 
 
 @dataclass
@@ -129,7 +133,7 @@ class Frame:
     Attributes:
         msg_type: REQUEST / REPLY / ERROR / PING / PONG.
         request_id: u64 chosen by the client, echoed by the server.
-        header: the parsed JSON object.
+        header: the parsed JSON object, tensors in the object form (``tensors``) whatever the version.
         payload: raw payload bytes (tensor data).
         flags: prefix flags (FLAG_HMAC).
         version: protocol version of the frame.
@@ -288,21 +292,20 @@ def _json_loads(raw: bytes, request_id: int) -> Dict[str, Any]:
 
 def _compact_header(header: Mapping[str, Any]) -> Dict[str, Any]:
     """Version 2 form of a header: its ``tensors`` objects become ``t`` arrays (:data:`TENSOR_FIELDS` order,
-    trailing nulls left out). Entries that are not objects are passed on as they are (the receiver refuses them)."""
+    trailing nulls left out; keys outside TENSOR_FIELDS are not written). Raises ValueError for ``tensors``
+    that is not a list of objects."""
     if "tensors" not in header:
         return dict(header)
     items = header["tensors"]
-    rows: Any = items
-    if isinstance(items, list):
-        rows = []
-        for entry in items:
-            if not isinstance(entry, Mapping):
-                rows.append(entry)
-                continue
-            row = [entry.get(k) for k in TENSOR_FIELDS]
-            while len(row) > _REQUIRED_FIELDS and row[-1] is None:
-                row.pop()
-            rows.append(row)
+    if not isinstance(items, list) or not all(isinstance(e, Mapping) for e in items):
+        raise ValueError("header 'tensors' must be a list of objects to be written as version 2; got %r"
+                         % (items,))
+    rows = []
+    for entry in items:
+        row = [entry.get(k) for k in TENSOR_FIELDS]
+        while len(row) > _REQUIRED_FIELDS and row[-1] is None:
+            row.pop()
+        rows.append(row)
     out: Dict[str, Any] = {"t": rows}
     out.update((k, v) for k, v in header.items() if k != "tensors")
     return out
@@ -310,7 +313,8 @@ def _compact_header(header: Mapping[str, Any]) -> Dict[str, Any]:
 
 def _expand_header(header: Dict[str, Any], request_id: int) -> Dict[str, Any]:
     """Object form of a version 2 header (``t`` arrays back to ``tensors`` objects); ``bad_header`` for a
-    ``t`` that is not a list of arrays of 8..12 fields, or a version 2 header that uses ``tensors``."""
+    ``t`` that is not a list of arrays of at least 8 fields, or a version 2 header that uses ``tensors``.
+    Fields after the 12 of TENSOR_FIELDS are ignored, as version 1 receivers ignore unknown keys."""
     if "tensors" in header:
         raise ProtocolError(BAD_HEADER, "a version 2 header lists its tensors under 't' (arrays of %s), "
                             "not 'tensors'" % ", ".join(TENSOR_FIELDS), request_id)
@@ -321,9 +325,9 @@ def _expand_header(header: Dict[str, Any], request_id: int) -> Dict[str, Any]:
         raise ProtocolError(BAD_HEADER, "header field 't' (the tensors) must be a list", request_id)
     items = []
     for i, row in enumerate(rows):
-        if not isinstance(row, list) or not _REQUIRED_FIELDS <= len(row) <= len(TENSOR_FIELDS):
-            raise ProtocolError(BAD_HEADER, "t[%d] must be an array of %d..%d fields (%s)"
-                                % (i, _REQUIRED_FIELDS, len(TENSOR_FIELDS), ", ".join(TENSOR_FIELDS)), request_id)
+        if not isinstance(row, list) or len(row) < _REQUIRED_FIELDS:
+            raise ProtocolError(BAD_HEADER, "t[%d] must be an array of at least %d fields (%s)"
+                                % (i, _REQUIRED_FIELDS, ", ".join(TENSOR_FIELDS)), request_id)
         items.append(dict(zip(TENSOR_FIELDS, row)))
     header["tensors"] = items
     return header
@@ -421,11 +425,15 @@ def parse_frame(buf: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     version, msg_type, flags, rid, hlen, plen = _check_prefix(buf[:PREFIX_SIZE], max_frame_bytes)
     body_len = hlen + plen + (TAG_SIZE if flags & FLAG_HMAC else 0)
     body = buf[PREFIX_SIZE:]
-    if len(body) < body_len:
-        raise ProtocolError(TRUNCATED, "frame needs %d bytes after the prefix, got %d" % (body_len, len(body)), rid)
-    if len(body) > body_len:
-        raise ProtocolError(PAYLOAD_MISMATCH, "%d bytes after the end of the frame" % (len(body) - body_len), rid, fatal=True)
-    return _finish(buf[:PREFIX_SIZE], body, version, msg_type, flags, rid, hlen, plen, key)
+    try:
+        if len(body) < body_len:
+            raise ProtocolError(TRUNCATED, "frame needs %d bytes after the prefix, got %d" % (body_len, len(body)), rid)
+        if len(body) > body_len:
+            raise ProtocolError(PAYLOAD_MISMATCH, "%d bytes after the end of the frame" % (len(body) - body_len), rid, fatal=True)
+        return _finish(buf[:PREFIX_SIZE], body, version, msg_type, flags, rid, hlen, plen, key)
+    except ProtocolError as exc:
+        exc.version = version
+        raise
 
 
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float, started: bool, request_id: Optional[int],
@@ -474,7 +482,8 @@ def read_frame(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYT
     Raises:
         ProtocolError: ``closed`` (EOF before a frame), ``timeout``, ``truncated``, ``bad_magic``,
             ``unsupported_version``, ``bad_type``, ``bad_flags``, ``oversize``, ``auth_required``,
-            ``bad_hmac``, ``bad_json``.
+            ``bad_hmac``, ``bad_json``, ``bad_header`` (a version 2 tensor list that does not parse). Errors
+            found after the prefix was accepted carry the frame's ``version``.
         OSError: other socket failures.
     """
     key = _secret_bytes(secret)
@@ -489,9 +498,13 @@ def read_frame(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYT
         _recv_into(sock, view[1:], deadline, True, None, before=1)
         version, msg_type, flags, rid, hlen, plen = _check_prefix(bytes(prefix), max_frame_bytes)
         body = bytearray(hlen + plen + (TAG_SIZE if flags & FLAG_HMAC else 0))
-        if body:
-            _recv_into(sock, memoryview(body), deadline, True, rid, before=PREFIX_SIZE, total=PREFIX_SIZE + len(body))
-        return _finish(bytes(prefix), bytes(body), version, msg_type, flags, rid, hlen, plen, key)
+        try:
+            if body:
+                _recv_into(sock, memoryview(body), deadline, True, rid, before=PREFIX_SIZE, total=PREFIX_SIZE + len(body))
+            return _finish(bytes(prefix), bytes(body), version, msg_type, flags, rid, hlen, plen, key)
+        except ProtocolError as exc:
+            exc.version = version
+            raise
     finally:
         try:
             sock.settimeout(old_timeout)
@@ -616,7 +629,7 @@ def parse_tensor_specs(header: Mapping[str, Any], payload_len: int, request_id: 
     rid = request_id
     items = header.get("tensors")
     if not isinstance(items, list):
-        raise ProtocolError(BAD_HEADER, "header field 'tensors' must be a list", rid)
+        raise ProtocolError(BAD_HEADER, "header field 'tensors' (version 2: 't') must be a list", rid)
     if len(items) > MAX_TENSORS:
         raise ProtocolError(BAD_HEADER, "%d tensors (max %d)" % (len(items), MAX_TENSORS), rid)
     specs: List[TensorSpec] = []
@@ -908,13 +921,14 @@ def decode_error(data: Union[Frame, bytes], secret: Union[None, str, bytes] = No
     return ErrorMessage(frame.request_id, code, message)
 
 
-def encode_ping(request_id: int, secret: Union[None, str, bytes] = None, pad_bytes: int = 0) -> bytes:
+def encode_ping(request_id: int, secret: Union[None, str, bytes] = None, pad_bytes: int = 0,
+                version: int = VERSION) -> bytes:
     """Build a PING frame (header ``{}``); the server answers PONG (empty) with the same id. ``pad_bytes``
     zero bytes of payload, which the server ignores, let the client time the uplink with a known load
     (:mod:`runtime.bandwidth`)."""
     if pad_bytes < 0:
         raise ValueError("pad_bytes must be >= 0, got %r" % (pad_bytes,))
-    return encode_frame(PING, request_id, {}, bytes(int(pad_bytes)), secret)
+    return encode_frame(PING, request_id, {}, bytes(int(pad_bytes)), secret, version)
 
 
 def encode_pong(request_id: int, secret: Union[None, str, bytes] = None, version: int = VERSION) -> bytes:

@@ -272,7 +272,8 @@ class EdgeServer:
             if busy:
                 self._count("rejected")
                 log.warning("rejecting %s:%s: %d connections already open", addr[0], addr[1], self.max_connections)
-                self._send_quiet(conn, P.encode_error(0, "busy", "server busy: %d connections open" % self.max_connections, self.secret))
+                self._send_quiet(conn, P.encode_error(0, "busy", "server busy: %d connections open" % self.max_connections,
+                                                      self.secret, 1))  # version 1: every client reads it
                 self._close_quiet(conn)
                 continue
             self._count("connections")
@@ -292,7 +293,7 @@ class EdgeServer:
                     log.warning("%s: %s", peer, exc)
                     rid = exc.request_id or 0
                     if exc.code != P.TIMEOUT:
-                        self._send_quiet(conn, P.encode_error(rid, exc.code, exc.message, self.secret))
+                        self._send_quiet(conn, P.encode_error(rid, exc.code, exc.message, self.secret, exc.version or 1))
                     if exc.fatal or exc.code in _AUTH_CODES:
                         return
                     continue

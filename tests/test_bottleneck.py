@@ -202,7 +202,7 @@ def test_warm_start_continues_from_a_trained_bottleneck(tiny_run, effnet, photos
     saved = torch.load(out / B.WEIGHTS, weights_only=True)
     assert all(torch.equal(got[k], v) for k, v in saved.items())
     orig = dict(effnet.model.named_parameters())
-    new = [k for k in got if k not in saved and k.endswith("weight") and "num_batches" not in k]
+    new = [k for k in got if k not in saved and k.endswith("weight")]
     assert new and all(torch.equal(got[k], orig[k[len("decoder.trunk."):]]) for k in new)
     with pytest.raises(B.BottleneckError, match="not in its decoder"):
         train_bottleneck(effnet, spec, photos_data, zero, tmp_path / "t5", cache=out / "cache", init_from=tmp_path / "t6")
@@ -254,7 +254,7 @@ def test_rate_weight_trains_for_fewer_bytes_on_the_wire(tiny_run, effnet, photos
         c = DistillConfig(**{**TINY.__dict__, "epochs": 3, "rate_weight": w})
         runs[w] = train_bottleneck(effnet, spec, photos_data, c, tmp_path / f"r{w}", cache=out / "cache",
                                    init_from=out)
-    bits = {w: r["training"]["history"]["val_bits"] for w, r in runs.items()}
+    bits = {w: r["training"]["history"]["val_code_entropy"] for w, r in runs.items()}
     assert len(bits[1.0]) == 4 and bits[1.0][0] == pytest.approx(bits[0.0][0])  # same starting point
     assert bits[1.0][-1] < bits[0.0][-1] - 0.5
     views = torch.from_numpy(np.stack([x for _, x in iter_views(photos_data.split_files()[0], 1,
@@ -267,8 +267,11 @@ def test_rate_weight_trains_for_fewer_bytes_on_the_wire(tiny_run, effnet, photos
         frames[w] = np.mean([len(wire_round_trip(code[i:i + 1], spec.bits, "encoder")[0]) for i in range(len(code))])
     assert frames[1.0] < 0.9 * frames[0.0]
     with pytest.raises(B.BottleneckError, match="other arguments"):
-        c = DistillConfig(**{**TINY.__dict__, "epochs": 3, "rate_weight": 0.2})
-        train_bottleneck(effnet, spec, photos_data, c, tmp_path / "r1.0", cache=out / "cache", init_from=out)
+        c = DistillConfig(**{**TINY.__dict__, "epochs": 3, "rate_weight": 1.0})
+        train_bottleneck(effnet, spec, photos_data, c, tmp_path / "r0.0", cache=out / "cache", init_from=out)
+    with pytest.raises(B.BottleneckError, match="add 'logits' to match"):
+        train_bottleneck(effnet, spec, photos_data, DistillConfig(**{**TINY.__dict__, "kd_temperature": 2.0}),
+                         tmp_path / "kd", cache=out / "cache", init_from=out)
 
 
 def test_kd_temperature_matches_the_logits_by_kl_divergence(tiny_run, effnet):

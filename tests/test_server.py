@@ -161,8 +161,8 @@ def test_content_errors_keep_the_connection(server):
             (P.encode_request(5, {"feat": codec.quantize(np.zeros((1, C, H, W), np.float32), SCALE, ZP)}, QUANT),
              "tail_failed", "boom"),
             (P.encode_pong(6), "unexpected_type", "PONG"),
-            (P.encode_frame(P.REQUEST, 7, {"tensors": "nope"}), P.BAD_HEADER, "tensors"),
             (P.encode_frame(P.REQUEST, 7, {"tensors": "nope"}, version=1), P.BAD_HEADER, "tensors"),
+            (P.encode_frame(P.REQUEST, 7, {"t": "nope"}), P.BAD_HEADER, "tensors"),
             (P.encode_frame(P.REQUEST, 8, {"tensors": [{"name": "feat", "dtype": "float64", "shape": [1], "layout": None,
                                                         "scale": None, "zero_point": None, "codec": "none", "nbytes": 8,
                                                         "wire_nbytes": 8, "offset": 0}]}, bytes(8)), P.BAD_DTYPE, "float64"),
@@ -198,12 +198,18 @@ def test_server_answers_in_the_version_of_the_request(server):
             s.sendall(P.encode_request(20 + version, {"feat": make_input(0)[:, :2]}, QUANT, version=version))
             err = P.read_frame(s, 1 << 20, 5.0)
             assert err.msg_type == P.ERROR and err.version == version
-            s.sendall(P.encode_ping(30 + version) if version == 2 else
-                      P.encode_frame(P.PING, 30 + version, {}, version=1))
+            s.sendall(P.encode_ping(30 + version, version=version))
             pong = P.read_frame(s, 1 << 20, 5.0)
             assert pong.msg_type == P.PONG and pong.version == version and pong.request_id == 30 + version
+            # an error found while reading the frame (here: bad JSON) is answered in the frame's version too
+            raw = b"{bad"
+            s.sendall(P.PREFIX.pack(P.MAGIC, version, P.REQUEST, 0, 40 + version, len(raw), 0) + raw)
+            err = P.read_frame(s, 1 << 20, 5.0)
+            assert err.msg_type == P.ERROR and err.version == version and P.decode_error(err).code == P.BAD_JSON
     finally:
         s.close()
+    with EdgeClient(*server.address, protocol_version=1) as cli:  # a new device talking to an old server
+        assert cli.infer({"feat": make_input(2)}, QUANT).logits.shape == (1, K)
 
 
 def test_client_maps_error_reply_to_server_error(server):

@@ -65,10 +65,11 @@ def code_entropy_bits(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Differentiable estimate of the order-0 entropy, in bits per value, of the ``bits``-bit codes
     ``round(z * (2**bits - 1))`` pooled over every value of ``z`` (float32, any shape, values in [0, 1]).
 
-    Soft histogram with a triangular kernel: a value between grid levels k and k+1 counts ``1 - f`` towards k
-    and ``f`` towards k+1 (``f`` its fractional position), ``p`` is the normalised histogram and the estimate
-    is ``-sum_k p_k log2 p_k`` (soft-binned entropy as in Agustsson et al., "Soft-to-Hard Vector Quantization
-    for End-to-End Learning Compressible Representations", NeurIPS 2017, section 3.2). Its gradient moves
+    Linear-interpolation soft histogram: a value between grid levels k and k+1 counts ``1 - f`` towards k and
+    ``f`` towards k+1 (``f`` its fractional position), ``p`` is the normalised histogram and the estimate is
+    ``-sum_k p_k log2 p_k``; after the soft-assignment entropy estimate of Agustsson et al., "Soft-to-Hard
+    Vector Quantization for End-to-End Learning Compressible Representations" (NeurIPS 2017, section 3.2),
+    which assigns by a softmax over distances instead. Its gradient moves
     each value towards the more frequent of its two neighbouring levels, so minimising it concentrates the
     codes on fewer levels. Pooled over channels and positions because the wire's entropy coders (zstd's
     Huffman literals, brotli) code the byte stream of the whole tensor with one model. Returns a 0-d tensor."""

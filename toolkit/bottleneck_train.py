@@ -101,6 +101,8 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     bits). ``init_from``: start from that trained bottleneck instead of the PCA initialisation (see
     :func:`warm_start_from`). Raises DataError / BottleneckError / SplitError for bad inputs."""
     out = Path(out)
+    if cfg.kd_temperature and "logits" not in cfg.match:
+        raise B.BottleneckError("kd_temperature sets how the logits are matched: add 'logits' to match, or drop it")
     if init_from and Path(init_from).resolve() == out.resolve():
         raise B.BottleneckError(f"--init-from {init_from} is also -o: give another -o (training would overwrite "
                                 "the bottleneck it starts from)")

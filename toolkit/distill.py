@@ -248,7 +248,7 @@ class Objective:
             teacher = _cl(cache.get(_array(key), idx))
             if key == "logits" and self.kd_temperature:
                 t = self.kd_temperature
-                total = total + w * t * t * F.kl_div(F.log_softmax(out[key] / t, 1), F.log_softmax(teacher.float() / t, 1),
+                total = total + w * t * t * F.kl_div(F.log_softmax(out[key] / t, 1), F.log_softmax(teacher / t, 1),
                                                      reduction="batchmean", log_target=True)
             else:
                 total = total + w * F.mse_loss(out[key], teacher) / cache.variance(_array(key))
@@ -349,7 +349,8 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
             init = pca_init(bm.encoder, bm.decoder, feats)
         v = validate(obj, val_cache)
         history = {"epoch": [0], "train_loss": [None], "val_loss": [v["loss"]],
-                   "val_agreement": [v["agreement"]], "val_bits": [v["bits"]], "seconds": [0.0], "lr": [cfg.lr]}
+                   "val_agreement": [v["agreement"]], "val_code_entropy": [v["bits"]], "seconds": [0.0],
+                   "lr": [cfg.lr]}
         best = {"epoch": 0, "val_loss": v["loss"], "state": bm.trainable_state()}
         start_epoch, elapsed = 1, 0.0
         if warm_start is not None:
@@ -388,7 +389,7 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
         secs = time.time() - t0
         elapsed += secs
         for k, val in (("epoch", epoch), ("train_loss", total_loss / len(train_cache)), ("val_loss", v["loss"]),
-                       ("val_agreement", v["agreement"]), ("val_bits", v["bits"]), ("seconds", secs),
+                       ("val_agreement", v["agreement"]), ("val_code_entropy", v["bits"]), ("seconds", secs),
                        ("lr", sched.get_last_lr()[0])):
             history.setdefault(k, []).append(val)
         if v["loss"] < best["val_loss"]:
@@ -426,9 +427,9 @@ def plot_curves(history: dict, path: Path, title: str) -> None:
     b.plot(ep, [100 * v for v in history["val_agreement"]], "s-", color="C2")
     b.set_xlabel("epoch (0 = initialisation: PCA or --init-from)")
     b.set_ylabel("top-1 agreement with the original model (%)")
-    if history.get("val_bits"):
+    if history.get("val_code_entropy"):
         c = b.twinx()
-        c.plot(ep[-len(history["val_bits"]):], history["val_bits"], "^--", color="C3")
+        c.plot(ep[-len(history["val_code_entropy"]):], history["val_code_entropy"], "^--", color="C3")
         c.set_ylabel("code entropy (bits per value)", color="C3")
     fig.suptitle(title)
     fig.tight_layout()
