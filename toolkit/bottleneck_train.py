@@ -69,6 +69,7 @@ def _describe_files(files: list[Path]) -> list[list]:
     return [[str(f), f.stat().st_size] for f in files]
 
 
+_KEYED_WHEN_SET = ("rate_weight", "kd_temperature")
 _FLAGS = {"split": "--split", "target": "--target-layer", "channels": "--channels", "stride": "--stride",
           "tune_from": "--tune-from", "refine": "--refine"}
 
@@ -134,9 +135,9 @@ def train_bottleneck(source: ModelSource, spec: B.BottleneckSpec, data: TrainDat
     parts = B.tail_parts(source.model, sample, spec.target, [m for m in cfg.match if m != "logits"])
     prepare_cache(train_cache, parts, tuple(cfg.match))
     prepare_cache(val_cache, parts, tuple(dict.fromkeys((*cfg.match, "logits"))))
-    # rate_weight / kd_temperature join the key only when used, so runs from before they existed still resume
-    run_key = fingerprint({"spec": asdict(spec), "cfg": {k: v for k, v in asdict(cfg).items()
-                                                         if k != "threads" and not (k in ("rate_weight", "kd_temperature") and not v)},
+    # options added later join the key only when used, so runs from before they existed still resume
+    keyed = {k: v for k, v in asdict(cfg).items() if k != "threads" and (v or k not in _KEYED_WHEN_SET)}
+    run_key = fingerprint({"spec": asdict(spec), "cfg": keyed,
                            "train": train_key, "val": val_key, "init": warm[1]["sha256"] if warm else "pca"})
     t0 = time.time()
     obj = Objective(built.model, parts, tuple(cfg.match), spec.bits, cfg.rec_weight, cfg.rate_weight,

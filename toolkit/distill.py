@@ -50,8 +50,7 @@ from torch.nn import functional as F
 from runtime.progress import is_terminal, progress
 
 from .bottleneck import (BottleneckError, BottleneckModel, Built, code_entropy_bits, fake_quant,
-                         histogram_entropy_bits,
-                         load_trainable, pca_init)
+                         histogram_entropy_bits, load_trainable, pca_init)
 
 CHECKPOINT = "checkpoint.pt"
 CACHE_VERSION = 1
@@ -66,8 +65,7 @@ class DistillConfig:
     w_rate (per bit per value of code entropy; 0 = no rate term), ``kd_temperature`` T > 0 matches the
     logits by knowledge distillation's KL divergence at temperature T instead of their MSE (Hinton, Vinyals
     & Dean, "Distilling the Knowledge in a Neural Network", 2015: KL(softmax(t/T) || softmax(s/T)) x T^2),
-    ``threads`` torch CPU threads,
-    ``pca_samples`` views used for the PCA initialisation."""
+    ``threads`` torch CPU threads, ``pca_samples`` views used for the PCA initialisation."""
 
     epochs: int = 10
     batch: int = 32
@@ -284,7 +282,7 @@ def prepare_cache(cache: "FeatureCache", parts: list[tuple[str, nn.Module]], poi
 @torch.no_grad()
 def validate(obj: Objective, cache: FeatureCache, batch: int = 32) -> dict:
     """HND loss of the student (bottleneck quantised) over the cached views, the order-0 entropy of its
-    codes (``bits``: bits per value, pooled over every view) and, when the cache holds the teacher's logits,
+    codes (``code_entropy``: bits per value, pooled over every view) and, when the cache holds the teacher's logits,
     its top-1 ``agreement`` with the teacher (else None)."""
     total, agree, n = 0.0, 0, len(cache)
     has_logits = "logits" in cache.arrays
@@ -299,7 +297,7 @@ def validate(obj: Objective, cache: FeatureCache, batch: int = 32) -> dict:
         if has_logits:
             agree += int((out["logits"].argmax(1) == cache.get("logits", idx).argmax(1)).sum())
     return {"loss": total / n, "agreement": agree / n if has_logits else None,
-            "bits": histogram_entropy_bits(counts)}
+            "code_entropy": histogram_entropy_bits(counts)}
 
 
 def fingerprint(parts: dict) -> str:
@@ -349,13 +347,13 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
             init = pca_init(bm.encoder, bm.decoder, feats)
         v = validate(obj, val_cache)
         history = {"epoch": [0], "train_loss": [None], "val_loss": [v["loss"]],
-                   "val_agreement": [v["agreement"]], "val_code_entropy": [v["bits"]], "seconds": [0.0],
+                   "val_agreement": [v["agreement"]], "val_code_entropy": [v["code_entropy"]], "seconds": [0.0],
                    "lr": [cfg.lr]}
         best = {"epoch": 0, "val_loss": v["loss"], "state": bm.trainable_state()}
         start_epoch, elapsed = 1, 0.0
         if warm_start is not None:
             say(f"warm start from {init['from']}: validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}, "
-                f"code entropy {v['bits']:.2f} bits/value")
+                f"code entropy {v['code_entropy']:.2f} bits/value")
         else:
             say(f"PCA init: {init['explained_variance']:.1%} of patch variance kept, relative MSE "
                 f"{init['relative_mse']:.3f}; validation loss {v['loss']:.4f}, agreement {v['agreement']:.1%}")
@@ -389,7 +387,7 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
         secs = time.time() - t0
         elapsed += secs
         for k, val in (("epoch", epoch), ("train_loss", total_loss / len(train_cache)), ("val_loss", v["loss"]),
-                       ("val_agreement", v["agreement"]), ("val_code_entropy", v["bits"]), ("seconds", secs),
+                       ("val_agreement", v["agreement"]), ("val_code_entropy", v["code_entropy"]), ("seconds", secs),
                        ("lr", sched.get_last_lr()[0])):
             history.setdefault(k, []).append(val)
         if v["loss"] < best["val_loss"]:
@@ -400,7 +398,7 @@ def train(built: Built, obj: Objective, train_cache: FeatureCache, val_cache: Fe
                     "seconds": elapsed}, tmp)
         tmp.replace(ckpt_file)
         say(f"epoch {epoch}/{cfg.epochs}: train loss {history['train_loss'][-1]:.4f}, validation loss "
-            f"{v['loss']:.4f}, agreement {v['agreement']:.1%}, code entropy {v['bits']:.2f} bits/value ({secs:.0f} s)")
+            f"{v['loss']:.4f}, agreement {v['agreement']:.1%}, code entropy {v['code_entropy']:.2f} bits/value ({secs:.0f} s)")
     load_trainable(bm, best["state"])
     bm.to(memory_format=torch.contiguous_format)
     for p in params:
