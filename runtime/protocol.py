@@ -24,6 +24,7 @@ Python 3.8 compatible.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -410,6 +411,17 @@ def _finish(prefix: bytes, body: bytes, version: int, msg_type: int, flags: int,
                  PREFIX_SIZE + len(body))
 
 
+@contextlib.contextmanager
+def _stamped(version: int):
+    """Record ``version`` (the frame's, its prefix accepted) on any ProtocolError raised inside, so that the
+    answer to the error speaks the peer's version."""
+    try:
+        yield
+    except ProtocolError as exc:
+        exc.version = version
+        raise
+
+
 def parse_frame(buf: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                 secret: Union[None, str, bytes] = None) -> Frame:
     """Parse exactly one complete frame from a byte string.
@@ -425,15 +437,12 @@ def parse_frame(buf: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     version, msg_type, flags, rid, hlen, plen = _check_prefix(buf[:PREFIX_SIZE], max_frame_bytes)
     body_len = hlen + plen + (TAG_SIZE if flags & FLAG_HMAC else 0)
     body = buf[PREFIX_SIZE:]
-    try:
+    with _stamped(version):
         if len(body) < body_len:
             raise ProtocolError(TRUNCATED, "frame needs %d bytes after the prefix, got %d" % (body_len, len(body)), rid)
         if len(body) > body_len:
             raise ProtocolError(PAYLOAD_MISMATCH, "%d bytes after the end of the frame" % (len(body) - body_len), rid, fatal=True)
         return _finish(buf[:PREFIX_SIZE], body, version, msg_type, flags, rid, hlen, plen, key)
-    except ProtocolError as exc:
-        exc.version = version
-        raise
 
 
 def _recv_into(sock: socket.socket, view: memoryview, deadline: float, started: bool, request_id: Optional[int],
@@ -498,13 +507,10 @@ def read_frame(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYT
         _recv_into(sock, view[1:], deadline, True, None, before=1)
         version, msg_type, flags, rid, hlen, plen = _check_prefix(bytes(prefix), max_frame_bytes)
         body = bytearray(hlen + plen + (TAG_SIZE if flags & FLAG_HMAC else 0))
-        try:
+        with _stamped(version):
             if body:
                 _recv_into(sock, memoryview(body), deadline, True, rid, before=PREFIX_SIZE, total=PREFIX_SIZE + len(body))
             return _finish(bytes(prefix), bytes(body), version, msg_type, flags, rid, hlen, plen, key)
-        except ProtocolError as exc:
-            exc.version = version
-            raise
     finally:
         try:
             sock.settimeout(old_timeout)
